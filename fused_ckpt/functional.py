@@ -1,0 +1,95 @@
+"""Functional forms of the fused ops: input checks, autocast and backend choice, then the op."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .activations import get_activation
+from .backend import resolve_backend
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_float(t: Tensor, what: str) -> None:
+    if not t.dtype.is_floating_point or t.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{what} must be a floating-point tensor (float32/float16/bfloat16), got {t.dtype}")
+
+
+def check_ffn_inputs(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                     activation: str) -> None:
+    """Raise a ValueError/TypeError that names the offending sizes, dtypes or devices."""
+    act = get_activation(activation)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., d_model); got a 0-d tensor")
+    if w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError(f"w1 and w2 must be 2-D, got w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)}")
+    d_model = w1.shape[1]
+    if x.shape[-1] != d_model:
+        raise ValueError(f"last dimension of x is {x.shape[-1]} but the FFN has d_model={d_model} "
+                         f"(x {tuple(x.shape)}, fc1.weight {tuple(w1.shape)})")
+    d_ff = w2.shape[1]
+    if w1.shape[0] != act.fc1_rows(d_ff):
+        kind = f"2*d_ff={2 * d_ff} (gated {act.name!r})" if act.gated else f"d_ff={d_ff}"
+        raise ValueError(f"fc1.weight has {w1.shape[0]} rows, expected {kind} to match fc2.weight {tuple(w2.shape)}")
+    if w2.shape[0] != d_model:
+        raise ValueError(f"fc2.weight {tuple(w2.shape)} must map d_ff={d_ff} back to d_model={d_model}")
+    if b1 is not None and tuple(b1.shape) != (w1.shape[0],):
+        raise ValueError(f"fc1.bias has shape {tuple(b1.shape)}, expected ({w1.shape[0]},)")
+    if b2 is not None and tuple(b2.shape) != (d_model,):
+        raise ValueError(f"fc2.bias has shape {tuple(b2.shape)}, expected ({d_model},)")
+    named = [("x", x), ("fc1.weight", w1), ("fc2.weight", w2)]
+    named += [(n, t) for n, t in (("fc1.bias", b1), ("fc2.bias", b2)) if t is not None]
+    for n, t in named:
+        _check_float(t, n)
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        raise ValueError("all FFN tensors must be on one device, got "
+                         + ", ".join(f"{n} on {t.device}" for n, t in named))
+    dtypes = {t.dtype for _, t in named}
+    if len(dtypes) > 1:
+        raise TypeError("FFN tensors must share one dtype outside autocast, got "
+                        + ", ".join(f"{n} {t.dtype}" for n, t in named))
+
+
+def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+              activation: str = "gelu", recompute: bool = True, *, chunk_tokens: int = 0,
+              backend: str = "auto") -> Tensor:
+    """Fused FFN ``act(x W1^T + b1) W2^T + b2`` whose backward recomputes the hidden layer.
+
+    Args:
+        x: ``(..., d_model)``.
+        w1, b1: fc1 in ``nn.Linear`` layout, ``[d_ff, d_model]`` (gated activations:
+            ``[2*d_ff, d_model]``, gate rows first, then up rows); ``b1`` may be None.
+        w2, b2: fc2, ``[d_model, d_ff]``; ``b2`` may be None.
+        activation: one of :data:`fused_ckpt.activations.ACTIVATIONS`.
+        recompute: True keeps only ``x`` for backward; False keeps ``x`` and the
+            pre-activation (see :mod:`fused_ckpt.ops.ffn` for the full contract).
+        chunk_tokens: tokens per backward chunk; 0 picks a size that bounds the
+            ``tokens x d_ff`` temporaries (:func:`fused_ckpt.ops.ffn.default_chunk_tokens`).
+        backend: "auto", "triton" or "aten" (see :mod:`fused_ckpt.backend`).
+
+    Equivalent PyTorch::
+
+        z = torch.nn.functional.linear(x, w1, b1)
+        h = act(z)                                  # gated: act(z[..., :f]) * z[..., f:]
+        y = torch.nn.functional.linear(h, w2, b2)
+    """
+    from .ops.ffn import ffn_forward
+
+    if isinstance(x, Tensor) and x.dim() > 0 and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+        b1 = b1.to(dt) if b1 is not None else None
+        b2 = b2.to(dt) if b2 is not None else None
+    check_ffn_inputs(x, w1, b1, w2, b2, activation)
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be a non-negative int (0 = automatic), got {chunk_tokens!r}")
+    be = resolve_backend(backend, x.device)
+    tensors = (x, w1, b1, w2, b2)
+    grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    with torch.autocast(x.device.type, enabled=False):
+        y, _ = ffn_forward(x, w1, b1, w2, b2, activation, bool(not recompute and grad_needed),
+                           chunk_tokens, be)
+    return y

@@ -1,0 +1,156 @@
+"""FFN backward through the hidden layer, with the pre-activation recomputed in registers.
+
+For one [BLOCK_M, BLOCK_N] tile of the hidden layer, one pass over d_model accumulates
+
+    dH = dY W2                    (always)
+    Z  = x W1^T + b1              (RECOMPUTE; otherwise Z is loaded from the saved tensor)
+
+and the epilogue writes
+
+    dZ = dH * act'(Z)                              ungated
+    dG = dH * U * act'(G),  dU = dH * act(G)       gated, Z = [G | U]
+    H  = act(Z)  or  act(G) * U                    only when STORE_H (needed for dW2)
+
+so Z never travels through HBM. dW1 = dZ^T x, dW2 = dY^T H and dX = dZ W1 follow as GEMMs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..activations import Activation
+from ._common import INTERPRET, dot_flags
+from .activation import act_fwd_and_grad
+from .matmul import grouped_tile
+
+
+def bwd_configs() -> list[triton.Config]:
+    """Up to three fp32 accumulators live at once (dH, G, U), so tiles stay at 128x128 or below."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in (
+            (128, 128, 64, 3, 8),
+            (128, 128, 32, 4, 8),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (64, 64, 32, 5, 4),
+        )
+    ]
+
+
+@triton.autotune(configs=bwd_configs(), key=["M", "N", "K", "GATED", "RECOMPUTE", "STORE_H"])
+@triton.jit
+def _ffn_bwd_hidden_kernel(
+    x_ptr, w1_ptr, b1_ptr, z_ptr, dy_ptr, w2_ptr, dz_ptr, h_ptr,
+    stride_xm, stride_xk, stride_w1n, stride_w1k, stride_zm, stride_zn,
+    stride_dym, stride_dyk, stride_w2k, stride_w2n, stride_dzm, stride_dzn, stride_hm, stride_hn,
+    M, N, K,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RECOMPUTE: tl.constexpr, STORE_H: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """x_ptr: [M, K]; w1_ptr: [N or 2N, K]; b1_ptr: [N or 2N] contiguous; z_ptr: [M, N or 2N]
+    (read only when not RECOMPUTE); dy_ptr: [M, K]; w2_ptr: [K, N] (fc2.weight, d_model x d_ff);
+    dz_ptr: [M, N or 2N]; h_ptr: [M, N] (written only when STORE_H). Any strides."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk
+    w2_ptrs = w2_ptr + offs_k[:, None] * stride_w2k + offs_n[None, :] * stride_w2n
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wg_ptrs = w1_ptr + offs_k[:, None] * stride_w1k + offs_n[None, :] * stride_w1n
+    wu_ptrs = wg_ptrs + N * stride_w1n
+    acc_dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        row_mask = mask_m[:, None] & (offs_k[None, :] < k_left)
+        col_mask = (offs_k[:, None] < k_left) & mask_n[None, :]
+        dy = tl.load(dy_ptrs, mask=row_mask, other=0.0)
+        w2 = tl.load(w2_ptrs, mask=col_mask, other=0.0)
+        if DOT_F32:
+            dy = dy.to(tl.float32)
+            w2 = w2.to(tl.float32)
+        acc_dh = tl.dot(dy, w2, acc_dh, input_precision=INPUT_PRECISION)
+        if RECOMPUTE:
+            x = tl.load(x_ptrs, mask=row_mask, other=0.0)
+            wg = tl.load(wg_ptrs, mask=col_mask, other=0.0)
+            if DOT_F32:
+                x = x.to(tl.float32)
+                wg = wg.to(tl.float32)
+            acc_g = tl.dot(x, wg, acc_g, input_precision=INPUT_PRECISION)
+            if GATED:
+                wu = tl.load(wu_ptrs, mask=col_mask, other=0.0)
+                if DOT_F32:
+                    wu = wu.to(tl.float32)
+                acc_u = tl.dot(x, wu, acc_u, input_precision=INPUT_PRECISION)
+        dy_ptrs += BLOCK_K * stride_dyk
+        w2_ptrs += BLOCK_K * stride_w2k
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_w1k
+        wu_ptrs += BLOCK_K * stride_w1k
+
+    if RECOMPUTE:
+        if HAS_BIAS:
+            acc_g += tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_u += tl.load(b1_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    else:
+        z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+        acc_g = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            acc_u = tl.load(z_ptrs + N * stride_zn, mask=mask, other=0.0).to(tl.float32)
+
+    a, da = act_fwd_and_grad(acc_g, ACT)
+    dz_ptrs = dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :] * stride_dzn
+    if GATED:
+        tl.store(dz_ptrs, (acc_dh * acc_u * da).to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptrs + N * stride_dzn, (acc_dh * a).to(dz_ptr.dtype.element_ty), mask=mask)
+        h = a * acc_u
+    else:
+        tl.store(dz_ptrs, (acc_dh * da).to(dz_ptr.dtype.element_ty), mask=mask)
+        h = a
+    if STORE_H:
+        h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hn
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def ffn_bwd_hidden(x: torch.Tensor, z: torch.Tensor | None, dy: torch.Tensor, w1: torch.Tensor,
+                   b1: torch.Tensor | None, w2: torch.Tensor, act: Activation,
+                   store_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x, dy: [M, d]; z: [M, F1] or None (then recomputed from x); w1: [F1, d]; w2: [d, f].
+    Returns (dz [M, F1], h [M, f] or None)."""
+    M, K = dy.shape
+    F1 = w1.shape[0]
+    N = w2.shape[1]
+    dz = torch.empty((M, F1), device=dy.device, dtype=dy.dtype)
+    h = torch.empty((M, N), device=dy.device, dtype=dy.dtype) if store_h else None
+    if M == 0 or N == 0:
+        return dz, h
+    recompute = z is None
+    zz = x if recompute else z
+    hh = h if h is not None else dz
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _ffn_bwd_hidden_kernel[grid](
+        x, w1, b1 if b1 is not None else w1, zz, dy, w2, dz, hh,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), zz.stride(0), zz.stride(1),
+        dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), dz.stride(0), dz.stride(1),
+        hh.stride(0), hh.stride(1),
+        M, N, K,
+        ACT=act.base, GATED=act.gated, HAS_BIAS=b1 is not None,
+        RECOMPUTE=recompute, STORE_H=store_h,
+        **dot_flags(dy.dtype),
+    )
+    return dz, h

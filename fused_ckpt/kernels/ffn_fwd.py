@@ -1,0 +1,116 @@
+"""FFN up-projection with the activation fused into the GEMM epilogue.
+
+    Z = x W1^T + b1                       (fp32 accumulators, never written unless STORE_Z)
+    H = act(Z)                or, gated:  H = act(Z[:, :f]) * Z[:, f:]
+
+The gated form computes the gate tile and the matching up tile in one pass over x (two
+accumulators fed by the same x tile), so x is read once for both halves of W1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..activations import Activation
+from ._common import INTERPRET, dot_flags
+from .activation import act_fwd
+from .matmul import grouped_tile
+
+
+def up_configs() -> list[triton.Config]:
+    """Gated kernels hold two fp32 accumulators, so their largest tile is half the GEMM's."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in (
+            (128, 256, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (128, 128, 32, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+        )
+    ]
+
+
+@triton.autotune(configs=up_configs(), key=["M", "N", "K", "GATED", "STORE_Z"])
+@triton.jit
+def _ffn_up_kernel(
+    x_ptr, w1_ptr, b1_ptr, h_ptr, z_ptr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn, stride_zm, stride_zn,
+    M, N, K,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """x_ptr: [M, K]; w1_ptr: [N or 2N, K] (gate rows, then up rows); b1_ptr: [N or 2N]
+    contiguous; h_ptr: [M, N]; z_ptr: [M, N or 2N] (written only when STORE_Z)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wg_ptrs = w1_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    wu_ptrs = wg_ptrs + N * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        w_mask = (offs_k[:, None] < k_left) & mask_n[None, :]
+        wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+        if DOT_F32:
+            x = x.to(tl.float32)
+            wg = wg.to(tl.float32)
+        acc_g = tl.dot(x, wg, acc_g, input_precision=INPUT_PRECISION)
+        if GATED:
+            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+            if DOT_F32:
+                wu = wu.to(tl.float32)
+            acc_u = tl.dot(x, wu, acc_u, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wk
+        wu_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc_g += tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b1_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:
+        z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+        tl.store(z_ptrs, acc_g.to(z_ptr.dtype.element_ty), mask=mask)
+        if GATED:
+            tl.store(z_ptrs + N * stride_zn, acc_u.to(z_ptr.dtype.element_ty), mask=mask)
+    h = act_fwd(acc_g, ACT)
+    if GATED:
+        h = h * acc_u
+    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hn
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def ffn_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, act: Activation,
+           store_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: [M, d] (any strides), w1: [F1, d]. Returns (h [M, f], z [M, F1] or None)."""
+    M, K = x.shape
+    F1 = w1.shape[0]
+    N = F1 // 2 if act.gated else F1
+    h = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, F1), device=x.device, dtype=x.dtype) if store_z else None
+    if M == 0 or N == 0:
+        return h, z
+    zz = z if z is not None else h
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _ffn_up_kernel[grid](
+        x, w1, b1 if b1 is not None else w1, h, zz,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), h.stride(0), h.stride(1),
+        zz.stride(0), zz.stride(1),
+        M, N, K,
+        ACT=act.base, GATED=act.gated, HAS_BIAS=b1 is not None, STORE_Z=store_z,
+        **dot_flags(x.dtype),
+    )
+    return h, z

@@ -1,0 +1,127 @@
+"""A general GEMM with optional bias and in-place fp32 accumulation.
+
+    C[M, N] (=, or += when ACCUMULATE) A[M, K] @ B[K, N] (+ bias[N])
+
+Any strides (transposes are free: pass ``w.t()``). Serves the FFN's down-projection forward
+and the dW1 / dW2 / dX GEMMs of its backward; ACCUMULATE lets the chunked backward add each
+token chunk's dW into one fp32 buffer.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, dot_flags
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Autotune space. Under the interpreter one mid-sized tile (tiles are numpy ops there:
+    fewer, larger programs run faster). On GPU: the tiles that do well for large bf16
+    GEMMs on A100/H100-class parts (128x128/128x256 with 3-4 stages) plus smaller ones for
+    skinny shapes."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    cfgs = []
+    for bm, bn, bk, stages, warps in (
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 32, 32, 5, 2),
+    ):
+        cfgs.append(
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=stages, num_warps=warps)
+        )
+    return cfgs
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a 1-D program id onto (tile_m, tile_n), GROUP_M row tiles at a time (L2 reuse)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % group) % size_m
+    tile_n = (pid % group) // size_m
+    return tile_m, tile_n
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE"],
+                 restore_value=["c_ptr"])
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    M, N, K,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """a_ptr: [M, K], b_ptr: [K, N], c_ptr: [M, N], any strides; bias_ptr: [N] contiguous."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
+         out: torch.Tensor | None = None, accumulate: bool = False,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out (+)= a @ b (+ bias)`` with fp32 accumulation. a: [M, K], b: [K, N]."""
+    M, K = a.shape
+    K2, N = b.shape
+    assert K == K2 and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    if out is None:
+        assert not accumulate
+        out = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
+    assert out.shape == (M, N), (out.shape, M, N)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        if not accumulate:
+            out.zero_()
+            if bias is not None:
+                out += bias
+        elif bias is not None:
+            out += bias
+        return out
+    if bias is not None:
+        bias = bias.contiguous()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _gemm_kernel[grid](
+        a, b, out, bias if bias is not None else a,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        M, N, K,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, **dot_flags(a.dtype),
+    )
+    return out

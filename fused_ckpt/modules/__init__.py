@@ -1,0 +1,3 @@
+from .ffn import FusedCheckpointedFFN
+
+__all__ = ["FusedCheckpointedFFN"]

@@ -1,0 +1,195 @@
+"""``FusedCheckpointedFFN``: a drop-in MLP whose backward recomputes its hidden layer."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..activations import ACTIVATIONS, GELU, GELU_TANH, RELU, SILU, get_activation
+from ..functional import fused_ffn
+
+_BASE_NAMES = {RELU: "relu", GELU: "gelu", GELU_TANH: "gelu_tanh", SILU: "silu"}
+_GATED_NAMES = {SILU: "swiglu", GELU: "geglu", GELU_TANH: "geglu_tanh"}
+
+
+class FusedCheckpointedFFN(nn.Module):
+    """``fc2(act(fc1(x)))`` with fused Triton kernels and a recomputing backward.
+
+    ==========  =================================  ==================================
+    recompute   kept for backward (besides params)  recomputed in backward
+    ==========  =================================  ==================================
+    True        x                                  fc1 GEMM + activation, fused
+    False       x, pre-activation                  activation only (elementwise)
+    ==========  =================================  ==================================
+
+    Parameters are ``nn.Linear`` modules ``fc1`` (``[d_ff, d_model]``; gated activations
+    ``[2*d_ff, d_model]``, gate rows first, then up rows) and ``fc2`` (``[d_model, d_ff]``), so a
+    timm-style ``Mlp`` state dict loads as is.
+
+    Equivalent PyTorch::
+
+        h = act(fc1(x))            # gated: act(g) * u with g, u = fc1(x).chunk(2, -1)
+        y = fc2(h)
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True,
+                 recompute: bool = True, device=None, dtype=None, *, chunk_tokens: int = 0,
+                 backend: str = "auto"):
+        super().__init__()
+        act = get_activation(activation)
+        for name, v in (("d_model", d_model), ("d_ff", d_ff)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        self.d_model, self.d_ff = d_model, d_ff
+        self.activation = act.name
+        self.recompute = recompute
+        self.chunk_tokens = chunk_tokens
+        self.backend = backend
+        self.fc1 = nn.Linear(d_model, act.fc1_rows(d_ff), bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                         self.activation, self.recompute, chunk_tokens=self.chunk_tokens,
+                         backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation!r}, "
+                f"recompute={self.recompute}")
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_module(cls, mlp: nn.Module, recompute: bool = True, **kwargs) -> "FusedCheckpointedFFN":
+        """Build a fused FFN with ``mlp``'s weights (same device and dtype).
+
+        Accepted: ``nn.Sequential(Linear, activation, Linear)``; timm-style ``Mlp``
+        (``fc1``/``act``/``fc2``, identity norm, zero dropout); Hugging Face gated MLPs
+        (``gate_proj``/``up_proj``/``down_proj``/``act_fn``: Llama, Mistral, Qwen2, Gemma);
+        packed gated MLPs (``gate_up_proj``/``down_proj``: Phi-3); GPT-2 MLPs
+        (``c_fc``/``c_proj`` Conv1D with transposed weights). The activation is identified by
+        evaluating the module's activation on probe values, not by its class name.
+        """
+        kind, parts = _match_mlp(mlp)
+        if kind == "sequential":
+            fc1, act_mod, fc2 = parts
+            w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+            name = _BASE_NAMES[_identify_activation(act_mod)]
+        elif kind == "gated":
+            gate, up, down, act_mod = parts
+            base = _identify_activation(act_mod)
+            name = _gated_name(base, act_mod)
+            w1 = torch.cat([gate.weight, up.weight], 0)
+            b1 = None if gate.bias is None else torch.cat([gate.bias, up.bias], 0)
+            w2, b2 = down.weight, down.bias
+        elif kind == "packed_gated":
+            gate_up, down, act_mod = parts
+            base = _identify_activation(act_mod)
+            name = _gated_name(base, act_mod)
+            w1, b1, w2, b2 = gate_up.weight, gate_up.bias, down.weight, down.bias
+        else:  # gpt2: Conv1D stores weight as [in, out]
+            c_fc, act_mod, c_proj = parts
+            name = _BASE_NAMES[_identify_activation(act_mod)]
+            w1, b1, w2, b2 = c_fc.weight.t(), c_fc.bias, c_proj.weight.t(), c_proj.bias
+        if (b1 is None) != (b2 is None):
+            raise ValueError(f"cannot convert {type(mlp).__name__}: fc1 and fc2 must both have a bias "
+                             "or both have none")
+        d_ff, d_model = w2.shape[1], w2.shape[0]
+        new = cls(d_model, d_ff, activation=name, bias=b1 is not None, recompute=recompute,
+                  device=w1.device, dtype=w1.dtype, **kwargs)
+        with torch.no_grad():
+            new.fc1.weight.copy_(w1)
+            new.fc2.weight.copy_(w2)
+            if b1 is not None:
+                new.fc1.bias.copy_(b1)
+                new.fc2.bias.copy_(b2)
+        new.train(mlp.training)
+        return new
+
+
+def _gated_name(base: int, act_mod) -> str:
+    if base not in _GATED_NAMES:
+        raise ValueError(f"gated MLP with activation {type(act_mod).__name__} ({_BASE_NAMES[base]}) "
+                         f"is not supported; gated activations: {sorted(_GATED_NAMES.values())}")
+    return _GATED_NAMES[base]
+
+
+def _is_linear(m) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def _is_conv1d(m) -> bool:  # transformers.pytorch_utils.Conv1D, matched by structure
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and getattr(m, "nf", None) == m.weight.shape[1])
+
+
+def _is_noop(m) -> bool:
+    if m is None or isinstance(m, nn.Identity):
+        return True
+    if isinstance(m, nn.Dropout):
+        return m.p == 0.0 or not m.training
+    return False
+
+
+def _match_mlp(mlp: nn.Module):
+    if isinstance(mlp, nn.Sequential):
+        layers = [m for m in mlp if not _is_noop(m)]
+        if len(layers) == 3 and _is_linear(layers[0]) and _is_linear(layers[2]):
+            return "sequential", layers
+        raise ValueError("from_module: nn.Sequential must be (Linear, activation, Linear) "
+                         f"(dropout p=0 allowed), got {[type(m).__name__ for m in mlp]}")
+    has = lambda *names: all(hasattr(mlp, n) for n in names)  # noqa: E731
+    if has("gate_proj", "up_proj", "down_proj", "act_fn") and all(
+            _is_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+        if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None):
+            raise ValueError("from_module: gate_proj and up_proj must both have a bias or neither")
+        return "gated", (mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+    if has("gate_up_proj", "down_proj") and _is_linear(mlp.gate_up_proj) and _is_linear(mlp.down_proj):
+        act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn", None)
+        if act is None:
+            raise ValueError("from_module: packed gated MLP without activation_fn/act_fn")
+        return "packed_gated", (mlp.gate_up_proj, mlp.down_proj, act)
+    if has("c_fc", "c_proj", "act") and _is_conv1d(mlp.c_fc) and _is_conv1d(mlp.c_proj):
+        if not _is_noop(getattr(mlp, "dropout", None)):
+            raise ValueError("from_module: GPT-2 MLP with active dropout is not supported "
+                             "(set resid_pdrop=0 or call .eval())")
+        return "gpt2", (mlp.c_fc, mlp.act, mlp.c_proj)
+    if has("fc1", "act", "fc2") and _is_linear(mlp.fc1) and _is_linear(mlp.fc2):
+        for extra in ("drop", "drop1", "drop2", "norm"):
+            if not _is_noop(getattr(mlp, extra, None)):
+                raise ValueError(f"from_module: Mlp.{extra} ({type(getattr(mlp, extra)).__name__}) "
+                                 "is not supported; only identity norms and zero dropout convert")
+        return "sequential", (mlp.fc1, mlp.act, mlp.fc2)
+    raise ValueError(
+        f"from_module: cannot convert {type(mlp).__name__}; supported: nn.Sequential(Linear, act, Linear), "
+        "timm Mlp (fc1/act/fc2), Hugging Face gated MLP (gate_proj/up_proj/down_proj/act_fn), "
+        "packed gated MLP (gate_up_proj/down_proj), GPT-2 MLP (c_fc/c_proj Conv1D)"
+    )
+
+
+_PROBE = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+
+
+def _identify_activation(act_mod) -> int:
+    """Which base function ``act_mod`` computes, by evaluating it on probe values in float64."""
+    if not callable(act_mod):
+        raise ValueError(f"activation {act_mod!r} is not callable")
+    try:
+        with torch.no_grad():
+            got = act_mod(_PROBE.clone())
+    except Exception as e:  # pragma: no cover - exotic activation modules
+        raise ValueError(f"could not evaluate activation {type(act_mod).__name__}: {e}") from e
+    got = torch.as_tensor(got, dtype=torch.float64)
+    candidates = {
+        RELU: F.relu(_PROBE), GELU: F.gelu(_PROBE), GELU_TANH: F.gelu(_PROBE, approximate="tanh"),
+        SILU: F.silu(_PROBE),
+    }
+    for base, ref in candidates.items():
+        if got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-6, atol=1e-7):
+            return base
+    raise ValueError(f"unsupported activation {type(act_mod).__name__}: it matches none of "
+                     f"{sorted(n for n in ACTIVATIONS if not get_activation(n).gated)}")
+
+

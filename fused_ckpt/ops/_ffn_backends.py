@@ -1,0 +1,83 @@
+"""The four primitives the FFN driver (``ops/ffn.py``) needs, for each backend.
+
+    up(x, w1, b1, act, store_z)        -> (h, z or None)     fc1 GEMM + bias + activation
+    down(h, w2, b2, out)               out = h W2^T + b2      fc2 GEMM + bias
+    hidden_grad(x, z, dy, w1, b1, w2, act, store_h) -> (dz, h or None)
+                                       dH = dY W2, Z recomputed from x when z is None
+    mm(a, b, out, accumulate)          out (+)= a @ b         dW / dX GEMMs
+
+Triton: fused kernels (Z lives only in registers). Aten: torch GEMMs plus the csrc
+elementwise ops (Z is a temporary of the chunk being processed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import Activation
+
+
+class TritonFFN:
+    name = "triton"
+
+    @staticmethod
+    def up(x, w1, b1, act: Activation, store_z: bool):
+        from ..kernels.ffn_fwd import ffn_up
+        return ffn_up(x, w1, b1, act, store_z)
+
+    @staticmethod
+    def down(h, w2, b2, out):
+        from ..kernels.matmul import gemm
+        gemm(h, w2.t(), b2, out=out)
+
+    @staticmethod
+    def hidden_grad(x, z, dy, w1, b1, w2, act: Activation, store_h: bool):
+        from ..kernels.ffn_bwd import ffn_bwd_hidden
+        return ffn_bwd_hidden(x, z, dy, w1, b1, w2, act, store_h)
+
+    @staticmethod
+    def mm(a, b, out, accumulate: bool):
+        from ..kernels.matmul import gemm
+        gemm(a, b, out=out, accumulate=accumulate)
+
+
+class AtenFFN:
+    name = "aten"
+
+    @staticmethod
+    def up(x, w1, b1, act: Activation, store_z: bool):
+        from .. import _ext
+        z = F.linear(x, w1, b1)
+        return _ext.act_forward(z, act.name), (z if store_z else None)
+
+    @staticmethod
+    def down(h, w2, b2, out):
+        if b2 is None:
+            torch.mm(h, w2.t(), out=out)
+        else:
+            torch.addmm(b2, h, w2.t(), out=out)
+
+    @staticmethod
+    def hidden_grad(x, z, dy, w1, b1, w2, act: Activation, store_h: bool):
+        from .. import _ext
+        if z is None:
+            z = F.linear(x, w1, b1)
+        dh = torch.mm(dy, w2)
+        return _ext.act_backward(z, dh, act.name, store_h)
+
+    @staticmethod
+    def mm(a, b, out, accumulate: bool):
+        if out.dtype == a.dtype:
+            if accumulate:
+                out.addmm_(a, b)
+            else:
+                torch.mm(a, b, out=out)
+        else:  # fp32 accumulator for a low-precision chunked backward
+            p = torch.mm(a, b)
+            if accumulate:
+                out.add_(p)
+            else:
+                out.copy_(p)
+
+
+FFN_BACKENDS = {"triton": TritonFFN, "aten": AtenFFN}

@@ -1,0 +1,192 @@
+"""The fused FFN as ``torch.library`` custom ops with autograd: the recompute contract.
+
+    y = act(x W1^T + b1) W2^T + b2        (gated: act(G) * U, with [G | U] = x W1^T + b1)
+
+Recompute contract (``recompute`` is the dial the planner sets):
+
+===========  ====================================  =========================================
+recompute    saved for backward                    recomputed in backward
+===========  ====================================  =========================================
+True         x  (plus the parameters W1, b1, W2)   Z = x W1^T + b1 (GEMM, in registers),
+                                                   H = act(Z), act'(Z)
+False        x, Z  (plus the parameters)           H = act(Z), act'(Z) (elementwise only)
+===========  ====================================  =========================================
+
+Everything kept goes through ``ctx.save_for_backward``; parameters are saved as the same
+tensors the module holds (no copies), so ``saved_tensors_hooks`` see exactly x (and Z) as
+the non-parameter bytes. Under ``no_grad`` / ``inference_mode`` nothing is saved and Z is
+never written.
+
+Backward, per chunk of ``chunk_tokens`` tokens (bounding the [tokens, d_ff] temporaries):
+
+    dZ, H = hidden_grad(x, dY)           one fused kernel: dH = dY W2 and Z = x W1^T + b1
+                                         in the same pass over d_model, then dZ = dH act'(Z)
+    dW2 += dY^T H       dW1 += dZ^T x    fp32 accumulators when there is more than one chunk
+    db1 += sum(dZ)      dX = dZ W1       bias sums in fp32; db2 = sum(dY) once
+
+Gradients nobody asked for (frozen weights, LoRA base weights, inputs without grad) are
+neither computed nor allocated.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..activations import get_activation
+from ._ffn_backends import FFN_BACKENDS
+
+# Backward temporaries (dZ and H of one chunk) are kept under this many bytes unless the
+# fp32 dW accumulators that chunking needs would be larger than what chunking saves.
+CHUNK_TEMP_BYTES = 256 * 2**20
+CHUNK_ROUND = 128  # chunks are whole 128-row tiles of the GEMMs that follow
+
+
+def default_chunk_tokens(d_model: int, fc1_rows: int, d_ff: int, elem_size: int) -> int:
+    """Tokens per backward chunk when the caller passes ``chunk_tokens=0``.
+
+    Per token the chunk holds dZ and H: (fc1_rows + d_ff) * elem_size bytes. Splitting into
+    several chunks costs fp32 dW accumulators of 4 * (fc1_rows + d_ff) * d_model bytes, so a
+    chunk is never made smaller than the size at which its temporaries equal those
+    accumulators (below that, chunking would raise the peak instead of lowering it).
+    """
+    per_token = (fc1_rows + d_ff) * elem_size
+    by_budget = CHUNK_TEMP_BYTES // max(per_token, 1)
+    break_even = (4 * d_model) // max(elem_size, 1)
+    tokens = max(by_budget, break_even)
+    return max(CHUNK_ROUND, tokens // CHUNK_ROUND * CHUNK_ROUND)
+
+
+def _empty(ref: Tensor) -> Tensor:
+    """Placeholder for an output that was not asked for (custom ops return tensors only)."""
+    return ref.new_empty((0,))
+
+
+# --------------------------------------------------------------------------- forward
+@torch.library.custom_op("fused_ckpt::ffn_forward", mutates_args=())
+def ffn_forward(
+    x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+    activation: str, save_preact: bool, chunk_tokens: int, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns (y, z): y has x's shape; z is the pre-activation [tokens, fc1_rows] when
+    ``save_preact`` (recompute=False), else an empty placeholder."""
+    act = get_activation(activation)
+    be = FFN_BACKENDS[backend]
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    M = x2.shape[0]
+    y = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, w1.shape[0]), device=x.device, dtype=x.dtype) if save_preact else None
+    chunk = chunk_tokens or default_chunk_tokens(d, w1.shape[0], w2.shape[1], x.element_size())
+    for start in range(0, M, chunk):
+        end = min(start + chunk, M)
+        h, zc = be.up(x2[start:end], w1, b1, act, save_preact)
+        if z is not None:
+            z[start:end] = zc
+        be.down(h, w2, b2, y[start:end])
+        del h, zc
+    return y.view(x.shape[:-1] + (w2.shape[0],)), (z if z is not None else _empty(x))
+
+
+@ffn_forward.register_fake
+def _(x, w1, b1, w2, b2, activation, save_preact, chunk_tokens, backend):
+    y = x.new_empty(x.shape[:-1] + (w2.shape[0],))
+    if save_preact:
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return y, x.new_empty((tokens, w1.shape[0]))
+    return y, x.new_empty((0,))
+
+
+# --------------------------------------------------------------------------- backward
+@torch.library.custom_op("fused_ckpt::ffn_backward", mutates_args=())
+def ffn_backward(
+    dy: Tensor, x: Tensor, z: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+    activation: str, needs_grad: list[bool], chunk_tokens: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dw1, db1, dw2, db2); ``needs_grad`` flags them in that order and an
+    unflagged one comes back as an empty placeholder. ``z`` None: recompute it from x."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
+    act = get_activation(activation)
+    be = FFN_BACKENDS[backend]
+    d = x.shape[-1]
+    F1, f = w1.shape[0], w2.shape[1]
+    x2 = x.reshape(-1, d)
+    dy2 = dy.reshape(-1, d)
+    z2 = z.reshape(-1, F1) if z is not None else None
+    M = x2.shape[0]
+    chunk = chunk_tokens or default_chunk_tokens(d, F1, f, x.element_size())
+    n_chunks = -(-M // chunk)
+    acc_dtype = torch.float32 if n_chunks > 1 else w1.dtype
+    dev = x.device
+
+    dx = torch.empty((M, d), device=dev, dtype=x.dtype) if need_x else None
+    dw1 = torch.zeros(w1.shape, device=dev, dtype=acc_dtype) if need_w1 else None
+    dw2 = torch.zeros(w2.shape, device=dev, dtype=acc_dtype) if need_w2 else None
+    db1 = torch.zeros((F1,), device=dev, dtype=torch.float32) if need_b1 else None
+    need_dz = need_x or need_w1 or need_b1
+
+    for i, start in enumerate(range(0, M, chunk)):
+        end = min(start + chunk, M)
+        xc, dyc = x2[start:end], dy2[start:end]
+        zc = z2[start:end] if z2 is not None else None
+        if need_dz:
+            dz, h = be.hidden_grad(xc, zc, dyc, w1, b1, w2, act, need_w2)
+        else:  # only dW2 wanted: H alone, no dH GEMM
+            dz = None
+            h = act.hidden(zc) if zc is not None else be.up(xc, w1, b1, act, False)[0]
+        if need_w2:
+            be.mm(dyc.t(), h, dw2, accumulate=i > 0)
+        if need_w1:
+            be.mm(dz.t(), xc, dw1, accumulate=i > 0)
+        if need_b1:
+            db1 += dz.sum(0, dtype=torch.float32)
+        if need_x:
+            be.mm(dz, w1, dx[start:end], accumulate=False)
+        del dz, h
+
+    out_dx = dx.view(x.shape) if need_x else _empty(x)
+    out_dw1 = dw1.to(w1.dtype) if need_w1 else _empty(w1)
+    out_db1 = db1.to(b1.dtype) if need_b1 else _empty(w1)
+    out_dw2 = dw2.to(w2.dtype) if need_w2 else _empty(w2)
+    out_db2 = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b2 else _empty(w2)
+    return out_dx, out_dw1, out_db1, out_dw2, out_db2
+
+
+@ffn_backward.register_fake
+def _(dy, x, z, w1, b1, w2, activation, needs_grad, chunk_tokens, backend):
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
+    e = lambda t: t.new_empty((0,))  # noqa: E731
+    return (
+        x.new_empty(x.shape) if need_x else e(x),
+        w1.new_empty(w1.shape) if need_w1 else e(w1),
+        b1.new_empty(b1.shape) if need_b1 else e(w1),
+        w2.new_empty(w2.shape) if need_w2 else e(w2),
+        dy.new_empty((w2.shape[0],)) if need_b2 else e(w2),
+    )
+
+
+# --------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, activation, save_preact, chunk_tokens, backend = inputs
+    _, z = output
+    ctx.save_for_backward(x, w1, b1, w2, z if save_preact else None)
+    ctx.activation = activation
+    ctx.chunk_tokens = chunk_tokens
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y, grad_z):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fused_ckpt FFN does not support double backward (create_graph=True); "
+            "use torch.func or an eager MLP for higher-order gradients"
+        )
+    x, w1, b1, w2, z = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = ffn_backward(grad_y, x, z, w1, b1, w2, ctx.activation, needs, ctx.chunk_tokens, ctx.backend)
+    grads = tuple(g if n else None for g, n in zip(grads, needs))
+    return grads + (None, None, None, None)
+
+
+ffn_forward.register_autograd(_backward, setup_context=_setup_context)

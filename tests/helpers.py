@@ -1,0 +1,54 @@
+"""Shared test helpers: the tolerance rule and saved-tensor accounting."""
+from __future__ import annotations
+
+import torch
+
+
+def dtype_eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def assert_close_by_rule(got: torch.Tensor, ref64: torch.Tensor, pt_same_dtype: torch.Tensor,
+                         name: str, factor: float = 2.0) -> None:
+    """FlashAttention's rule: |got - ref64|_max <= factor * |pt - ref64|_max + eps, where ``pt``
+    is PyTorch's own computation in the same dtype and ``ref64`` the float64 reference. eps is
+    one unit of the dtype's precision at the reference's scale (so an exactly-rounded result
+    always passes). A non-vacuity check follows: the reference is non-zero and the result is
+    within 10% of its scale (a zero or garbage tensor fails)."""
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
+    pt_err = (pt_same_dtype.double() - ref64).abs().max().item() if got.numel() else 0.0
+    eps = dtype_eps(got.dtype) * scale
+    assert err <= factor * pt_err + eps, (
+        f"{name}: max error {err:.3e} > {factor} x PyTorch {got.dtype} error {pt_err:.3e} + eps {eps:.1e}"
+    )
+    if got.numel():
+        assert scale > 0, f"{name}: reference is all zeros (vacuous test)"
+        assert err <= 0.1 * scale, f"{name}: error {err:.3e} is not small against scale {scale:.3e}"
+
+
+class SavedTensors:
+    """Context manager recording every tensor autograd saves (via saved_tensors_hooks)."""
+
+    def __init__(self):
+        self.saved: list[torch.Tensor] = []
+
+    def __enter__(self):
+        def pack(t):
+            self.saved.append(t)
+            return t
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    def bytes_excluding(self, params) -> int:
+        """Bytes of saved tensors that are not (views of) the given parameters."""
+        ptrs = {p.untyped_storage().data_ptr() for p in params}
+        return sum(t.numel() * t.element_size() for t in self.saved
+                   if t.untyped_storage().data_ptr() not in ptrs)
