@@ -21,7 +21,7 @@
 // gelu_tanh is evaluated through the identity 0.5 (1 + tanh(u)) = sigmoid(2u) =: s, hence
 // 1 - t^2 = 4 s (1 - s):  f = z s,  f' = s + 2 sqrt(2/pi) z s (1 - s) (1 + 3 * 0.044715 z^2).
 // This is the same function, needs only exp (no tanh primitive), and avoids the
-// cancellation in 1 + t for very negative z.
+// cancellations in 1 + t (z << 0) and 1 - t^2 (|z| large); see detail::sigmoid_pair.
 //
 // Gated activations (swiglu, geglu, geglu_tanh) take z = [g | u] and compute
 //   h = f(g) u,   dg = dh u f'(g),   du = dh f(g).
@@ -42,6 +42,8 @@ namespace fused_ckpt {
 enum BaseFn : int { RELU = 0, GELU = 1, GELU_TANH = 2, SILU = 3 };
 
 // Primitive operations for a float-like type T.  Specialise for new types.
+// Required: exp, erf, relu (max(x, 0) keeping NaN), step ([x > 0] as 0/1), abs,
+// where_nonneg(x, a, b) = (x >= 0 ? a : b) lane-wise.
 template <typename T>
 struct MathOps;
 
@@ -52,6 +54,8 @@ struct MathOps<float> {
   // `z < 0 ? 0 : z` keeps NaN (like torch.relu) and is branch-free after compilation.
   static FC_HD FC_INLINE float relu(float x) { return x < 0.0f ? 0.0f : x; }
   static FC_HD FC_INLINE float step(float x) { return x > 0.0f ? 1.0f : 0.0f; }
+  static FC_HD FC_INLINE float abs(float x) { return ::fabsf(x); }
+  static FC_HD FC_INLINE float where_nonneg(float x, float a, float b) { return x >= 0.0f ? a : b; }
 };
 
 template <>
@@ -60,6 +64,8 @@ struct MathOps<double> {
   static FC_HD FC_INLINE double erf(double x) { return ::erf(x); }
   static FC_HD FC_INLINE double relu(double x) { return x < 0.0 ? 0.0 : x; }
   static FC_HD FC_INLINE double step(double x) { return x > 0.0 ? 1.0 : 0.0; }
+  static FC_HD FC_INLINE double abs(double x) { return ::fabs(x); }
+  static FC_HD FC_INLINE double where_nonneg(double x, double a, double b) { return x >= 0.0 ? a : b; }
 };
 
 namespace detail {
@@ -69,19 +75,23 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
 constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2 / pi)
 constexpr double kTanhCubic = 0.044715;
 
+// s = sigmoid(x) and sc = 1 - s, both to full relative precision and without overflow:
+// with t = exp(-|x|) in (0, 1] and r = 1 / (1 + t), (s, sc) = (r, t r) for x >= 0, else (t r, r).
+// (Computing 1 - s by subtraction would lose all digits for large x, where f' needs them.)
 template <typename T>
-FC_HD FC_INLINE T sigmoid(T x) {
+FC_HD FC_INLINE void sigmoid_pair(T x, T& s, T& sc) {
   using Ops = MathOps<T>;
-  // exp(-x) overflows to inf for x << 0, giving exactly 0: no NaN.
-  return T(1.0) / (T(1.0) + Ops::exp(T(0.0) - x));
+  const T t = Ops::exp(T(0.0) - Ops::abs(x));
+  const T r = T(1.0) / (T(1.0) + t);
+  const T tr = t * r;
+  s = Ops::where_nonneg(x, r, tr);
+  sc = Ops::where_nonneg(x, tr, r);
 }
 
-// 0.5 (1 + tanh(u)) with u = sqrt(2/pi) (z + 0.044715 z^3), as sigmoid(2u).
+// 2u for gelu_tanh, u = sqrt(2/pi) (z + 0.044715 z^3); 0.5 (1 + tanh(u)) = sigmoid(2u).
 template <typename T>
-FC_HD FC_INLINE T gelu_tanh_half_one_plus_t(T z) {
-  const T z2 = z * z;
-  const T two_u = T(2.0 * kSqrt2OverPi) * (z + T(kTanhCubic) * z2 * z);
-  return sigmoid(two_u);
+FC_HD FC_INLINE T gelu_tanh_two_u(T z) {
+  return T(2.0 * kSqrt2OverPi) * (z + T(kTanhCubic) * z * z * z);
 }
 }  // namespace detail
 
@@ -94,10 +104,14 @@ FC_HD FC_INLINE T act_f(T z) {
   } else if constexpr (BASE == GELU) {
     return T(0.5) * z * (T(1.0) + Ops::erf(z * T(detail::kInvSqrt2)));
   } else if constexpr (BASE == GELU_TANH) {
-    return z * detail::gelu_tanh_half_one_plus_t(z);
+    T s, sc;
+    detail::sigmoid_pair(detail::gelu_tanh_two_u(z), s, sc);  // s = 0.5 (1 + t)
+    return z * s;
   } else {
     static_assert(BASE == SILU, "unknown activation base id");
-    return z * detail::sigmoid(z);
+    T s, sc;
+    detail::sigmoid_pair(z, s, sc);
+    return z * s;
   }
 }
 
@@ -114,17 +128,17 @@ FC_HD FC_INLINE void act_f_df(T z, T& f, T& df) {
     f = z * cdf;
     df = cdf + z * pdf;
   } else if constexpr (BASE == GELU_TANH) {
-    const T z2 = z * z;
-    const T s = detail::gelu_tanh_half_one_plus_t(z);  // 0.5 (1 + t)
+    T s, sc;
+    detail::sigmoid_pair(detail::gelu_tanh_two_u(z), s, sc);  // s = 0.5 (1 + t), sc = 1 - s
     f = z * s;
     // 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3a z^2) with 1 - t^2 = 4 s (1 - s)
-    df = s + T(2.0 * detail::kSqrt2OverPi) * z * s * (T(1.0) - s) *
-                 (T(1.0) + T(3.0 * detail::kTanhCubic) * z2);
+    df = s + T(2.0 * detail::kSqrt2OverPi) * z * s * sc * (T(1.0) + T(3.0 * detail::kTanhCubic) * z * z);
   } else {
     static_assert(BASE == SILU, "unknown activation base id");
-    const T s = detail::sigmoid(z);
+    T s, sc;
+    detail::sigmoid_pair(z, s, sc);
     f = z * s;
-    df = s * (T(1.0) + z * (T(1.0) - s));
+    df = s * (T(1.0) + z * sc);
   }
 }
 

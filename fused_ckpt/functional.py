@@ -8,6 +8,7 @@ from .activations import get_activation
 from .backend import resolve_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")
 
 
 def _check_float(t: Tensor, what: str) -> None:
@@ -78,7 +79,8 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
     """
     from .ops.ffn import ffn_forward
 
-    if isinstance(x, Tensor) and x.dim() > 0 and torch.is_autocast_enabled(x.device.type):
+    if (isinstance(x, Tensor) and x.dim() > 0 and x.device.type in _AUTOCAST_DEVICES
+            and torch.is_autocast_enabled(x.device.type)):
         dt = torch.get_autocast_dtype(x.device.type)
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         b1 = b1.to(dt) if b1 is not None else None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..activations import ACTIVATIONS, GELU, GELU_TANH, RELU, SILU, get_activation
+from ..activations import ACTIVATIONS, GELU, Activation, GELU_TANH, RELU, SILU, get_activation
 from ..functional import fused_ffn
 
 _BASE_NAMES = {RELU: "relu", GELU: "gelu", GELU_TANH: "gelu_tanh", SILU: "silu"}
@@ -76,7 +76,10 @@ class FusedCheckpointedFFN(nn.Module):
         if kind == "sequential":
             fc1, act_mod, fc2 = parts
             w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
-            name = _BASE_NAMES[_identify_activation(act_mod)]
+            if isinstance(act_mod, Activation):  # fused_ckpt.reference.EagerMLP
+                name = act_mod.name
+            else:
+                name = _BASE_NAMES[_identify_activation(act_mod)]
         elif kind == "gated":
             gate, up, down, act_mod = parts
             base = _identify_activation(act_mod)

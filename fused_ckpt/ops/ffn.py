@@ -29,10 +29,12 @@ neither computed nor allocated.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..activations import get_activation
 from ._ffn_backends import FFN_BACKENDS
@@ -64,8 +66,7 @@ def _empty(ref: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- forward
-@torch.library.custom_op("fused_ckpt::ffn_forward", mutates_args=())
-def ffn_forward(
+def ffn_forward_impl(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
     activation: str, save_preact: bool, chunk_tokens: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -89,6 +90,9 @@ def ffn_forward(
     return y.view(x.shape[:-1] + (w2.shape[0],)), (z if z is not None else _empty(x))
 
 
+ffn_forward = torch.library.custom_op("fused_ckpt::ffn_forward", mutates_args=())(ffn_forward_impl)
+
+
 @ffn_forward.register_fake
 def _(x, w1, b1, w2, b2, activation, save_preact, chunk_tokens, backend):
     y = x.new_empty(x.shape[:-1] + (w2.shape[0],))
@@ -99,8 +103,7 @@ def _(x, w1, b1, w2, b2, activation, save_preact, chunk_tokens, backend):
 
 
 # --------------------------------------------------------------------------- backward
-@torch.library.custom_op("fused_ckpt::ffn_backward", mutates_args=())
-def ffn_backward(
+def ffn_backward_impl(
     dy: Tensor, x: Tensor, z: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
     activation: str, needs_grad: list[bool], chunk_tokens: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -153,6 +156,9 @@ def ffn_backward(
     return out_dx, out_dw1, out_db1, out_dw2, out_db2
 
 
+ffn_backward = torch.library.custom_op("fused_ckpt::ffn_backward", mutates_args=())(ffn_backward_impl)
+
+
 @ffn_backward.register_fake
 def _(dy, x, z, w1, b1, w2, activation, needs_grad, chunk_tokens, backend):
     need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
@@ -176,17 +182,63 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_y, grad_z):
-    if torch.is_grad_enabled():
+class _NoDoubleBackward(torch.autograd.Function):
+    """Lets ``create_graph=True`` produce first-order gradients, and raises a clear error if
+    anything then differentiates through them."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return grads
+
+    @staticmethod
+    def backward(ctx, *_):
         raise RuntimeError(
-            "fused_ckpt FFN does not support double backward (create_graph=True); "
-            "use torch.func or an eager MLP for higher-order gradients"
+            "fused_ckpt FFN does not support double backward (differentiating its gradients); "
+            "use an eager MLP for higher-order gradients"
         )
+
+
+def _backward(ctx, grad_y, grad_z):
     x, w1, b1, w2, z = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
-    grads = ffn_backward(grad_y, x, z, w1, b1, w2, ctx.activation, needs, ctx.chunk_tokens, ctx.backend)
+    create_graph = torch.is_grad_enabled()
+    with torch.no_grad():
+        grads = ffn_backward(grad_y, x, z, w1, b1, w2, ctx.activation, needs, ctx.chunk_tokens, ctx.backend)
+    anchor = next((t for t in (grad_y, x, w1, b1, w2) if t is not None and t.requires_grad), None)
+    if create_graph and anchor is not None:
+        grads = _NoDoubleBackward.apply(anchor, *grads)
     grads = tuple(g if n else None for g, n in zip(grads, needs))
     return grads + (None, None, None, None)
 
 
 ffn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- FLOP formulas
+# FlopCounterMode cannot see inside a custom op, so each op states the GEMM FLOPs its
+# implementation performs (tests check these against the aten path's counted GEMMs).
+@register_flop_formula(torch.ops.fused_ckpt.ffn_forward)
+def _ffn_forward_flops(x_shape, w1_shape, b1_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
+    tokens = math.prod(x_shape[:-1])
+    return 2 * tokens * w1_shape[1] * (w1_shape[0] + w2_shape[1])
+
+
+@register_flop_formula(torch.ops.fused_ckpt.ffn_backward)
+def _ffn_backward_flops(dy_shape, x_shape, z_shape, w1_shape, b1_shape, w2_shape, activation,
+                        needs_grad, *args, out_shape=None, **kwargs) -> int:
+    need_x, need_w1, need_b1, need_w2, _ = needs_grad
+    tokens = math.prod(x_shape[:-1])
+    d, F1, f = w1_shape[1], w1_shape[0], w2_shape[1]
+    need_dz = need_x or need_w1 or need_b1
+    flops = 0
+    if z_shape is None and (need_dz or need_w2):
+        flops += 2 * tokens * d * F1  # recompute Z = x W1^T
+    if need_dz:
+        flops += 2 * tokens * d * f  # dH = dY W2
+    if need_w2:
+        flops += 2 * tokens * d * f  # dW2 = dY^T H
+    if need_w1:
+        flops += 2 * tokens * d * F1  # dW1 = dZ^T x
+    if need_x:
+        flops += 2 * tokens * d * F1  # dX = dZ W1
+    return flops

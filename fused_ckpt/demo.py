@@ -1,0 +1,163 @@
+"""``make demo`` / ``python -m fused_ckpt.demo``: the memory/compute trade-off on your machine.
+
+Trains a stack of residual MLP blocks for a few steps four ways -- eager, torch.utils.checkpoint
+(non-reentrant and reentrant) and FusedCheckpointedFFN -- from the same initial weights, and
+prints one table: activation bytes saved for backward (saved_tensors_hooks), peak CUDA memory
+(GPU only), median step time, fwd+bwd FLOPs (FlopCounterMode) and the largest loss and gradient
+differences against eager.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .modules import FusedCheckpointedFFN
+from .reference import EagerMLP
+
+
+class ResidualStack(nn.Module):
+    """in_proj -> n x (x + mlp(x)) -> head. ``in_proj`` makes every block input require grad,
+    which reentrant checkpointing needs to produce parameter gradients."""
+
+    def __init__(self, mlps: list[nn.Module], d_in: int, d_model: int):
+        super().__init__()
+        self.in_proj = nn.Linear(d_in, d_model)
+        self.blocks = nn.ModuleList(mlps)
+        self.head = nn.Linear(d_model, d_in)
+
+    def forward(self, x):
+        h = self.in_proj(x)
+        for mlp in self.blocks:
+            h = h + mlp(h)
+        return self.head(h)
+
+
+class _SavedBytes:
+    def __init__(self, params):
+        self.ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self.total = 0
+
+    def pack(self, t):
+        if t.untyped_storage().data_ptr() not in self.ptrs:
+            self.total += t.numel() * t.element_size()
+        return t
+
+
+def build_variants(layers, d_model, d_ff, activation, device, dtype):
+    torch.manual_seed(0)
+    eager_mlps = [EagerMLP(d_model, d_ff, activation, device=device, dtype=dtype) for _ in range(layers)]
+    base = ResidualStack(eager_mlps, d_model, d_model).to(device=device, dtype=dtype)
+    variants = {"eager": base}
+    for mode in ("non_reentrant", "reentrant"):
+        m = copy.deepcopy(base)
+        for blk in m.blocks:
+            blk.checkpoint = mode
+        variants[f"checkpoint ({mode.replace('_', '-')})"] = m
+    fused = copy.deepcopy(base)
+    fused.blocks = nn.ModuleList(FusedCheckpointedFFN.from_module(b) for b in base.blocks)
+    variants["FusedCheckpointedFFN"] = fused
+    return variants
+
+
+def run(layers=8, tokens=512, d_model=256, d_ff=1024, activation="gelu", steps=6, device=None,
+        dtype=torch.float32, lr=1e-2):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = build_variants(layers, d_model, d_ff, activation, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(tokens, d_model, generator=g).to(device, dtype),
+                torch.randn(tokens, d_model, generator=g).to(device, dtype)) for _ in range(steps)]
+    rows, ref = [], None
+    for name, model in variants.items():
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        params = list(model.parameters())
+        x0, y0 = batches[0]
+        # warm-up (kernel compilation, lazy op registration), then one counted pass:
+        # saved bytes during the forward only (reentrant checkpointing saves again inside its
+        # backward), FLOPs over forward and backward.
+        nn.functional.mse_loss(model(x0), y0).backward()
+        opt.zero_grad(set_to_none=True)
+        acc = _SavedBytes(params)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            with torch.autograd.graph.saved_tensors_hooks(acc.pack, lambda t: t):
+                loss = nn.functional.mse_loss(model(x0), y0)
+            loss.backward()
+        saved, flops = acc.total, counter.get_total_flops()
+        opt.zero_grad(set_to_none=True)
+
+        losses, times, first_grads, peak = [], [], None, None
+        for step, (x, y) in enumerate(batches):
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peak = max(peak or 0, torch.cuda.max_memory_allocated() - base_mem)
+            times.append(time.perf_counter() - t0)
+            if step == 0:
+                first_grads = [p.grad.detach().float().clone() for p in params]
+            losses.append(loss.item())
+            opt.step()
+        if ref is None:
+            ref = (losses, first_grads)
+        loss_diff = max(abs(a - b) for a, b in zip(losses, ref[0]))
+        grad_diff = max((a - b).abs().max().item() for a, b in zip(first_grads, ref[1]))
+        rows.append(dict(variant=name, saved_bytes=saved, peak_bytes=peak,
+                         step_ms=1e3 * statistics.median(times), gflops=flops / 1e9,
+                         loss_diff=loss_diff, grad_diff=grad_diff, final_loss=losses[-1]))
+    return device, rows
+
+
+def format_table(device, rows, layers, tokens, d_model, d_ff, activation, dtype) -> str:
+    eager = rows[0]
+    lines = [f"fused_ckpt demo: {layers} residual MLP blocks, {tokens} tokens, d_model={d_model}, "
+             f"d_ff={d_ff}, {activation}, {str(dtype).replace('torch.', '')}, device={device}"
+             + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), ""]
+    hdr = "| variant | saved activations | vs eager | peak CUDA mem | step time | fwd+bwd GFLOP | vs eager | max loss diff | max grad diff |"
+    lines += [hdr, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2**20:.1f} MiB" if r["peak_bytes"] is not None else "n/a (CPU)"
+        lines.append(
+            f"| {r['variant']} | {r['saved_bytes'] / 2**20:.2f} MiB | {r['saved_bytes'] / eager['saved_bytes']:.3f}x "
+            f"| {peak} | {r['step_ms']:.1f} ms | {r['gflops']:.2f} | {r['gflops'] / eager['gflops']:.3f}x "
+            f"| {r['loss_diff']:.2e} | {r['grad_diff']:.2e} |")
+    lines.append("")
+    lines.append("saved activations: bytes autograd keeps for backward (saved_tensors_hooks), parameters excluded; "
+                 "step time: median fwd+bwd time over the training steps (after one warm-up pass); "
+                 "peak CUDA mem: max_memory_allocated during fwd+bwd minus what was allocated before.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--d-ff", type=int, default=None)
+    p.add_argument("--activation", default="gelu")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    big = device.type == "cuda"
+    tokens = args.tokens or (8192 if big else 512)
+    d_model = args.d_model or (2048 if big else 256)
+    d_ff = args.d_ff or (4 * d_model)
+    dtype = torch.bfloat16 if big else torch.float32
+    dev, rows = run(args.layers, tokens, d_model, d_ff, args.activation, args.steps, device, dtype)
+    print(format_table(dev, rows, args.layers, tokens, d_model, d_ff, args.activation, dtype))
+
+
+if __name__ == "__main__":
+    main()
