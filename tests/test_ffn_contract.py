@@ -12,7 +12,7 @@ from fused_ckpt import FusedCheckpointedFFN, fused_ffn
 from fused_ckpt.ops import ffn as ffn_ops
 from fused_ckpt.reference import EagerMLP
 
-from .helpers import SavedTensors
+from .helpers import SavedTensors, assert_close_by_rule
 
 BACKENDS = ["triton", "aten"]
 
@@ -146,21 +146,29 @@ def test_opcheck(backend, save_preact):
 
 
 def test_torch_compile_fullgraph_matches_eager():
+    """Inductor traces the custom ops without graph breaks (fullgraph=True); compiled output and
+    gradients are as close to float64 as eager fp32 is (the 2x rule; inductor reorders sums)."""
+    import copy
+
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(16, 16), FusedCheckpointedFFN(16, 32, "swiglu", backend="aten"),
                           nn.LayerNorm(16))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model64 = copy.deepcopy(model).double()
     x = torch.randn(4, 7, 16, requires_grad=True)
-    y_ref = model(x)
-    y_ref.square().sum().backward()
-    ref_grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
-    model.zero_grad()
-    x.grad = None
-    y = compiled(x)
-    y.square().sum().backward()
-    torch.testing.assert_close(y, y_ref)
-    for a, b in zip([p.grad for p in model.parameters()] + [x.grad], ref_grads):
-        torch.testing.assert_close(a, b)
+
+    def run(m, inp):
+        inp = inp.detach().requires_grad_()
+        m.zero_grad()
+        y = m(inp)
+        y.square().sum().backward()
+        return [y] + [p.grad for p in m.parameters()] + [inp.grad]
+
+    eager = run(model, x)
+    ref = run(model64, x.double())
+    compiled = run(torch.compile(model, fullgraph=True), x)
+    names = ["y"] + [n for n, _ in model.named_parameters()] + ["x"]
+    for n, c, e, r in zip(names, compiled, eager, ref):
+        assert_close_by_rule(c, r, e, n)
 
 
 # ----------------------------------------------------------------------------- from_module
