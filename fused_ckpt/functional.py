@@ -54,6 +54,20 @@ def check_ffn_inputs(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: T
                         + ", ".join(f"{n} {t.dtype}" for n, t in named))
 
 
+FFN_RECOMPUTE = (True, False, "none")
+
+
+def ffn_save_count(recompute) -> int:
+    """The FFN dial as the op takes it: tensors kept besides x (True: 0, False: 1, "none": 2)."""
+    if recompute is True:
+        return 0
+    if recompute is False:
+        return 1
+    if recompute == "none":
+        return 2
+    raise ValueError(f"recompute must be one of {FFN_RECOMPUTE}, got {recompute!r}")
+
+
 def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
               activation: str = "gelu", recompute: bool = True, *, chunk_tokens: int = 0,
               backend: str = "auto") -> Tensor:
@@ -66,7 +80,8 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         w2, b2: fc2, ``[d_model, d_ff]``; ``b2`` may be None.
         activation: one of :data:`fused_ckpt.activations.ACTIVATIONS`.
         recompute: True keeps only ``x`` for backward; False keeps ``x`` and the
-            pre-activation (see :mod:`fused_ckpt.ops.ffn` for the full contract).
+            pre-activation; "none" keeps x, the pre-activation and the activation, as eager
+            autograd would (see :mod:`fused_ckpt.ops.ffn` for the full contract).
         chunk_tokens: tokens per backward chunk; 0 picks a size that bounds the
             ``tokens x d_ff`` temporaries (:func:`fused_ckpt.ops.ffn.default_chunk_tokens`).
         backend: "auto", "triton" or "aten" (see :mod:`fused_ckpt.backend`).
@@ -86,12 +101,13 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         b1 = b1.to(dt) if b1 is not None else None
         b2 = b2.to(dt) if b2 is not None else None
     check_ffn_inputs(x, w1, b1, w2, b2, activation)
+    save = ffn_save_count(recompute)
     if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be a non-negative int (0 = automatic), got {chunk_tokens!r}")
     be = resolve_backend(backend, x.device)
     tensors = (x, w1, b1, w2, b2)
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     with torch.autocast(x.device.type, enabled=False):
-        y, _ = ffn_forward(x, w1, b1, w2, b2, activation, bool(not recompute and grad_needed),
-                           chunk_tokens, be)
+        y, _, _ = ffn_forward(x, w1, b1, w2, b2, activation, save if grad_needed else 0,
+                              chunk_tokens, be)
     return y

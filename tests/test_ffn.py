@@ -54,7 +54,7 @@ def check_ffn(m: FusedCheckpointedFFN, x: torch.Tensor, g: torch.Tensor | None =
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save_preact"])
+@pytest.mark.parametrize("recompute", [True, False, "none"], ids=["recompute", "save_preact", "save_all"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_matches_float64(activation, bias, recompute, dtype, backend):
@@ -82,7 +82,7 @@ def test_non_contiguous_input_and_grad(activation, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("recompute", [True, False, "none"])
 def test_zero_tokens(backend, recompute):
     m = _make(16, 24, "swiglu", True, torch.float32, recompute=recompute, backend=backend)
     x = torch.randn(0, 5, 16, requires_grad=True)

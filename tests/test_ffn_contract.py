@@ -42,6 +42,33 @@ def test_saved_bytes_recompute_false_is_x_plus_preact(activation, backend):
     assert s.bytes_excluding(m.parameters()) == (18 * 32 + 18 * fc1_rows) * 4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_bytes_recompute_none_is_x_preact_hidden(backend):
+    m = FusedCheckpointedFFN(32, 48, "swiglu", recompute="none", backend=backend)
+    x = torch.randn(18, 32, requires_grad=True)
+    with SavedTensors() as s:
+        m(x).sum().backward()
+    assert s.bytes_excluding(m.parameters()) == (18 * 32 + 18 * 96 + 18 * 48) * 4
+
+
+@pytest.mark.parametrize("recompute", [True, False, "none"])
+@pytest.mark.parametrize("activation", ["gelu", "geglu"])
+def test_predicted_saved_bytes_and_flops_match_measured(recompute, activation):
+    """The module's own predictions (used by the planner) equal what hooks and FLOP counting see."""
+    m = FusedCheckpointedFFN(32, 48, activation, recompute=recompute, backend="aten",
+                             dtype=torch.bfloat16)
+    x = torch.randn(3, 7, 32, dtype=torch.bfloat16, requires_grad=True)
+    with SavedTensors() as s:
+        y = m(x)
+    assert m.saved_bytes(21) == s.bytes_excluding(m.parameters())
+    eager_like = FusedCheckpointedFFN(32, 48, activation, recompute="none", backend="aten",
+                                      dtype=torch.bfloat16)
+    eager_like.load_state_dict(m.state_dict())
+    extra = _fwd_bwd_flops(m, x, True) - _fwd_bwd_flops(eager_like, x, True)
+    assert m.recompute_flops(21) == extra
+    del y
+
+
 def test_saved_bytes_eager_for_comparison():
     """The accounting counts what eager autograd keeps: x, z, act(z) (and more for GELU)."""
     eager = EagerMLP(32, 48, "gelu")
@@ -116,6 +143,15 @@ def test_flops_equal_non_reentrant_checkpoint(activation, fused_units, eager_uni
     assert counted * reentrant_units == reent * fused_units  # 7/8 (GELU), 11/12 (SwiGLU)
 
 
+@pytest.mark.parametrize("recompute,units", [(False, 6), ("none", 6)])
+def test_flops_without_gemm_recompute_equal_eager(recompute, units):
+    T, d, f = 64, 32, 48
+    m = FusedCheckpointedFFN(d, f, "gelu", recompute=recompute, backend="aten")
+    x = torch.randn(T, d, requires_grad=True)
+    counted = _fwd_bwd_flops(m, x, see_through=True)
+    assert counted == _fwd_bwd_flops(m, x, see_through=False) == units * 2 * T * d * f
+
+
 def test_flops_frozen_weights_skip_dw():
     T, d, f = 64, 32, 48
     m = FusedCheckpointedFFN(d, f, "gelu", backend="aten")
@@ -129,19 +165,20 @@ def test_flops_frozen_weights_skip_dw():
 
 # ----------------------------------------------------------------------------- custom ops
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("save_preact", [False, True])
-def test_opcheck(backend, save_preact):
+@pytest.mark.parametrize("save", [0, 1, 2])
+def test_opcheck(backend, save):
     x = torch.randn(5, 16, requires_grad=True)
     w1 = torch.randn(48, 16, requires_grad=True)
     b1 = torch.randn(48, requires_grad=True)
     w2 = torch.randn(16, 24, requires_grad=True)
     b2 = torch.randn(16, requires_grad=True)
     torch.library.opcheck(torch.ops.fused_ckpt.ffn_forward.default,
-                          (x, w1, b1, w2, b2, "swiglu", save_preact, 0, backend))
+                          (x, w1, b1, w2, b2, "swiglu", save, 0, backend))
     dy = torch.randn(5, 16)
-    z = torch.randn(5, 48) if save_preact else None
+    z = torch.randn(5, 48) if save >= 1 else None
+    h = torch.randn(5, 24) if save == 2 else None
     torch.library.opcheck(torch.ops.fused_ckpt.ffn_backward.default,
-                          (dy, x.detach(), z, w1.detach(), b1.detach(), w2.detach(), "swiglu",
+                          (dy, x.detach(), z, h, w1.detach(), b1.detach(), w2.detach(), "swiglu",
                            [True, True, True, True, False], 0, backend))
 
 
@@ -308,6 +345,8 @@ def test_bad_weight_shapes():
 def test_bad_activation_and_sizes():
     with pytest.raises(ValueError, match="unknown activation 'gelu_new'; supported:"):
         FusedCheckpointedFFN(16, 24, "gelu_new")
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        FusedCheckpointedFFN(16, 24, recompute="qkv")
     with pytest.raises(ValueError, match="d_ff must be a positive int"):
         FusedCheckpointedFFN(16, 0)
     with pytest.raises(ValueError, match="chunk_tokens"):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..activations import ACTIVATIONS, GELU, Activation, GELU_TANH, RELU, SILU, get_activation
-from ..functional import fused_ffn
+from ..functional import ffn_save_count, fused_ffn
 
 _BASE_NAMES = {RELU: "relu", GELU: "gelu", GELU_TANH: "gelu_tanh", SILU: "silu"}
 _GATED_NAMES = {SILU: "swiglu", GELU: "geglu", GELU_TANH: "geglu_tanh"}
@@ -21,6 +21,7 @@ class FusedCheckpointedFFN(nn.Module):
     ==========  =================================  ==================================
     True        x                                  fc1 GEMM + activation, fused
     False       x, pre-activation                  activation only (elementwise)
+    "none"      x, pre-activation, activation      nothing (eager memory, fused backward)
     ==========  =================================  ==================================
 
     Parameters are ``nn.Linear`` modules ``fc1`` (``[d_ff, d_model]``; gated activations
@@ -41,8 +42,7 @@ class FusedCheckpointedFFN(nn.Module):
         for name, v in (("d_model", d_model), ("d_ff", d_ff)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(recompute, bool):
-            raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        ffn_save_count(recompute)  # validates the dial
         self.d_model, self.d_ff = d_model, d_ff
         self.activation = act.name
         self.recompute = recompute
@@ -55,6 +55,23 @@ class FusedCheckpointedFFN(nn.Module):
         return fused_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                          self.activation, self.recompute, chunk_tokens=self.chunk_tokens,
                          backend=self.backend)
+
+    def saved_bytes(self, tokens: int, recompute=None, dtype: torch.dtype | None = None) -> int:
+        """Activation bytes this module keeps for backward for ``tokens`` tokens (parameters
+        excluded), at its ``recompute`` setting or the one given."""
+        from ..ops.ffn import ffn_saved_bytes
+
+        dtype = dtype or self.fc1.weight.dtype
+        save = ffn_save_count(self.recompute if recompute is None else recompute)
+        return ffn_saved_bytes(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated,
+                               save, torch.empty((), dtype=dtype).element_size())
+
+    def recompute_flops(self, tokens: int, recompute=None) -> int:
+        """Extra GEMM FLOPs its backward spends recomputing, at its setting or the one given."""
+        from ..ops.ffn import ffn_recompute_flops
+
+        save = ffn_save_count(self.recompute if recompute is None else recompute)
+        return ffn_recompute_flops(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated, save)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation!r}, "

@@ -10,7 +10,11 @@ recompute    saved for backward                    recomputed in backward
 True         x  (plus the parameters W1, b1, W2)   Z = x W1^T + b1 (GEMM, in registers),
                                                    H = act(Z), act'(Z)
 False        x, Z  (plus the parameters)           H = act(Z), act'(Z) (elementwise only)
+"none"       x, Z, H  (what eager autograd keeps)  act'(Z) only (no checkpointing; fastest)
 ===========  ====================================  =========================================
+
+The op takes the dial as ``save`` = how many tensors besides x are kept: 0 (True), 1 (False),
+2 ("none").
 
 Everything kept goes through ``ctx.save_for_backward``; parameters are saved as the same
 tensors the module holds (no copies), so ``saved_tensors_hooks`` see exactly x (and Z) as
@@ -60,6 +64,21 @@ def default_chunk_tokens(d_model: int, fc1_rows: int, d_ff: int, elem_size: int)
     return max(CHUNK_ROUND, tokens // CHUNK_ROUND * CHUNK_ROUND)
 
 
+def ffn_saved_bytes(tokens: int, d_model: int, d_ff: int, gated: bool, save: int,
+                    elem_size: int) -> int:
+    """Bytes the op keeps for backward besides parameters: x, plus Z when save >= 1, plus H
+    when save == 2 (the contract above; tests check it against saved_tensors_hooks)."""
+    fc1_rows = 2 * d_ff if gated else d_ff
+    per_token = d_model + (fc1_rows if save >= 1 else 0) + (d_ff if save == 2 else 0)
+    return tokens * per_token * elem_size
+
+
+def ffn_recompute_flops(tokens: int, d_model: int, d_ff: int, gated: bool, save: int) -> int:
+    """GEMM FLOPs the backward spends on recomputation (Z = x W1^T when save == 0)."""
+    fc1_rows = 2 * d_ff if gated else d_ff
+    return 2 * tokens * d_model * fc1_rows if save == 0 else 0
+
+
 def _empty(ref: Tensor) -> Tensor:
     """Placeholder for an output that was not asked for (custom ops return tensors only)."""
     return ref.new_empty((0,))
@@ -68,47 +87,54 @@ def _empty(ref: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- forward
 def ffn_forward_impl(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-    activation: str, save_preact: bool, chunk_tokens: int, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Returns (y, z): y has x's shape; z is the pre-activation [tokens, fc1_rows] when
-    ``save_preact`` (recompute=False), else an empty placeholder."""
+    activation: str, save: int, chunk_tokens: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, z, h): y has x's shape; z, the pre-activation [tokens, fc1_rows], when
+    ``save >= 1``, h, the hidden activation [tokens, d_ff], when ``save == 2``; an empty
+    placeholder otherwise."""
     act = get_activation(activation)
     be = FFN_BACKENDS[backend]
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     M = x2.shape[0]
     y = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, w1.shape[0]), device=x.device, dtype=x.dtype) if save_preact else None
+    if save == 2:  # Z and H are both kept: nothing to bound by chunking
+        h, z = be.up(x2, w1, b1, act, True)
+        be.down(h, w2, b2, y)
+        return y.view(x.shape[:-1] + (w2.shape[0],)), z, h
+    z = torch.empty((M, w1.shape[0]), device=x.device, dtype=x.dtype) if save == 1 else None
     chunk = chunk_tokens or default_chunk_tokens(d, w1.shape[0], w2.shape[1], x.element_size())
     for start in range(0, M, chunk):
         end = min(start + chunk, M)
-        h, zc = be.up(x2[start:end], w1, b1, act, save_preact)
+        h, zc = be.up(x2[start:end], w1, b1, act, z is not None)
         if z is not None:
             z[start:end] = zc
         be.down(h, w2, b2, y[start:end])
         del h, zc
-    return y.view(x.shape[:-1] + (w2.shape[0],)), (z if z is not None else _empty(x))
+    return y.view(x.shape[:-1] + (w2.shape[0],)), (z if z is not None else _empty(x)), _empty(x)
 
 
 ffn_forward = torch.library.custom_op("fused_ckpt::ffn_forward", mutates_args=())(ffn_forward_impl)
 
 
 @ffn_forward.register_fake
-def _(x, w1, b1, w2, b2, activation, save_preact, chunk_tokens, backend):
+def _(x, w1, b1, w2, b2, activation, save, chunk_tokens, backend):
     y = x.new_empty(x.shape[:-1] + (w2.shape[0],))
-    if save_preact:
-        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return y, x.new_empty((tokens, w1.shape[0]))
-    return y, x.new_empty((0,))
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    z = x.new_empty((tokens, w1.shape[0])) if save >= 1 else x.new_empty((0,))
+    h = x.new_empty((tokens, w2.shape[1])) if save == 2 else x.new_empty((0,))
+    return y, z, h
 
 
 # --------------------------------------------------------------------------- backward
 def ffn_backward_impl(
-    dy: Tensor, x: Tensor, z: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-    activation: str, needs_grad: list[bool], chunk_tokens: int, backend: str,
+    dy: Tensor, x: Tensor, z: Optional[Tensor], h: Optional[Tensor], w1: Tensor,
+    b1: Optional[Tensor], w2: Tensor, activation: str, needs_grad: list[bool], chunk_tokens: int,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dw1, db1, dw2, db2); ``needs_grad`` flags them in that order and an
-    unflagged one comes back as an empty placeholder. ``z`` None: recompute it from x."""
+    unflagged one comes back as an empty placeholder. ``z`` None: recompute it from x;
+    ``h`` None: recompute it (from z) where dW2 needs it."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
     act = get_activation(activation)
     be = FFN_BACKENDS[backend]
@@ -117,6 +143,7 @@ def ffn_backward_impl(
     x2 = x.reshape(-1, d)
     dy2 = dy.reshape(-1, d)
     z2 = z.reshape(-1, F1) if z is not None else None
+    h2 = h.reshape(-1, f) if h is not None else None
     M = x2.shape[0]
     chunk = chunk_tokens or default_chunk_tokens(d, F1, f, x.element_size())
     n_chunks = -(-M // chunk)
@@ -133,20 +160,23 @@ def ffn_backward_impl(
         end = min(start + chunk, M)
         xc, dyc = x2[start:end], dy2[start:end]
         zc = z2[start:end] if z2 is not None else None
+        hc = h2[start:end] if h2 is not None else None
         if need_dz:
-            dz, h = be.hidden_grad(xc, zc, dyc, w1, b1, w2, act, need_w2)
+            dz, hh = be.hidden_grad(xc, zc, dyc, w1, b1, w2, act, need_w2 and hc is None)
+            hc = hc if hc is not None else hh
         else:  # only dW2 wanted: H alone, no dH GEMM
             dz = None
-            h = act.hidden(zc) if zc is not None else be.up(xc, w1, b1, act, False)[0]
+            if hc is None:
+                hc = act.hidden(zc) if zc is not None else be.up(xc, w1, b1, act, False)[0]
         if need_w2:
-            be.mm(dyc.t(), h, dw2, accumulate=i > 0)
+            be.mm(dyc.t(), hc, dw2, accumulate=i > 0)
         if need_w1:
             be.mm(dz.t(), xc, dw1, accumulate=i > 0)
         if need_b1:
             db1 += dz.sum(0, dtype=torch.float32)
         if need_x:
             be.mm(dz, w1, dx[start:end], accumulate=False)
-        del dz, h
+        del dz, hc
 
     out_dx = dx.view(x.shape) if need_x else _empty(x)
     out_dw1 = dw1.to(w1.dtype) if need_w1 else _empty(w1)
@@ -160,7 +190,7 @@ ffn_backward = torch.library.custom_op("fused_ckpt::ffn_backward", mutates_args=
 
 
 @ffn_backward.register_fake
-def _(dy, x, z, w1, b1, w2, activation, needs_grad, chunk_tokens, backend):
+def _(dy, x, z, h, w1, b1, w2, activation, needs_grad, chunk_tokens, backend):
     need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
     e = lambda t: t.new_empty((0,))  # noqa: E731
     return (
@@ -174,9 +204,9 @@ def _(dy, x, z, w1, b1, w2, activation, needs_grad, chunk_tokens, backend):
 
 # --------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, activation, save_preact, chunk_tokens, backend = inputs
-    _, z = output
-    ctx.save_for_backward(x, w1, b1, w2, z if save_preact else None)
+    x, w1, b1, w2, b2, activation, save, chunk_tokens, backend = inputs
+    _, z, h = output
+    ctx.save_for_backward(x, w1, b1, w2, z if save >= 1 else None, h if save == 2 else None)
     ctx.activation = activation
     ctx.chunk_tokens = chunk_tokens
     ctx.backend = backend
@@ -198,12 +228,13 @@ class _NoDoubleBackward(torch.autograd.Function):
         )
 
 
-def _backward(ctx, grad_y, grad_z):
-    x, w1, b1, w2, z = ctx.saved_tensors
+def _backward(ctx, grad_y, grad_z, grad_h):
+    x, w1, b1, w2, z, h = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     create_graph = torch.is_grad_enabled()
     with torch.no_grad():
-        grads = ffn_backward(grad_y, x, z, w1, b1, w2, ctx.activation, needs, ctx.chunk_tokens, ctx.backend)
+        grads = ffn_backward(grad_y, x, z, h, w1, b1, w2, ctx.activation, needs, ctx.chunk_tokens,
+                             ctx.backend)
     anchor = next((t for t in (grad_y, x, w1, b1, w2) if t is not None and t.requires_grad), None)
     if create_graph and anchor is not None:
         grads = _NoDoubleBackward.apply(anchor, *grads)
@@ -224,14 +255,14 @@ def _ffn_forward_flops(x_shape, w1_shape, b1_shape, w2_shape, *args, out_shape=N
 
 
 @register_flop_formula(torch.ops.fused_ckpt.ffn_backward)
-def _ffn_backward_flops(dy_shape, x_shape, z_shape, w1_shape, b1_shape, w2_shape, activation,
-                        needs_grad, *args, out_shape=None, **kwargs) -> int:
+def _ffn_backward_flops(dy_shape, x_shape, z_shape, h_shape, w1_shape, b1_shape, w2_shape,
+                        activation, needs_grad, *args, out_shape=None, **kwargs) -> int:
     need_x, need_w1, need_b1, need_w2, _ = needs_grad
     tokens = math.prod(x_shape[:-1])
     d, F1, f = w1_shape[1], w1_shape[0], w2_shape[1]
     need_dz = need_x or need_w1 or need_b1
     flops = 0
-    if z_shape is None and (need_dz or need_w2):
+    if z_shape is None and (need_dz or (need_w2 and h_shape is None)):
         flops += 2 * tokens * d * F1  # recompute Z = x W1^T
     if need_dz:
         flops += 2 * tokens * d * f  # dH = dY W2
