@@ -8,10 +8,12 @@ under ``TRITON_INTERPRET=1``, triton 3.6 through 3.9).
 import triton
 import triton.language as tl
 
-_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
-_GELU_TANH_C = 0.044715
+# Globals read inside @triton.jit code must be tl.constexpr (the compiler rejects plain floats;
+# the interpreter does not, which is why tools/aot_compile.py compiles every kernel for sm_90).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
+_GELU_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
