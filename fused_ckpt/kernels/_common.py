@@ -42,3 +42,63 @@ def check_device(t: torch.Tensor, what: str) -> None:
 
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
+
+
+# ----------------------------------------------------------------------------- config pruning
+# Budgets behind the autotune pruning below, checked offline with tools/aot_compile.py
+# (ptxas -v for sm_90a): above these, configs spill registers or exceed shared memory.
+SMEM_BYTES = 227 * 1024  # H100/H200 opt-in shared memory per block
+ACC_REGS_GEMM = 128  # fp32 accumulator registers per thread for a plain GEMM (128x256 tile, 8 warps)
+ACC_REGS_FUSED = 96  # ... for kernels with a transcendental epilogue (activation and its derivative)
+
+
+def _elem_size(named_args: dict, name: str) -> int:
+    t = named_args.get(name)
+    return t.element_size() if hasattr(t, "element_size") else 2
+
+
+def resource_pruner(acc_tiles, stage_bytes, ptr_name: str, acc_budget: int):
+    """An ``early_config_prune`` that drops configs whose fp32 accumulators exceed
+    ``acc_budget`` registers per thread or whose pipelined tiles exceed shared memory.
+
+    acc_tiles(kw) -> how many BLOCK_M x BLOCK_N fp32 accumulators the kernel holds;
+    stage_bytes(cfg_kw, kw, elem) -> bytes of operand tiles loaded per pipeline stage.
+    Under the interpreter (one config) nothing is pruned; if every config is over budget the
+    smallest survives, so autotuning always has a candidate."""
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET or len(configs) <= 1:
+            return configs
+        elem = _elem_size(named_args, ptr_name)
+        budget = acc_budget if elem <= 2 else acc_budget // 2  # fp32 operand tiles need registers too
+        kept = []
+        for c in configs:
+            kw = c.kwargs
+            threads = 32 * c.num_warps
+            regs = acc_tiles(kwargs) * kw["BLOCK_M"] * kw["BLOCK_N"] // threads
+            smem = c.num_stages * stage_bytes(kw, kwargs, elem)
+            if regs <= budget and smem <= SMEM_BYTES:
+                kept.append(c)
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+def fused_tile_configs() -> list:
+    """Candidate tiles for the fused FFN kernels (pruned per launch by ``resource_pruner``)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in (
+            (128, 256, 64, 3, 8),
+            (128, 128, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (128, 64, 64, 3, 8),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 3, 8),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (64, 64, 32, 5, 4),
+        )
+    ]

@@ -20,29 +20,27 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation
-from ._common import INTERPRET, dot_flags
+from ._common import ACC_REGS_FUSED, dot_flags, fused_tile_configs, resource_pruner
 from .activation import act_fwd_and_grad
 from .matmul import grouped_tile
 
 
-def bwd_configs() -> list[triton.Config]:
-    """Up to three fp32 accumulators live at once (dH, G, U), so tiles stay at 128x128 or below."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in (
-            (128, 128, 64, 3, 8),
-            (128, 128, 32, 4, 8),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (64, 64, 64, 4, 4),
-            (64, 64, 32, 5, 4),
-        )
-    ]
+def _bwd_acc_tiles(kw) -> int:
+    """fp32 tiles live in the epilogue: dH and G (and U, gated), recomputed or loaded."""
+    return 3 if kw.get("GATED") else 2
 
 
-@triton.autotune(configs=bwd_configs(), key=["M", "N", "K", "GATED", "RECOMPUTE", "STORE_H"])
+def _bwd_stage_bytes(cfg, kw, elem) -> int:  # dY and W2 tiles, plus x and W1 tiles when recomputing
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles = bm * bk + bk * bn
+    if kw.get("RECOMPUTE"):
+        tiles += bm * bk + (2 if kw.get("GATED") else 1) * bk * bn
+    return tiles * elem
+
+
+@triton.autotune(configs=fused_tile_configs(), key=["M", "N", "K", "GATED", "RECOMPUTE", "STORE_H"],
+                 prune_configs_by={"early_config_prune": resource_pruner(
+                     _bwd_acc_tiles, _bwd_stage_bytes, "dy_ptr", ACC_REGS_FUSED)})
 @triton.jit
 def _ffn_bwd_hidden_kernel(
     x_ptr, w1_ptr, b1_ptr, z_ptr, dy_ptr, w2_ptr, dz_ptr, h_ptr,

@@ -13,29 +13,22 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation
-from ._common import INTERPRET, dot_flags
+from ._common import ACC_REGS_FUSED, dot_flags, fused_tile_configs, resource_pruner
 from .activation import act_fwd
 from .matmul import grouped_tile
 
 
-def up_configs() -> list[triton.Config]:
-    """Gated kernels hold two fp32 accumulators, so their largest tile is half the GEMM's."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in (
-            (128, 256, 64, 3, 8),
-            (128, 128, 64, 4, 8),
-            (128, 128, 32, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (64, 64, 64, 4, 4),
-        )
-    ]
+def _up_acc_tiles(kw) -> int:
+    return 2 if kw.get("GATED") else 1
 
 
-@triton.autotune(configs=up_configs(), key=["M", "N", "K", "GATED", "STORE_Z"])
+def _up_stage_bytes(cfg, kw, elem) -> int:  # x tile + one (or two, gated) W1 tiles
+    return (cfg["BLOCK_M"] * cfg["BLOCK_K"] + _up_acc_tiles(kw) * cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elem
+
+
+@triton.autotune(configs=fused_tile_configs(), key=["M", "N", "K", "GATED", "STORE_Z"],
+                 prune_configs_by={"early_config_prune": resource_pruner(
+                     _up_acc_tiles, _up_stage_bytes, "x_ptr", ACC_REGS_FUSED)})
 @triton.jit
 def _ffn_up_kernel(
     x_ptr, w1_ptr, b1_ptr, h_ptr, z_ptr,

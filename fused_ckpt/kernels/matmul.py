@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_flags
+from ._common import ACC_REGS_GEMM, INTERPRET, dot_flags, resource_pruner
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -53,8 +53,14 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return tile_m, tile_n
 
 
+def _gemm_stage_bytes(cfg, kw, elem) -> int:
+    return (cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elem
+
+
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE"],
-                 restore_value=["c_ptr"])
+                 restore_value=["c_ptr"],
+                 prune_configs_by={"early_config_prune": resource_pruner(
+                     lambda kw: 1, _gemm_stage_bytes, "a_ptr", ACC_REGS_GEMM)})
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,

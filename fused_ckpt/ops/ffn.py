@@ -151,8 +151,10 @@ def ffn_backward_impl(
     dev = x.device
 
     dx = torch.empty((M, d), device=dev, dtype=x.dtype) if need_x else None
-    dw1 = torch.zeros(w1.shape, device=dev, dtype=acc_dtype) if need_w1 else None
-    dw2 = torch.zeros(w2.shape, device=dev, dtype=acc_dtype) if need_w2 else None
+    # the first chunk overwrites dW (accumulate=False); only an empty batch needs zeros
+    new_dw = torch.zeros if M == 0 else torch.empty
+    dw1 = new_dw(w1.shape, device=dev, dtype=acc_dtype) if need_w1 else None
+    dw2 = new_dw(w2.shape, device=dev, dtype=acc_dtype) if need_w2 else None
     db1 = torch.zeros((F1,), device=dev, dtype=torch.float32) if need_b1 else None
     need_dz = need_x or need_w1 or need_b1
 
