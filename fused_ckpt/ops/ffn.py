@@ -97,11 +97,12 @@ def ffn_forward_impl(
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     M = x2.shape[0]
-    y = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
+    y = torch.empty(x.shape[:-1] + (w2.shape[0],), device=x.device, dtype=x.dtype)
+    y2 = y.view(M, w2.shape[0])  # returned in its final shape, not as a view (FSDP2 warns on views)
     if save == 2:  # Z and H are both kept: nothing to bound by chunking
         h, z = be.up(x2, w1, b1, act, True)
-        be.down(h, w2, b2, y)
-        return y.view(x.shape[:-1] + (w2.shape[0],)), z, h
+        be.down(h, w2, b2, y2)
+        return y, z, h
     z = torch.empty((M, w1.shape[0]), device=x.device, dtype=x.dtype) if save == 1 else None
     chunk = chunk_tokens or default_chunk_tokens(d, w1.shape[0], w2.shape[1], x.element_size())
     for start in range(0, M, chunk):
@@ -109,9 +110,9 @@ def ffn_forward_impl(
         h, zc = be.up(x2[start:end], w1, b1, act, z is not None)
         if z is not None:
             z[start:end] = zc
-        be.down(h, w2, b2, y[start:end])
+        be.down(h, w2, b2, y2[start:end])
         del h, zc
-    return y.view(x.shape[:-1] + (w2.shape[0],)), (z if z is not None else _empty(x)), _empty(x)
+    return y, (z if z is not None else _empty(x)), _empty(x)
 
 
 ffn_forward = torch.library.custom_op("fused_ckpt::ffn_forward", mutates_args=())(ffn_forward_impl)
@@ -150,7 +151,8 @@ def ffn_backward_impl(
     acc_dtype = torch.float32 if n_chunks > 1 else w1.dtype
     dev = x.device
 
-    dx = torch.empty((M, d), device=dev, dtype=x.dtype) if need_x else None
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype) if need_x else None
+    dx2 = dx.view(M, d) if need_x else None
     # the first chunk overwrites dW (accumulate=False); only an empty batch needs zeros
     new_dw = torch.zeros if M == 0 else torch.empty
     dw1 = new_dw(w1.shape, device=dev, dtype=acc_dtype) if need_w1 else None
@@ -177,10 +179,10 @@ def ffn_backward_impl(
         if need_b1:
             db1 += dz.sum(0, dtype=torch.float32)
         if need_x:
-            be.mm(dz, w1, dx[start:end], accumulate=False)
+            be.mm(dz, w1, dx2[start:end], accumulate=False)
         del dz, hc
 
-    out_dx = dx.view(x.shape) if need_x else _empty(x)
+    out_dx = dx if need_x else _empty(x)
     out_dw1 = dw1.to(w1.dtype) if need_w1 else _empty(w1)
     out_db1 = db1.to(b1.dtype) if need_b1 else _empty(w1)
     out_dw2 = dw2.to(w2.dtype) if need_w2 else _empty(w2)
