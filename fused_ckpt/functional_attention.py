@@ -1,0 +1,252 @@
+"""Functional attention: input checks, autocast and backend choice, then the custom ops of
+:mod:`fused_ckpt.ops.attention`."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+
+# The head dims the flash-attention kernels support; kept here so importing the package does
+# not import triton (tests/test_flash_attention.py checks it equals kernels.flash_attn_fwd's).
+HEAD_DIMS = (32, 64, 128, 256)
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RECOMPUTE_MODES = {"all": "all", True: "all", "qkv": "qkv", False: "none"}
+
+
+def _check_dtype(t: Tensor, what: str, backend: str) -> None:
+    allowed = _KERNEL_DTYPES + ((torch.float64,) if backend == "aten" else ())
+    if t.dtype not in allowed:
+        names = "float32/float16/bfloat16" + (" (float64 on the aten backend)" if backend != "aten" else "/float64")
+        raise TypeError(f"{what} must be {names}, got {t.dtype}")
+
+
+def _check_same(named: list[tuple[str, Tensor]], what: str) -> None:
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        raise ValueError(f"all {what} tensors must be on one device, got "
+                         + ", ".join(f"{n} on {t.device}" for n, t in named))
+    dtypes = {t.dtype for _, t in named}
+    if len(dtypes) > 1:
+        raise TypeError(f"{what} tensors must share one dtype outside autocast, got "
+                        + ", ".join(f"{n} {t.dtype}" for n, t in named))
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"unsupported head_dim {head_dim}: the flash attention kernels support "
+                         f"{HEAD_DIMS}")
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None (1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
+def _check_mask(mask: Optional[Tensor], batch: int, seqlen: int, device: torch.device) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError("key_padding_mask must be a bool tensor (True = attend to this key), got "
+                        + (str(mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__))
+    if tuple(mask.shape) != (batch, seqlen):
+        raise ValueError(f"key_padding_mask has shape {tuple(mask.shape)}, expected (batch, kv_seqlen) = "
+                         f"({batch}, {seqlen})")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but the inputs are on {device}")
+
+
+def check_flash_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                       backend: str) -> None:
+    """Raise a ValueError/TypeError that names the offending sizes, dtypes or devices."""
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{n} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{n} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    B, _, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch and head_dim")
+    H_kv = k.shape[2]
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"n_kv_heads={H_kv} must divide n_heads={H} (grouped-query attention)")
+    _check_head_dim(D)
+    _check_same([("q", q), ("k", k), ("v", v)], "attention")
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        _check_dtype(t, n, backend)
+    _check_mask(key_padding_mask, B, k.shape[1], q.device)
+
+
+def _autocast(*ts: Optional[Tensor], device_type: str) -> list[Optional[Tensor]]:
+    """Cast to the autocast dtype when autocast is on for ``device_type`` (the op then runs
+    with autocast off: the kernels see one dtype)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return list(ts)
+    dt = torch.get_autocast_dtype(device_type)
+    return [t.to(dt) if t is not None else None for t in ts]
+
+
+def _autocast_off(device_type: str):
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
+                    key_padding_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Exact attention whose backward recomputes the probabilities (FlashAttention-2).
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``.
+        k, v: ``(batch, seqlen_kv, nheads_kv, headdim)``; ``nheads_kv`` divides ``nheads``
+            (grouped-query / multi-query attention). headdim in (32, 64, 128, 256).
+        causal: query i attends key j iff ``j <= i + seqlen_kv - seqlen_q`` (aligned to the
+            bottom-right corner, as FlashAttention 2.1+).
+        scale: softmax scale, default ``1/sqrt(headdim)``.
+        key_padding_mask: bool ``(batch, seqlen_kv)``, True = attend to this key.
+        backend: "auto", "triton" or "aten" (see :mod:`fused_ckpt.backend`).
+
+    A query that sees no key (all its keys padded, or causal with seqlen_q > seqlen_kv)
+    gets a zero output and zero gradients. Saved for backward: q, k, v, the output and the
+    fp32 log-sum-exp (see :mod:`fused_ckpt.ops.attention`).
+
+    Equivalent PyTorch::
+
+        g = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        s = s.masked_fill(~visible, float("-inf"))          # causal and padding
+        p = torch.softmax(s, -1).nan_to_num(0.0)             # rows with no key -> 0
+        out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    """
+    from .ops.attention import flash_attn_forward
+
+    if isinstance(q, Tensor):
+        q, k, v = _autocast(q, k, v, device_type=q.device.type)
+    be = resolve_backend(backend, q.device) if isinstance(q, Tensor) else backend
+    check_flash_inputs(q, k, v, key_padding_mask, be)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    scale = _check_scale(scale, q.shape[-1])
+    with _autocast_off(q.device.type):
+        o, _ = flash_attn_forward(q, k, v, key_padding_mask, causal, scale, be)
+    return o
+
+
+def fused_attention_block(
+    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], n_heads: int,
+    n_kv_heads: Optional[int] = None, *, causal: bool = True, scale: Optional[float] = None,
+    rope_theta: Optional[float] = None, position_ids: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None, recompute: Union[str, bool] = "qkv",
+    backend: str = "auto",
+) -> Tensor:
+    """Self-attention block ``o_proj(attention(rope(q_proj x), rope(k_proj x), v_proj x))`` as one
+    op whose backward recomputes what ``recompute`` says (table in :mod:`fused_ckpt.ops.attention`).
+
+    Args:
+        x: ``(batch, seqlen, d_model)``.
+        wq, bq: ``[n_heads * head_dim, d_model]``; wk, bk, wv, bv:
+            ``[n_kv_heads * head_dim, d_model]``; wo, bo: ``[d_out, n_heads * head_dim]``
+            (``nn.Linear`` layout; biases may be None).
+        rope_theta: rotary base (Hugging Face Llama ``rotate_half`` convention) or None.
+        position_ids: int ``(seqlen,)``, ``(1, seqlen)`` or ``(batch, seqlen)``; default 0..S-1.
+        key_padding_mask: bool ``(batch, seqlen)``, True = attend to this key.
+        recompute: "all" (keep x, lse), "qkv" (keep x, attention output, lse) or False (keep
+            x, q, k, v, attention output, lse). True means "all".
+
+    Equivalent PyTorch::
+
+        q = rope(F.linear(x, wq, bq).view(B, S, H, D))
+        k = rope(F.linear(x, wk, bk).view(B, S, H_kv, D))
+        v = F.linear(x, wv, bv).view(B, S, H_kv, D)
+        y = F.linear(flash_attention(q, k, v, causal, scale, key_padding_mask).flatten(2), wo, bo)
+    """
+    from .ops.attention import attn_block_forward
+
+    mode = recompute_mode(recompute)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    x, wq, bq, wk, bk, wv, bv, wo, bo = _autocast(x, wq, bq, wk, bk, wv, bv, wo, bo, device_type=x.device.type)
+    be = resolve_backend(backend, x.device)
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, be)
+    head_dim = wq.shape[0] // n_heads
+    scale = _check_scale(scale, head_dim)
+    B, S, _ = x.shape
+    _check_mask(key_padding_mask, B, S, x.device)
+    if position_ids is not None:
+        position_ids = _check_positions(position_ids, B, S, x.device)
+        if rope_theta is None:
+            raise ValueError("position_ids were given but the block has no rotary embedding (rope_theta=None)")
+    if rope_theta is not None and (not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool)
+                                   or not rope_theta > 0):
+        raise ValueError(f"rope_theta must be a positive number or None, got {rope_theta!r}")
+    with _autocast_off(x.device.type):
+        y = attn_block_forward(x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask,
+                               n_heads, n_kv_heads, bool(causal), scale,
+                               None if rope_theta is None else float(rope_theta), mode, be)[0]
+    return y
+
+
+def recompute_mode(recompute: Union[str, bool]) -> str:
+    """The op's mode name for a module/functional ``recompute`` value."""
+    if isinstance(recompute, bool) or (isinstance(recompute, str) and recompute in ("all", "qkv")):
+        return RECOMPUTE_MODES[recompute]
+    raise ValueError(f"recompute must be 'all', 'qkv' or False (True = 'all'), got {recompute!r}")
+
+
+def _check_positions(position_ids: Tensor, batch: int, seqlen: int, device: torch.device) -> Tensor:
+    if not isinstance(position_ids, Tensor) or position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+        raise TypeError("position_ids must be an integer tensor")
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[1] != seqlen or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (seqlen,), (1, seqlen) "
+                         f"or (batch, seqlen) with batch={batch}, seqlen={seqlen}")
+    if position_ids.device != device:
+        raise ValueError(f"position_ids is on {position_ids.device} but x is on {device}")
+    return position_ids.long()
+
+
+def _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, backend) -> None:
+    for name, n in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (grouped-query attention)")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, seqlen, d_model), got shape {tuple(x.shape)}")
+    for name, w in (("q_proj.weight", wq), ("k_proj.weight", wk), ("v_proj.weight", wv), ("o_proj.weight", wo)):
+        if not isinstance(w, Tensor) or w.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor")
+    d = x.shape[-1]
+    if wq.shape[0] % n_heads:
+        raise ValueError(f"q_proj.weight has {wq.shape[0]} rows, not a multiple of n_heads={n_heads}")
+    D = wq.shape[0] // n_heads
+    _check_head_dim(D)
+    for name, w, rows in (("q_proj", wq, n_heads * D), ("k_proj", wk, n_kv_heads * D), ("v_proj", wv, n_kv_heads * D)):
+        if tuple(w.shape) != (rows, d):
+            raise ValueError(f"{name}.weight has shape {tuple(w.shape)}, expected ({rows}, {d}) for d_model={d}, "
+                             f"head_dim={D}, n_heads={n_heads}, n_kv_heads={n_kv_heads} (x {tuple(x.shape)})")
+    if wo.shape[1] != n_heads * D:
+        raise ValueError(f"o_proj.weight has shape {tuple(wo.shape)}, expected (d_out, {n_heads * D})")
+    named = [("x", x), ("q_proj.weight", wq), ("k_proj.weight", wk), ("v_proj.weight", wv), ("o_proj.weight", wo)]
+    for name, b, w in (("q_proj", bq, wq), ("k_proj", bk, wk), ("v_proj", bv, wv), ("o_proj", bo, wo)):
+        if b is not None:
+            if tuple(b.shape) != (w.shape[0],):
+                raise ValueError(f"{name}.bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+            named.append((name + ".bias", b))
+    _check_same(named, "attention block")
+    for name, t in named:
+        _check_dtype(t, name, backend)

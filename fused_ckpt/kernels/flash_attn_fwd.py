@@ -1,0 +1,301 @@
+"""Flash attention forward: online softmax over key blocks, writing O and the log-sum-exp.
+
+For one block of BLOCK_M queries of one (batch, head):
+
+    S   = scale * Q K^T                 (BLOCK_M x BLOCK_N tiles, fp32)
+    m   = running row max, l = running row sum of exp(S - m), acc = running sum of exp(S - m) V
+          (exp evaluated as exp2((S - m) * log2(e)))
+    O   = acc / l,   LSE = m + log(l)   (natural log, fp32, [B, H, S_q])
+
+Masks: keys past S_kv; causal, aligned bottom-right (query i sees key j iff
+j <= i + S_kv - S_q, as FlashAttention 2.1+); a boolean key padding mask [B, S_kv]
+(True = keep). A query that sees no key gets O = 0 and LSE = -inf.
+
+Key blocks are visited in two stages: blocks every query of the tile sees in full (no
+mask arithmetic), then the blocks on the causal diagonal and the ragged tail (masked).
+The ``_visible`` helper and the stage bounds are shared with the backward kernels.
+
+GQA/MQA: query head h reads key/value head h // GROUP, GROUP = n_heads // n_kv_heads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, dot_flags
+
+# Globals read inside @triton.jit code must be tl.constexpr (plain floats fail to compile).
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e)), exp2 is the fast op
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(l) = log2(l) * ln(2)
+
+HEAD_DIMS = (32, 64, 128, 256)  # one power-of-two tile per head (no masked head-dim lanes)
+
+
+def fwd_configs() -> list[triton.Config]:
+    """Autotune space (pruned by head dim below). Under the interpreter one 32x32 tile: big
+    enough to be fast in numpy, small enough that the tests' short sequences still cross
+    several blocks, so the unmasked, diagonal and tail stages all run. On GPU: 128/64-row
+    query tiles with 2-4 stages; compiled for sm_90 (triton 3.6), all fit shared memory for
+    16-bit inputs at head_dim 64/128 and only the 4-warp 128x64 tile spills (at 128)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+        for bm, bn, s, w in (
+            (128, 128, 3, 8),
+            (128, 64, 3, 8),
+            (128, 32, 4, 4),
+            (64, 64, 3, 4),
+            (64, 64, 4, 4),
+            (64, 32, 2, 4),
+            (32, 32, 2, 4),
+        )
+    ]
+
+
+def prune_by_head_dim(max_tile_elems: int):
+    """early_config_prune factory: drop tiles whose BLOCK_M*BLOCK_N*HEAD_DIM working set would
+    spill or overflow shared memory. ``max_tile_elems`` bounds BLOCK_M * BLOCK_N for 16-bit
+    inputs at head_dim 64; larger head dims and fp32 inputs scale it down (checked by compiling
+    every config for sm_90 with triton 3.6; a config that still does not fit raises
+    OutOfResources, which the autotuner skips)."""
+
+    def prune(configs, named_args, **kwargs):
+        hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+        q = named_args.get("q_ptr")
+        esize = q.element_size() if hasattr(q, "element_size") else 2
+        limit = max_tile_elems * 64 // hd * 2 // esize
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+def seq_bucket(n: int) -> int:
+    """Autotune key for a sequence length: the next power of two, so varying lengths in
+    training reuse one tuning result per octave instead of re-tuning for every length."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+MAX_BLOCK = 256  # no tile is taller than this: bounds the int32 in-tile offsets
+
+
+def tile_safe(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, S, H, D] if a tile's int32 offsets (MAX_BLOCK rows) cannot overflow, else a
+    contiguous copy (only for exotic strides of 2^23 elements or more per row)."""
+    if MAX_BLOCK * t.stride(1) + t.shape[3] * t.stride(3) < 2**31:
+        return t
+    t = t.contiguous()
+    if MAX_BLOCK * t.stride(1) >= 2**31:
+        raise ValueError(f"rows of {t.stride(1)} elements are too wide for the attention kernels")
+    return t
+
+
+def kpm_arg(kpm: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The key padding mask as a contiguous uint8 view (bool and uint8 share a layout) with its
+    strides, or a dummy pointer and zero strides when there is none (HAS_KPM=False never reads
+    it). Contiguous, so the kernels' int32 key offsets stay in range."""
+    if kpm is None:
+        return dummy, (0, 0)
+    u8 = kpm.contiguous().view(torch.uint8)
+    return u8, (u8.stride(0), u8.stride(1))
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"flash attention supports head_dim in {HEAD_DIMS}, got {head_dim}; "
+                         "pad the heads or use a supported size")
+
+
+# --------------------------------------------------------------------------- shared helpers
+@triton.jit
+def _visible(q_idx, k_idx, kv_keep, S_kv, DIAG, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Which (query, key) pairs take part: q_idx and k_idx are broadcastable index tiles,
+    kv_keep the key padding mask loaded for k_idx (ignored unless HAS_KPM)."""
+    keep = k_idx < S_kv
+    if CAUSAL:
+        keep = keep & (k_idx <= q_idx + DIAG)
+    if HAS_KPM:
+        keep = keep & kv_keep
+    return keep
+
+
+@triton.jit
+def _kv_stages(m0, S_q, S_kv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of a query tile [m0, m0 + BLOCK_M): keys [0, full_hi) are visible to every
+    query of the tile and in bounds (no mask needed); [full_hi, hi) need the mask."""
+    diag = S_kv - S_q
+    full_hi = S_kv // BLOCK_N * BLOCK_N
+    hi = S_kv
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(m0 + BLOCK_M + diag, S_kv), 0)
+        # a key block [n0, n0 + BLOCK_N) is fully visible iff n0 + BLOCK_N - 1 <= m0 + diag
+        full_hi = tl.minimum(tl.maximum((m0 + diag + 1) // BLOCK_N * BLOCK_N, 0), full_hi)
+    return full_hi, hi
+
+
+@triton.jit
+def _tile_offsets(stride_s, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """int32 offsets of a [BLOCK, HEAD_DIM] tile from its first row. Addresses are a scalar
+    int64 base (batch, head, first row) plus these: 64-bit math stays scalar, so tensors past
+    2^31 elements are safe without 64-bit pointer tiles eating registers. The launchers keep
+    BLOCK * stride_s within int32 (``tile_safe``)."""
+    return tl.arange(0, BLOCK)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, kpm_base, k_tile, v_tile,
+    stride_ks, stride_vs, stride_kpms,
+    offs_m, lo, hi, S_kv, DIAG, sm_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_kv = offs_n < S_kv
+        n64 = tl.cast(start_n, tl.int64)
+        k = tl.load(k_base + n64 * stride_ks + k_tile, mask=in_kv[:, None], other=0.0)
+        v = tl.load(v_base + n64 * stride_vs + v_tile, mask=in_kv[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
+        if MASKED or HAS_KPM:
+            kv_keep = in_kv
+            if HAS_KPM:
+                kv_keep = tl.load(kpm_base + offs_n * stride_kpms, mask=in_kv, other=0) != 0
+            keep = _visible(offs_m[:, None], offs_n[None, :], kv_keep[None, :], S_kv, DIAG,
+                            CAUSAL and MASKED, HAS_KPM)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with no visible key so far keeps m = -inf; exponentiate against 0 instead
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # natural-log scores, converted to base 2 after the max is subtracted: s - m is small
+        # where p matters, so the conversion adds no error at large |s| (PyTorch's accuracy)
+        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# --------------------------------------------------------------------------- forward kernel
+@triton.autotune(configs=fwd_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+                 prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 128)})
+@triton.jit
+def _flash_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, kpm_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_kpmb, stride_kpms,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    GROUP, S_q, S_kv, Q_BUCKET, KV_BUCKET, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """q_ptr: [B, S_q, H, D]; k_ptr, v_ptr: [B, S_kv, H_kv, D]; kpm_ptr: [B, S_kv] uint8
+    (read only when HAS_KPM); o_ptr: [B, S_q, H, D]; lse_ptr: [B, H, S_q] fp32. Any strides.
+    Grid: (cdiv(S_q, BLOCK_M), H, B)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    in_q = offs_m < S_q
+    m64 = m0.to(tl.int64)
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + m64 * stride_qs
+                + _tile_offsets(stride_qs, stride_qd, BLOCK_M, HEAD_DIM), mask=in_q[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    kpm_base = kpm_ptr + b * stride_kpmb
+    k_tile = _tile_offsets(stride_ks, stride_kd, BLOCK_N, HEAD_DIM)
+    v_tile = _tile_offsets(stride_vs, stride_vd, BLOCK_N, HEAD_DIM)
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    diag = S_kv - S_q
+    full_hi, hi = _kv_stages(m0, S_q, S_kv, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, k_tile, v_tile, stride_ks, stride_vs, stride_kpms,
+        offs_m, 0, full_hi, S_kv, diag, sm_scale,
+        False, CAUSAL, HAS_KPM, DOT_F32, INPUT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, k_tile, v_tile, stride_ks, stride_vs, stride_kpms,
+        offs_m, full_hi, hi, S_kv, diag, sm_scale,
+        True, CAUSAL, HAS_KPM, DOT_F32, INPUT_PRECISION, BLOCK_N)
+
+    empty = l_i == 0.0  # no visible key: O = 0, LSE = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + m64 * stride_os
+             + _tile_offsets(stride_os, stride_od, BLOCK_M, HEAD_DIM),
+             o.to(o_ptr.dtype.element_ty), mask=in_q[:, None])
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + m64 * stride_ls + tl.arange(0, BLOCK_M) * stride_ls,
+             lse, mask=in_q)
+
+
+# --------------------------------------------------------------------------- launcher
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None,
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, S_q, H, D]; k, v: [B, S_kv, H_kv, D] (any strides); kpm: [B, S_kv] bool or None.
+    Returns (o [B, S_q, H, D] contiguous, lse [B, H, S_q] fp32)."""
+    B, S_q, H, D = q.shape
+    S_kv, H_kv = k.shape[1], k.shape[2]
+    check_head_dim(D)
+    assert k.shape == v.shape == (B, S_kv, H_kv, D) and H % H_kv == 0, (q.shape, k.shape, v.shape)
+    o = torch.empty((B, S_q, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    q, k, v = tile_safe(q), tile_safe(k), tile_safe(v)
+    kk, kpm_strides = kpm_arg(kpm, lse)
+    grid = lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), H, B)
+    _flash_fwd_kernel[grid](
+        q, k, v, kk, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *o.stride(), *lse.stride(),
+        H // H_kv, S_q, S_kv, seq_bucket(S_q), seq_bucket(S_kv), scale,
+        HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm is not None, **dot_flags(q.dtype),
+    )
+    return o, lse
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def aot_specs(B: int = 2, S: int = 4096, H: int = 32, H_kv: int = 8) -> list:
+    """(kernel, dtype, constexprs, integer args) of representative launches, for
+    ``tools/aot_compile.py``: contiguous [B, S, H, D] tensors, GQA, causal and padded."""
+    specs = []
+    for D in (64, 128):
+        ints = attn_ints(B, S, H, H_kv, D)
+        for causal, kpm in ((True, False), (False, True)):
+            consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, DOT_F32=False, INPUT_PRECISION=None)
+            specs.append((_flash_fwd_kernel, "bf16", consts, ints))
+    return specs
+
+
+def attn_ints(B: int, S: int, H: int, H_kv: int, D: int) -> dict:
+    """Integer (and scale) arguments of the attention kernels for contiguous tensors."""
+    q = dict(b=S * H * D, s=H * D, h=D, d=1)
+    kv = dict(b=S * H_kv * D, s=H_kv * D, h=D, d=1)
+    ints = {"GROUP": H // H_kv, "S_q": S, "S_kv": S, "Q_BUCKET": seq_bucket(S), "KV_BUCKET": seq_bucket(S),
+            "sm_scale": default_scale(D), "stride_kpmb": S, "stride_kpms": 1,
+            "stride_lb": H * S, "stride_lh": S, "stride_ls": 1}
+    for name, st in (("q", q), ("o", q), ("do", q), ("dq", q), ("k", kv), ("v", kv), ("dk", kv), ("dv", kv)):
+        ints.update({f"stride_{name}{dim}": val for dim, val in st.items()})
+    return ints

@@ -1,0 +1,481 @@
+"""Flash attention and the checkpointed attention block as ``torch.library`` custom ops.
+
+Layout everywhere: q [B, S_q, H, D], k and v [B, S_kv, H_kv, D] (H_kv divides H), as
+``flash_attn_func``; the log-sum-exp ``lse`` is [B, H, S_q] fp32 (fp64 for fp64 inputs on the
+aten backend), -inf for a query that sees no key (its output and gradients are zero).
+
+Ops
+---
+``fused_ckpt::flash_attn_forward(q, k, v, key_padding_mask, causal, scale, backend) -> (o, lse)``
+    saves q, k, v, o, lse (and the mask when given); the backward
+    ``fused_ckpt::flash_attn_backward`` recomputes the probabilities P = exp(scale q k^T - lse)
+    tile by tile, as FlashAttention.
+
+``fused_ckpt::attn_block_forward(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, position_ids,
+key_padding_mask, n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend)
+-> (y, o, lse, q, k, v)``
+    the whole attention block ``y = o_proj(attention(rope(q_proj x), rope(k_proj x), v_proj x))``
+    with o_proj inside the op, so autograd saves nothing the contract does not list:
+
+    ======  ===============================================  ===================================
+    mode    saved for backward (besides parameters)          recomputed in backward
+    ======  ===============================================  ===================================
+    "all"   x, lse                                           q, k, v (projection + rotary) and
+                                                             o (the forward kernel); then P
+    "qkv"   x, o (attention output before o_proj), lse       q, k, v (projection + rotary); P
+    "none"  x, q, k, v (after rotary), o, lse                P only (plain flash attention)
+    ======  ===============================================  ===================================
+
+    plus ``position_ids`` and ``key_padding_mask`` when given (int64 [B or 1, S] and bool
+    [B, S]). The parameters Wq, bq, Wk, bk, Wv, bv, Wo are saved as themselves (bo is not
+    needed). Outputs the mode does not keep come back as empty placeholders (custom ops return
+    tensors only): o is empty for "all", q/k/v are empty unless "none".
+
+Everything kept goes through ``ctx.save_for_backward``. Neither op supports double backward.
+Backends: "triton" (the kernels of :mod:`fused_ckpt.kernels.flash_attn_fwd`/``_bwd`` and
+:mod:`fused_ckpt.kernels.rope`; projections are torch GEMMs) and "aten" (a PyTorch math
+implementation, chunked over queries, with the same contract and saved tensors).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+BLOCK_MODES = ("all", "qkv", "none")
+ATEN_CHUNK_ELEMS = 2**26  # the aten math path keeps [B, H, chunk, S_kv] scores under 256 MiB (fp32)
+
+
+def _empty(ref: Tensor) -> Tensor:
+    return ref.new_empty((0,))
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- rotary tables
+def rope_tables(position_ids: Optional[Tensor], seqlen: int, head_dim: int, theta: float,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """fp32 cos/sin [B or 1, S, head_dim/2] exactly as Hugging Face's default rotary embedding
+    computes them (inv_freq = 1 / theta^(2i/D) in fp32, angle = position * inv_freq in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    pos = (torch.arange(seqlen, device=device)[None] if position_ids is None else position_ids).float()
+    freqs = pos[..., None] * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+def _aten_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    half = x.shape[-1] // 2
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    if inverse:
+        s = -s
+    acc = lse_dtype(x.dtype)
+    x1, x2 = x[..., :half].to(acc), x[..., half:].to(acc)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- aten math
+def _keep_mask(i0: int, i1: int, S_q: int, S_kv: int, causal: bool, kpm: Optional[Tensor],
+               device) -> Optional[Tensor]:
+    """Visibility of keys for queries [i0, i1): broadcastable to [B, H_kv, G, i1-i0, S_kv]."""
+    keep = None
+    if causal:
+        qi = torch.arange(i0, i1, device=device)[:, None]
+        kj = torch.arange(S_kv, device=device)[None, :]
+        keep = (kj <= qi + (S_kv - S_q))[None, None, None]
+    if kpm is not None:
+        km = kpm[:, None, None, None, :]
+        keep = km if keep is None else keep & km
+    return keep
+
+
+def _aten_scores(qc: Tensor, kf: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qc, kf) * scale
+    return s if keep is None else s.masked_fill(~keep, float("-inf"))
+
+
+def _safe_lse(lse: Tensor) -> Tensor:
+    """-inf (no visible key) -> +inf, so exp(s - lse) is exactly 0 on that row."""
+    return torch.where(lse == float("-inf"), float("inf"), lse)
+
+
+def _chunk(B: int, H: int, S_kv: int) -> int:
+    return max(1, ATEN_CHUNK_ELEMS // max(B * H * S_kv, 1))
+
+
+class AtenAttention:
+    name = "aten"
+
+    @staticmethod
+    def forward(q, k, v, kpm, causal, scale):
+        B, S_q, H, D = q.shape
+        S_kv, H_kv = k.shape[1], k.shape[2]
+        G = H // H_kv
+        acc = lse_dtype(q.dtype)
+        qf = q.to(acc).view(B, S_q, H_kv, G, D)
+        kf, vf = k.to(acc), v.to(acc)
+        o = torch.empty((B, S_q, H, D), device=q.device, dtype=q.dtype)
+        lse = torch.empty((B, H_kv, G, S_q), device=q.device, dtype=acc)
+        step = _chunk(B, H, S_kv)
+        for i0 in range(0, S_q, step):
+            i1 = min(i0 + step, S_q)
+            s = _aten_scores(qf[:, i0:i1], kf, _keep_mask(i0, i1, S_q, S_kv, causal, kpm, q.device), scale)
+            lse_c = torch.logsumexp(s, -1) if S_kv else s.new_full(s.shape[:-1], float("-inf"))
+            p = torch.exp(s - _safe_lse(lse_c)[..., None])
+            o[:, i0:i1] = torch.einsum("bhgqk,bkhd->bqhgd", p, vf).reshape(B, i1 - i0, H, D).to(q.dtype)
+            lse[..., i0:i1] = lse_c
+        return o, lse.view(B, H, S_q)
+
+    @staticmethod
+    def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv):
+        B, S_q, H, D = q.shape
+        S_kv, H_kv = k.shape[1], k.shape[2]
+        G = H // H_kv
+        acc = lse_dtype(q.dtype)
+        qf = q.to(acc).view(B, S_q, H_kv, G, D)
+        dof = do.to(acc).view(B, S_q, H_kv, G, D)
+        kf, vf = k.to(acc), v.to(acc)
+        delta = (dof * o.to(acc).view(B, S_q, H_kv, G, D)).sum(-1).permute(0, 2, 3, 1)  # [B, Hk, G, S_q]
+        lse2 = _safe_lse(lse.to(acc).view(B, H_kv, G, S_q))
+        dq = torch.empty((B, S_q, H, D), device=q.device, dtype=q.dtype) if need_dq else None
+        dk = torch.zeros((B, S_kv, H_kv, D), device=q.device, dtype=acc)
+        dv = torch.zeros((B, S_kv, H_kv, D), device=q.device, dtype=acc)
+        step = _chunk(B, H, S_kv)
+        for i0 in range(0, S_q, step):
+            i1 = min(i0 + step, S_q)
+            keep = _keep_mask(i0, i1, S_q, S_kv, causal, kpm, q.device)
+            s = _aten_scores(qf[:, i0:i1], kf, keep, scale)
+            p = torch.exp(s - lse2[..., i0:i1, None])
+            dp = torch.einsum("bqhgd,bkhd->bhgqk", dof[:, i0:i1], vf)
+            ds = p * (dp - delta[..., i0:i1, None])
+            if need_dkdv:
+                dv += torch.einsum("bhgqk,bqhgd->bkhd", p, dof[:, i0:i1])
+                dk += torch.einsum("bhgqk,bqhgd->bkhd", ds, qf[:, i0:i1]) * scale
+            if need_dq:
+                dq[:, i0:i1] = (torch.einsum("bhgqk,bkhd->bqhgd", ds, kf) * scale).reshape(B, i1 - i0, H, D)
+        if need_dq and S_q == 0:
+            dq.zero_()
+        return dq, (dk.to(k.dtype) if need_dkdv else None), (dv.to(v.dtype) if need_dkdv else None)
+
+    @staticmethod
+    def rope(x, cos, sin, inverse=False):
+        return _aten_rope(x, cos, sin, inverse)
+
+
+class TritonAttention:
+    name = "triton"
+
+    @staticmethod
+    def forward(q, k, v, kpm, causal, scale):
+        from ..kernels.flash_attn_fwd import flash_attn_fwd
+        return flash_attn_fwd(q, k, v, kpm, causal, scale)
+
+    @staticmethod
+    def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv):
+        from ..kernels.flash_attn_bwd import flash_attn_bwd
+        return flash_attn_bwd(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv)
+
+    @staticmethod
+    def rope(x, cos, sin, inverse=False):
+        from ..kernels.rope import rope_
+        return rope_(x, cos, sin, inverse)  # x is always a fresh temporary here: in place
+
+
+ATTN_BACKENDS = {"triton": TritonAttention, "aten": AtenAttention}
+
+
+# --------------------------------------------------------------------------- flash attention op
+@torch.library.custom_op("fused_ckpt::flash_attn_forward", mutates_args=())
+def flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                       causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(o [B, S_q, H, D], lse [B, H, S_q])."""
+    return ATTN_BACKENDS[backend].forward(q, k, v, key_padding_mask, causal, scale)
+
+
+@flash_attn_forward.register_fake
+def _(q, k, v, key_padding_mask, causal, scale, backend):
+    B, S_q, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, S_q), dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("fused_ckpt::flash_attn_backward", mutates_args=())
+def flash_attn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                        key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+                        needs_grad: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); ``needs_grad`` flags them in that order (dk and dv come from one kernel, so
+    either flag computes both); unflagged ones come back as empty placeholders."""
+    need_q, need_k, need_v = needs_grad
+    dq, dk, dv = ATTN_BACKENDS[backend].backward(do, q, k, v, o, lse, key_padding_mask, causal, scale,
+                                                 need_q, need_k or need_v)
+    return (dq if need_q else _empty(q)), (dk if need_k else _empty(k)), (dv if need_v else _empty(v))
+
+
+@flash_attn_backward.register_fake
+def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, needs_grad, backend):
+    return tuple(t.new_empty(t.shape) if n else t.new_empty((0,)) for t, n in zip((q, k, v), needs_grad))
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+    ctx.mark_non_differentiable(lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _no_double_backward(what: str) -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"fused_ckpt {what} does not support double backward (create_graph=True); "
+                           "use torch.nn.functional.scaled_dot_product_attention for higher-order gradients")
+
+
+def _flash_backward(ctx, grad_o, grad_lse):
+    _no_double_backward("flash attention")
+    q, k, v, o, lse, kpm = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = flash_attn_backward(grad_o, q, k, v, o, lse, kpm, ctx.causal, ctx.scale, needs, ctx.backend)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 4
+
+
+flash_attn_forward.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+# --------------------------------------------------------------------------- attention block op
+def _heads(x: Tensor, n: int) -> Tensor:
+    return x.view(x.shape[0], x.shape[1], n, -1)
+
+
+def _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, tables):
+    """q, k (rotated when ``tables``), v, each [B, S, heads, D], fresh tensors."""
+    q = _heads(F.linear(x, wq, bq), n_heads)
+    k = _heads(F.linear(x, wk, bk), n_kv_heads)
+    v = _heads(F.linear(x, wv, bv), n_kv_heads)
+    if tables is not None:
+        q = be.rope(q, *tables)
+        k = be.rope(k, *tables)
+    return q, k, v
+
+
+def _tables(x: Tensor, wq: Tensor, n_heads: int, position_ids, rope_theta):
+    if rope_theta is None:
+        return None
+    return rope_tables(position_ids, x.shape[1], wq.shape[0] // n_heads, rope_theta, x.device)
+
+
+@torch.library.custom_op("fused_ckpt::attn_block_forward", mutates_args=())
+def attn_block_forward(
+    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
+    position_ids: Optional[Tensor], key_padding_mask: Optional[Tensor],
+    n_heads: int, n_kv_heads: int, causal: bool, scale: float, rope_theta: Optional[float],
+    mode: str, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y [B, S, d_out], o [B, S, H*D] or empty, lse [B, H, S], q, k, v or empty); see the
+    module docstring for which outputs each ``mode`` fills."""
+    be = ATTN_BACKENDS[backend]
+    B, S, _ = x.shape
+    q, k, v = _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads,
+                       _tables(x, wq, n_heads, position_ids, rope_theta))
+    o, lse = be.forward(q, k, v, key_padding_mask, causal, scale)
+    o = o.view(B, S, -1)
+    y = F.linear(o, wo, bo)
+    keep_qkv = mode == "none"
+    if not keep_qkv:
+        q, k, v = _empty(x), _empty(x), _empty(x)
+    return y, (o if mode != "all" else _empty(x)), lse, q, k, v
+
+
+@attn_block_forward.register_fake
+def _(x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask, n_heads, n_kv_heads,
+      causal, scale, rope_theta, mode, backend):
+    B, S, _ = x.shape
+    D = wq.shape[0] // n_heads
+    y = x.new_empty((B, S, wo.shape[0]))
+    o = x.new_empty((B, S, wq.shape[0])) if mode != "all" else x.new_empty((0,))
+    lse = x.new_empty((B, n_heads, S), dtype=lse_dtype(x.dtype))
+    if mode == "none":
+        return (y, o, lse, x.new_empty((B, S, n_heads, D)), x.new_empty((B, S, n_kv_heads, D)),
+                x.new_empty((B, S, n_kv_heads, D)))
+    return y, o, lse, x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
+
+
+_BLOCK_GRADS = 9  # dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo
+
+
+@torch.library.custom_op("fused_ckpt::attn_block_backward", mutates_args=())
+def attn_block_backward(
+    dy: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    wv: Tensor, bv: Optional[Tensor], wo: Tensor,
+    q: Optional[Tensor], k: Optional[Tensor], v: Optional[Tensor], o: Optional[Tensor], lse: Tensor,
+    position_ids: Optional[Tensor], key_padding_mask: Optional[Tensor],
+    n_heads: int, n_kv_heads: int, causal: bool, scale: float, rope_theta: Optional[float],
+    needs_grad: list[bool], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo), flagged by ``needs_grad`` in that order
+    (unflagged: empty placeholders). q, k, v None: recomputed from x (projection + rotary);
+    o None: recomputed with the attention forward kernel."""
+    need_x, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, need_bo = needs_grad
+    be = ATTN_BACKENDS[backend]
+    B, S, d = x.shape
+    x2 = x.reshape(B * S, d)
+    dy2 = dy.reshape(B * S, -1)
+    tables = _tables(x, wq, n_heads, position_ids, rope_theta)
+    need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv
+    if q is None and (need_attn or (o is None and need_wo)):
+        q, k, v = _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, tables)
+    if o is None and (need_attn or need_wo):
+        o = be.forward(q, k, v, key_padding_mask, causal, scale)[0]
+    out: list[Optional[Tensor]] = [None] * _BLOCK_GRADS
+    if need_wo:
+        out[7] = dy2.t().mm(o.reshape(B * S, -1))
+    if need_bo:
+        out[8] = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+    if need_attn:
+        do = _heads(dy2.mm(wo).view(B, S, -1), n_heads)
+        dq, dk, dv = be.backward(do, q, k, v, o.view(do.shape), lse, key_padding_mask, causal, scale,
+                                 True, True)
+        del do
+        if tables is not None:
+            dq = be.rope(dq, *tables, inverse=True)
+            dk = be.rope(dk, *tables, inverse=True)
+        dx = None
+        for i, g in ((1, dq), (3, dk), (5, dv)):
+            g2 = g.reshape(B * S, -1)
+            w = (wq, wk, wv)[i // 2]
+            if needs_grad[i]:
+                out[i] = g2.t().mm(x2)
+            if needs_grad[i + 1]:
+                out[i + 1] = g2.sum(0, dtype=torch.float32).to(g.dtype)
+            if need_x:
+                dx = g2.mm(w) if dx is None else dx.addmm_(g2, w)
+        out[0] = dx.view(x.shape) if need_x else None
+    refs = (x, wq, wq, wk, wk, wv, wv, wo, wo)
+    return tuple(t if t is not None else _empty(r) for t, r in zip(out, refs))
+
+
+@attn_block_backward.register_fake
+def _(dy, x, wq, bq, wk, bk, wv, bv, wo, q, k, v, o, lse, position_ids, key_padding_mask,
+      n_heads, n_kv_heads, causal, scale, rope_theta, needs_grad, backend):
+    shapes = (x.shape, wq.shape, (wq.shape[0],), wk.shape, (wk.shape[0],), wv.shape, (wv.shape[0],),
+              wo.shape, (wo.shape[0],))
+    return tuple(x.new_empty(s) if n else x.new_empty((0,)) for s, n in zip(shapes, needs_grad))
+
+
+def _block_setup_context(ctx, inputs, output):
+    (x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask,
+     n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend) = inputs
+    _, o, lse, q, k, v = output
+    keep_o = mode != "all"
+    keep_qkv = mode == "none"
+    ctx.save_for_backward(
+        x, wq, bq, wk, bk, wv, bv, wo, position_ids, key_padding_mask, lse,
+        o if keep_o else None, *((q, k, v) if keep_qkv else (None, None, None)),
+    )
+    for t in output[1:]:
+        ctx.mark_non_differentiable(t)
+    ctx.args = (n_heads, n_kv_heads, causal, scale, rope_theta)
+    ctx.backend = backend
+
+
+def _block_backward(ctx, grad_y, *_unused):
+    _no_double_backward("attention block")
+    x, wq, bq, wk, bk, wv, bv, wo, position_ids, kpm, lse, o, q, k, v = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:_BLOCK_GRADS])
+    n_heads, n_kv_heads, causal, scale, rope_theta = ctx.args
+    grads = attn_block_backward(grad_y, x, wq, bq, wk, bk, wv, bv, wo, q, k, v, o, lse, position_ids, kpm,
+                                n_heads, n_kv_heads, causal, scale, rope_theta, needs, ctx.backend)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 9
+
+
+attn_block_forward.register_autograd(_block_backward, setup_context=_block_setup_context)
+
+
+# --------------------------------------------------------------------------- FLOP formulas
+# FlopCounterMode cannot see inside a custom op, so each op states the GEMM FLOPs its
+# implementation performs (masks by key padding are data-dependent: counted as dense).
+def attention_pairs2(S_q: int, S_kv: int, causal: bool) -> int:
+    """Twice the (query, key) pairs the score GEMMs cover (twice, to stay an integer): all of
+    them; for causal attention half of a square (the FlashAttention convention, FLOPs halved)
+    and the exact visible count of a non-square one (bottom-right aligned)."""
+    if not causal:
+        return 2 * S_q * S_kv
+    if S_q == S_kv:
+        return S_q * S_kv
+    diag = S_kv - S_q
+    return 2 * sum(min(S_kv, max(0, i + diag + 1)) for i in range(S_q))
+
+
+def _attn_fwd_flops(q_shape, k_shape, causal: bool) -> int:
+    B, S_q, H, D = q_shape
+    return 2 * B * H * D * attention_pairs2(S_q, k_shape[1], causal)  # S = Q K^T, O = P V: 2 x 2 per pair
+
+
+def _attn_bwd_flops(q_shape, k_shape, causal: bool, need_dq: bool, need_dkdv: bool) -> int:
+    """dK/dV kernel: S, dV, dP, dK (4 GEMMs); dQ kernel: S, dP, dQ (3): without atomics, S and
+    dP are computed by both kernels (3.5x the forward instead of the minimal 2.5x)."""
+    B, S_q, H, D = q_shape
+    per_gemm = B * H * D * attention_pairs2(S_q, k_shape[1], causal)  # 2 FLOPs per pair and D
+    return per_gemm * (4 * need_dkdv + 3 * need_dq)
+
+
+@register_flop_formula(torch.ops.fused_ckpt.flash_attn_forward)
+def _flash_forward_flops(q_shape, k_shape, v_shape, mask_shape, causal, *args, out_shape=None, **kwargs) -> int:
+    return _attn_fwd_flops(q_shape, k_shape, causal)
+
+
+@register_flop_formula(torch.ops.fused_ckpt.flash_attn_backward)
+def _flash_backward_flops(do_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, mask_shape, causal, scale,
+                          needs_grad, *args, out_shape=None, **kwargs) -> int:
+    if q_shape[1] == 0 or k_shape[1] == 0:
+        return 0
+    return _attn_bwd_flops(q_shape, k_shape, causal, needs_grad[0], needs_grad[1] or needs_grad[2])
+
+
+def _proj_flops(x_shape, wq_shape, wk_shape, wv_shape) -> int:
+    T = math.prod(x_shape[:-1])
+    return 2 * T * x_shape[-1] * (wq_shape[0] + wk_shape[0] + wv_shape[0])
+
+
+def _block_qk_shapes(x_shape, wq_shape, wk_shape, n_heads, n_kv_heads):
+    B, S, _ = x_shape
+    D = wq_shape[0] // n_heads
+    return (B, S, n_heads, D), (B, S, n_kv_heads, D)
+
+
+@register_flop_formula(torch.ops.fused_ckpt.attn_block_forward)
+def _block_forward_flops(x_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape, wo_shape, bo_shape,
+                         pos_shape, mask_shape, n_heads, n_kv_heads, causal, *args, out_shape=None, **kwargs) -> int:
+    q_shape, k_shape = _block_qk_shapes(x_shape, wq_shape, wk_shape, n_heads, n_kv_heads)
+    T = math.prod(x_shape[:-1])
+    return (_proj_flops(x_shape, wq_shape, wk_shape, wv_shape) + _attn_fwd_flops(q_shape, k_shape, causal)
+            + 2 * T * wo_shape[0] * wo_shape[1])
+
+
+@register_flop_formula(torch.ops.fused_ckpt.attn_block_backward)
+def _block_backward_flops(dy_shape, x_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape, wo_shape,
+                          q_shape, k_shape, v_shape, o_shape, lse_shape, pos_shape, mask_shape,
+                          n_heads, n_kv_heads, causal, scale, rope_theta, needs_grad, *args,
+                          out_shape=None, **kwargs) -> int:
+    need_x, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, _ = needs_grad
+    need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv
+    qs, ks = _block_qk_shapes(x_shape, wq_shape, wk_shape, n_heads, n_kv_heads)
+    T = math.prod(x_shape[:-1])
+    d_out, hd = wo_shape
+    flops = 0
+    if q_shape is None and (need_attn or (o_shape is None and need_wo)):
+        flops += _proj_flops(x_shape, wq_shape, wk_shape, wv_shape)  # recompute q, k, v
+    if o_shape is None and (need_attn or need_wo):
+        flops += _attn_fwd_flops(qs, ks, causal)  # recompute the attention output
+    if need_wo:
+        flops += 2 * T * d_out * hd  # dWo = dY^T O
+    if need_attn:
+        flops += 2 * T * d_out * hd  # dO = dY Wo
+        flops += _attn_bwd_flops(qs, ks, causal, True, True)
+        for w_shape, need_w in ((wq_shape, need_wq), (wk_shape, need_wk), (wv_shape, need_wv)):
+            flops += 2 * T * w_shape[0] * x_shape[-1] * (int(need_w) + int(need_x))  # dW, dX
+    return flops
