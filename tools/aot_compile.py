@@ -110,6 +110,9 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, ints: dict, arch: int,
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 v = ints[name]
+                if isinstance(v, float):
+                    sig[name] = "fp32"
+                    continue
                 if v == 1:
                     consts[name] = 1
                     sig[name] = "constexpr"
@@ -159,7 +162,7 @@ def kernel_specs():
         (_ffn_bwd_hidden_kernel, "bf16", dict(ACT=3, GATED=True, HAS_BIAS=False, RECOMPUTE=True, STORE_H=True, **dots), _BWD),
         (_ffn_bwd_hidden_kernel, "fp16", dict(ACT=2, GATED=True, HAS_BIAS=True, RECOMPUTE=False, STORE_H=False, **dots), _BWD),
     ]
-    for mod in ("flash_attn_fwd", "flash_attn_bwd"):  # attention kernels list their own specs
+    for mod in ("norm", "rope", "flash_attn_fwd", "flash_attn_bwd"):  # other kernels list their own specs
         try:
             m = __import__(f"fused_ckpt.kernels.{mod}", fromlist=["x"])
         except ImportError:

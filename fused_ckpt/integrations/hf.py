@@ -1,0 +1,347 @@
+"""Hugging Face integration: patch an already-built model in place with fused modules.
+
+``patch_hf_model(model, policy="full")`` walks the model's decoder layers and
+
+* replaces each MLP that :meth:`FusedCheckpointedFFN.from_module` converts (Llama, Mistral,
+  Qwen2: ``gate_proj/up_proj/down_proj``; Gemma: the same with tanh-GELU, i.e. GeGLU; Phi-3:
+  packed ``gate_up_proj``; GPT-2: ``c_fc/c_proj`` Conv1D) by a :class:`FusedCheckpointedFFN` with
+  the same weights, after checking that the activation the module computes (identified by
+  evaluating it) is the one the config names (``hidden_act`` / ``hidden_activation`` /
+  ``activation_function``);
+* replaces each Llama-style attention (``q_proj/k_proj/v_proj/o_proj`` + config, default rotary
+  embedding, no sliding window, no soft-capping, no dropout) by :class:`FusedHFAttention`, a
+  :class:`FusedCheckpointedAttention` that accepts the Hugging Face call and keeps Hugging Face's
+  parameter names (its state dict loads into the original attention as is);
+* leaves everything else alone and says why (GPT-2's and Phi-3's packed ``c_attn``/``qkv_proj``
+  attention, sliding windows, active dropout, unknown activations, ...),
+
+then applies ``policy`` with :func:`fused_ckpt.apply_checkpointing`. Modules are built on the
+source's device and dtype. MLP parameters are renamed (``mlp.fc1.weight``, ...):
+:func:`hf_state_dict` gives the state dict in the original layout.
+
+Interplay with ``gradient_checkpointing_enable()`` (Hugging Face activation checkpointing)
+-----------------------------------------------------------------------------------------
+The two would recompute twice (a checkpointed layer whose fused modules recompute again inside
+the replay) and HF's checkpoint would hide the fused modules' small saved set behind a
+re-run of the whole layer. Decision: fused_ckpt owns recomputation of every decoder layer
+after patching. If HF checkpointing is on when patching, it is switched off on the layers
+(listed in the report); if it is switched on later, a forward pre-hook switches it off again on
+those layers at their next call, with a warning. To checkpoint non-fused parts, use the
+policies (:mod:`fused_ckpt.policy`: checkpoint sites).
+
+Training with a KV cache: Hugging Face models create a ``DynamicCache`` even in training unless
+``use_cache=False``. As HF's own checkpointing does, the fused attention does not fill it in
+training (warning once); with gradients off (evaluation, generation) a patched attention with a
+cache runs Hugging Face's own code path on the same weights, so generation works.
+
+Attention masks: ``None`` (causal) and 4-D masks that are exactly causal + key padding are
+supported (the padding becomes the fused key-padding mask). Anything else (packed sequences,
+custom masks) runs Hugging Face's path for that call, with a warning. Query rows that see no key
+(left padding) give zero output in the fused path; such positions carry no loss.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..modules.attention import FusedCheckpointedAttention
+from ..modules.ffn import FusedCheckpointedFFN
+from ..policy import CheckpointPlan, apply_checkpointing, find_layers, install_hf_guard
+
+# Hugging Face activation names -> the base function they compute.
+_HF_ACT_BASE = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+_FUSED_BASE = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+
+def _warn(msg: str) -> None:
+    # Python's default warning filter shows each of these once per call site
+    warnings.warn(msg, stacklevel=3)
+
+
+# ============================================================================ attention
+class FusedHFAttention(FusedCheckpointedAttention):
+    """:class:`FusedCheckpointedAttention` with the Hugging Face attention call:
+    ``forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+    position_ids=None, **kwargs) -> (output, None)``.
+
+    Parameters keep Hugging Face's names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``). The
+    rotary embedding is computed from ``position_ids`` in the fused op (same tables as Hugging
+    Face's default rope); ``position_embeddings`` are used only on the Hugging Face path (a KV
+    cache with gradients off, or a mask that is not causal + key padding).
+    """
+
+    @classmethod
+    def from_hf(cls, attn: nn.Module, recompute="qkv", **kwargs) -> "FusedHFAttention":
+        new = cls.from_module(attn, recompute=recompute, **kwargs)
+        for name in ("config", "layer_idx", "num_key_value_groups", "scaling", "attention_dropout", "is_causal"):
+            if hasattr(attn, name):
+                new.__dict__[name] = getattr(attn, name)
+        new.__dict__["_hf_forward"] = type(attn).forward
+        params = inspect.signature(type(attn).forward).parameters
+        new.__dict__["_hf_cache_kw"] = "cache" if "cache" in params else "past_key_values"
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, position_ids=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        training = self.training and torch.is_grad_enabled()
+        if cache is not None and not training:
+            return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
+        B, S = hidden_states.shape[0], hidden_states.shape[1]
+        kpm = _key_padding(attention_mask, B, S)
+        if kpm is _UNSUPPORTED:
+            _warn("fused_ckpt: an attention mask that is not causal + key padding was passed; "
+                  "running Hugging Face's attention for it (no fused recompute)")
+            return self._hf(hidden_states, position_embeddings, attention_mask, None, position_ids, kwargs)
+        if cache is not None:
+            _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
+                  "(as with Hugging Face checkpointing); pass use_cache=False")
+        pos = _positions(position_ids, B, S)
+        return super().forward(hidden_states, position_ids=pos, key_padding_mask=kpm), None
+
+    def _hf(self, hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs):
+        if position_embeddings is None:
+            raise ValueError("fused_ckpt: the Hugging Face attention path needs position_embeddings")
+        kwargs = dict(kwargs)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        kwargs[self._hf_cache_kw] = cache
+        return self._hf_forward(self, hidden_states, position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, **kwargs)
+
+
+_UNSUPPORTED = object()
+_mask_cache: list = [None, None]      # (weakref to the last mask, its key-padding mask)
+_pos_cache: list = [None, None]
+
+
+def _key_padding(mask, B: int, S: int):
+    """None (causal only), a bool (B, S) key-padding mask, or _UNSUPPORTED.
+
+    A 4-D Hugging Face mask (bool, True = attend; or additive float, 0 = attend) is accepted
+    when it equals causal & key_padding exactly; the result is cached for the mask object (all
+    layers receive the same one)."""
+    if mask is None:
+        return None
+    ref = _mask_cache[0]
+    if ref is not None and ref() is mask:
+        return _mask_cache[1]
+    out = _UNSUPPORTED
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-2:] == (S, S) \
+            and mask.shape[0] in (1, B):
+        vis = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+        keys = vis[:, -1, :].expand(B, S)
+        causal = torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
+        if torch.equal(vis.expand(B, S, S), causal[None] & keys[:, None, :]):
+            out = None if bool(keys.all()) else keys.contiguous()
+    _mask_cache[0], _mask_cache[1] = weakref.ref(mask) if isinstance(mask, torch.Tensor) else None, out
+    return out
+
+
+def _positions(position_ids, B: int, S: int):
+    """None when ``position_ids`` is the default 0..S-1 (nothing to save), else the ids."""
+    if position_ids is None:
+        return None
+    ref = _pos_cache[0]
+    if ref is not None and ref() is position_ids:
+        return _pos_cache[1]
+    default = torch.arange(S, device=position_ids.device)
+    out = None if position_ids.shape[-1] == S and bool((position_ids == default).all()) else position_ids
+    _pos_cache[0], _pos_cache[1] = weakref.ref(position_ids), out
+    return out
+
+
+# ============================================================================ detection
+def _config_activation(cfg) -> Optional[str]:
+    for key in ("hidden_activation", "hidden_act", "activation_function"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, str):
+            return v
+    return None
+
+
+def _mlp_layout(m: nn.Module) -> Optional[str]:
+    has = lambda *n: all(hasattr(m, x) for x in n)  # noqa: E731
+    if has("gate_proj", "up_proj", "down_proj"):
+        return "gated"
+    if has("gate_up_proj", "down_proj"):
+        return "packed_gated"
+    if has("c_fc", "c_proj") and not hasattr(m, "c_attn"):
+        return "gpt2"
+    if has("fc1", "fc2"):
+        return "fc"
+    return None
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return any(hasattr(m, n) for n in ("q_proj", "qkv_proj", "c_attn", "Wqkv", "query_key_value"))
+
+
+def _attention_refusal(attn: nn.Module, cfg) -> Optional[str]:
+    if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        packed = next((n for n in ("qkv_proj", "c_attn", "Wqkv", "query_key_value") if hasattr(attn, n)), None)
+        return (f"packed {packed} projection: no exact fused mapping" if packed
+                else "no q_proj/k_proj/v_proj/o_proj Linear projections")
+    if getattr(attn, "config", None) is None:
+        return "no config on the attention module"
+    window = getattr(attn, "sliding_window", None)
+    if window is None and (getattr(cfg, "model_type", None) == "mistral" or getattr(cfg, "use_sliding_window", False)):
+        window = getattr(cfg, "sliding_window", None)
+    if window:
+        return f"sliding-window attention (window {window}); the fused attention is full causal"
+    for key in ("attn_logit_softcapping", "query_pre_attn_scalar"):
+        if getattr(cfg, key, None):
+            return f"{key}={getattr(cfg, key)} is not supported by the fused attention"
+    if getattr(cfg, "_attn_implementation", None) not in (None, "eager", "sdpa", "flash_attention_2"):
+        return f"attention implementation {cfg._attn_implementation!r}"
+    return None
+
+
+# ============================================================================ report
+@dataclass
+class PatchReport:
+    """What :func:`patch_hf_model` did: ``replaced`` and ``left_alone`` rows are
+    ``(qualified name, class name, detail or reason)``; ``plan`` is the applied policy's plan."""
+
+    replaced: list = field(default_factory=list)
+    left_alone: list = field(default_factory=list)
+    hf_checkpointing_disabled: list = field(default_factory=list)
+    plan: Optional[CheckpointPlan] = None
+
+    def __str__(self) -> str:
+        lines = [f"fused_ckpt.patch_hf_model: {len(self.replaced)} module(s) replaced, "
+                 f"{len(self.left_alone)} left alone"]
+        lines += [f"  replaced   {n} ({c}) -> {d}" for n, c, d in self.replaced]
+        lines += [f"  left alone {n} ({c}): {r}" for n, c, r in self.left_alone]
+        if self.hf_checkpointing_disabled:
+            lines.append(f"  Hugging Face checkpointing switched off on {len(self.hf_checkpointing_disabled)} "
+                         "layer(s); fused_ckpt sets their recompute")
+        if self.plan is not None:
+            lines.append(str(self.plan))
+        return "\n".join(lines)
+
+
+# ============================================================================ patching
+def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attention: bool = True,
+                   backend: str = "auto", tokens: Optional[int] = None, batch: Optional[int] = None,
+                   seq: Optional[int] = None) -> PatchReport:
+    """Replace the MLPs (and exactly-mapping attentions) of a built Hugging Face model in place.
+
+    Args:
+        policy: applied afterwards with :func:`fused_ckpt.apply_checkpointing` ("full" by
+            default; None leaves the modules' default dials and no checkpoint wrappers).
+        mlp, attention: which kinds to replace.
+        backend: the fused modules' backend ("auto", "triton", "aten").
+        tokens / batch, seq: forwarded to ``apply_checkpointing`` (predictions; MemoryBudget).
+
+    Returns a :class:`PatchReport`. Module docstring: detection rules, HF checkpointing interplay.
+    """
+    cfg = getattr(model, "config", None)
+    _, layers = find_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    report = PatchReport()
+    cfg_act = _config_activation(cfg) if cfg is not None else None
+    for layer in layers:
+        lname = names[id(layer)]
+        patched = False
+        for cname, child in list(layer.named_children()):
+            q = f"{lname}.{cname}"
+            if isinstance(child, (FusedCheckpointedFFN, FusedCheckpointedAttention)):
+                patched = True
+                continue
+            layout = _mlp_layout(child)
+            if layout is not None:
+                if not mlp:
+                    report.left_alone.append((q, type(child).__name__, "mlp=False"))
+                    continue
+                new, why = _convert_mlp(child, layout, cfg_act, backend)
+            elif _is_attention(child):
+                if not attention:
+                    report.left_alone.append((q, type(child).__name__, "attention=False"))
+                    continue
+                new, why = _convert_attention(child, cfg, backend)
+            else:
+                continue
+            if new is None:
+                report.left_alone.append((q, type(child).__name__, why))
+                continue
+            setattr(layer, cname, new)
+            report.replaced.append((q, type(child).__name__, f"{type(new).__name__}: {why}"))
+            patched = True
+        if patched and install_hf_guard(layer):
+            report.hf_checkpointing_disabled.append(lname)
+    if policy is not None:
+        report.plan = apply_checkpointing(model, policy, tokens=tokens, batch=batch, seq=seq, layers=layers)
+    return report
+
+
+def _convert_mlp(child, layout, cfg_act, backend):
+    try:
+        new = FusedCheckpointedFFN.from_module(child, backend=backend)
+    except ValueError as e:
+        return None, str(e)
+    base = _FUSED_BASE.get(new.activation, new.activation)
+    gated = new.activation in _FUSED_BASE
+    if (layout in ("gated", "packed_gated")) != gated:
+        return None, f"layout {layout} does not match activation {new.activation}"
+    if cfg_act is not None:
+        want = _HF_ACT_BASE.get(cfg_act)
+        if want is None:
+            return None, f"config activation {cfg_act!r} is not one fused_ckpt knows"
+        if want != base:
+            return None, f"config activation {cfg_act!r} ({want}) differs from what the module computes ({base})"
+    new._fused_ckpt_hf_layout = layout
+    return new, f"activation {new.activation}, layout {layout}"
+
+
+def _convert_attention(child, cfg, backend):
+    why = _attention_refusal(child, cfg)
+    if why is not None:
+        return None, why
+    try:
+        new = FusedHFAttention.from_hf(child, backend=backend)
+    except ValueError as e:
+        return None, str(e)
+    return new, (f"heads {new.n_heads}/{new.n_kv_heads}, head_dim {new.head_dim}, rope_theta {new.rope_theta}")
+
+
+# ============================================================================ state dicts
+def hf_layout(model: nn.Module, tensors: dict) -> dict:
+    """Rename/split/transpose ``{name: tensor}`` (a state dict, or gradients by parameter name)
+    of a patched model into the original Hugging Face layout."""
+    layouts = {n: m._fused_ckpt_hf_layout for n, m in model.named_modules()
+               if isinstance(m, FusedCheckpointedFFN) and hasattr(m, "_fused_ckpt_hf_layout")}
+    out = {}
+    for name, t in tensors.items():
+        mod, _, leaf = name.rpartition(".")
+        sub, _, part = mod.rpartition(".")
+        layout = layouts.get(sub)
+        if layout is None or part not in ("fc1", "fc2") or layout == "fc":
+            out[name] = t
+            continue
+        if layout == "gated":
+            if part == "fc1":
+                g, u = t.chunk(2, 0)
+                out[f"{sub}.gate_proj.{leaf}"], out[f"{sub}.up_proj.{leaf}"] = g, u
+            else:
+                out[f"{sub}.down_proj.{leaf}"] = t
+        elif layout == "packed_gated":
+            out[f"{sub}.{'gate_up_proj' if part == 'fc1' else 'down_proj'}.{leaf}"] = t
+        elif layout == "gpt2":
+            out[f"{sub}.{'c_fc' if part == 'fc1' else 'c_proj'}.{leaf}"] = t.t() if leaf == "weight" else t
+    return out
+
+
+def hf_state_dict(model: nn.Module) -> dict:
+    """The patched model's state dict in the original Hugging Face layout (loads into an
+    unpatched model of the same config; ``save_pretrained(state_dict=...)`` takes it)."""
+    return {k: v.contiguous() for k, v in hf_layout(model, model.state_dict()).items()}
+
+
+__all__ = ["patch_hf_model", "PatchReport", "FusedHFAttention", "hf_state_dict", "hf_layout"]

@@ -1,0 +1,328 @@
+"""The planner: from a model (or its config), a batch, a sequence length and a memory budget, the
+per-layer recompute dials, the predicted memory, the recompute overhead and a verdict.
+
+What is counted (the *scope*)
+-----------------------------
+For a Llama-family model (Llama, Mistral, Qwen2; a built-in name, a ``config.json``, a
+``PretrainedConfig`` or a Hugging Face model), the prediction is for the model as
+:func:`fused_ckpt.integrations.hf.patch_hf_model` leaves it (every attention and MLP fused), trained
+with ``model(input_ids, labels=labels)`` in one dtype (no autocast). "Activations" are all the
+bytes autograd keeps for backward during that forward, counted once per storage, parameters
+excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, deduplicated:
+
+======================  ======================================================================
+item                    bytes kept for backward (T = batch * seq tokens, e = dtype size)
+======================  ======================================================================
+token embedding         the token ids, 8 T
+each RMSNorm            its fp32 input 4 T d (the input itself in fp32), rsqrt 4 T, the
+                        normalised input cast back e T d
+attention (fused)       x e T d, lse 4 T H; + output e T H D ("qkv", False); + q, k, v (False)
+MLP (fused)             x e T d; + pre-activation e T 2f (False, "none"); + activation e T f ("none")
+residual adds           nothing
+LM head                 its input e T d
+loss (HF ForCausalLM)   fp32 log-softmax 4 T V, shifted targets 8 T, the loss weight 4
+======================  ======================================================================
+
+Backward-time temporaries (gradients in flight, recompute buffers) and the logits themselves
+(alive only during the forward) are not counted. Static memory, when ``optimizer`` is given:
+weights, gradients (both in ``dtype``) and optimizer states as ``torch.optim`` keeps them, in the
+parameters' dtype: AdamW 2 per parameter, SGD none ("sgd"), SGD with momentum 1
+("sgd-momentum"). Without ``optimizer`` the budget is for activations alone.
+
+FLOPs: the model's forward + backward = GEMMs (forward 2 T x parameters of each matrix, backward
+twice that) plus attention (forward 4 B H S^2 D, half when causal; backward 2.5x forward); the
+recompute overhead is the recompute FLOPs of the chosen dials as a percentage of that.
+
+For any other ``nn.Module`` the scope is the dial-controlled sites of :mod:`fused_ckpt.policy`
+(fused modules and checkpointed layer inputs) and the static memory of its parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .configs import ModelConfig, load_config
+from .policy import (ATTENTION_DIALS, FFN_DIALS, FULL, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
+                     PerLayer, PlanRow, Site, attention_forward_flops, attention_recompute_flops,
+                     attention_saved_bytes, build_layers, format_bytes, parse_bytes, solve_budget)
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+VERDICT_SKIP = "memory sufficient: skip checkpointing"
+VERDICT_FULL = "near OOM: full recompute"
+VERDICT_SELECTIVE = "between: selective (MemoryBudget)"
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+
+
+def _positive(name: str, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+# ============================================================================ config cost model
+def rmsnorm_saved_bytes(tokens: int, d: int, elem: int) -> int:
+    """Hugging Face LlamaRMSNorm: fp32 input (4 T d), rsqrt (4 T), normalised input in dtype (e T d)."""
+    return tokens * (4 * d + 4 + elem * d)
+
+
+def loss_saved_bytes(tokens: int, vocab: int) -> int:
+    """Hugging Face ForCausalLMLoss (mean reduction): fp32 log-softmax, int64 shifted targets,
+    the fp32 total weight."""
+    return 4 * tokens * vocab + 8 * tokens + 4
+
+
+def _config_layers(cfg: ModelConfig, batch: int, seq: int, e: int) -> list[LayerSpec]:
+    T = batch * seq
+    d, f, H, Hkv, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    fc1 = 2 * f
+    from .ops.ffn import ffn_recompute_flops, ffn_saved_bytes
+    from .functional import ffn_save_count
+
+    ffn_opts = {dl: Option(dl, ffn_saved_bytes(T, d, f, True, ffn_save_count(dl), e),
+                           ffn_recompute_flops(T, d, f, True, ffn_save_count(dl)),
+                           0 if dl == "none" else T * fc1) for dl in FFN_DIALS}
+    attn_opts = {dl: Option(dl, attention_saved_bytes(T, d, H, Hkv, D, dl, e),
+                            attention_recompute_flops(batch, seq, d, H, Hkv, D, True, dl),
+                            0 if dl is False else T * (H + Hkv) * D) for dl in ATTENTION_DIALS}
+    norm = rmsnorm_saved_bytes(T, d, e)
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        layers.append(LayerSpec(i, p, [Site(i, f"{p}.self_attn", "attention", "attention", attn_opts),
+                                       Site(i, f"{p}.mlp", "ffn", "ffn", ffn_opts)],
+                                fixed=[(f"{p}.input_layernorm", norm), (f"{p}.post_attention_layernorm", norm)]))
+    return layers
+
+
+def _config_globals(cfg: ModelConfig, T: int, e: int, include_loss: bool) -> list[tuple[str, int]]:
+    d = cfg.hidden_size
+    rows = [("model.embed_tokens (token ids)", 8 * T), ("model.norm", rmsnorm_saved_bytes(T, d, e)),
+            ("lm_head (input)", e * T * d)]
+    if include_loss:
+        rows.append(("loss (fp32 log-softmax, targets)", loss_saved_bytes(T, cfg.vocab_size)))
+    return rows
+
+
+def model_flops(cfg: ModelConfig, batch: int, seq: int) -> int:
+    """Forward + backward FLOPs of one step (GEMMs x3, attention x3.5, LM head included)."""
+    T = batch * seq
+    d, f, H, Hkv, D, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                          cfg.vocab_size)
+    gemm = 2 * T * (d * (H + 2 * Hkv) * D + H * D * d + 3 * d * f)
+    attn = attention_forward_flops(batch, seq, H, D, True)
+    head = 2 * T * d * V
+    return cfg.num_layers * (3 * gemm + attn + (5 * attn) // 2) + 3 * head
+
+
+# ============================================================================ the plan
+@dataclass
+class Plan:
+    """A planner result. ``checkpoint`` holds the rows (per layer: norms, attention, MLP; then the
+    embedding, final norm, LM head and loss); ``policy`` re-applies the dials with
+    :func:`fused_ckpt.apply_checkpointing`."""
+
+    model: str
+    batch: int
+    seq: int
+    dtype: torch.dtype
+    budget: int
+    optimizer: Optional[str]
+    checkpoint: CheckpointPlan
+    weight_bytes: int
+    grad_bytes: Optional[int]
+    optimizer_bytes: Optional[int]
+    min_activation_bytes: int
+    max_activation_bytes: int
+    model_flops: Optional[int]
+    verdict: str
+    notes: list = field(default_factory=list)
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.checkpoint.total_saved_bytes
+
+    @property
+    def static_bytes(self) -> int:
+        """Weights, gradients and optimizer states (0 when no optimizer was given)."""
+        if self.optimizer is None:
+            return 0
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.static_bytes + self.activation_bytes
+
+    @property
+    def minimum_bytes(self) -> int:
+        return self.static_bytes + self.min_activation_bytes
+
+    @property
+    def recompute_flops(self) -> int:
+        return self.checkpoint.total_recompute_flops
+
+    @property
+    def overhead_pct(self) -> Optional[float]:
+        if not self.model_flops:
+            return None
+        return 100.0 * self.recompute_flops / self.model_flops
+
+    @property
+    def policy(self) -> PerLayer:
+        """The chosen dials, one dict per layer, for :func:`fused_ckpt.apply_checkpointing`: keyed
+        by site kind ("attention", "ffn"), so that it applies to any patched model of the config,
+        or by module name when a layer has two sites of one kind."""
+        out = []
+        for i in range(self.checkpoint.num_layers):
+            rows = [r for r in self.checkpoint.layer_rows(i) if r.kind != "fixed"]
+            by_kind = len({r.kind for r in rows}) == len(rows)
+            out.append({(r.kind if by_kind else r.module): r.dial for r in rows})
+        return PerLayer(out)
+
+    def summary(self) -> dict:
+        return {
+            "model": self.model, "batch": self.batch, "seq": self.seq, "dtype": str(self.dtype).replace("torch.", ""),
+            "budget_bytes": self.budget, "activation_bytes": self.activation_bytes,
+            "weight_bytes": self.weight_bytes, "grad_bytes": self.grad_bytes, "optimizer_bytes": self.optimizer_bytes,
+            "total_bytes": self.total_bytes, "recompute_flops": self.recompute_flops,
+            "model_flops": self.model_flops, "overhead_pct": self.overhead_pct, "verdict": self.verdict,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"model {self.model}: batch {self.batch}, seq {self.seq}, {str(self.dtype).replace('torch.', '')}, "
+                 f"budget {format_bytes(self.budget)}", str(self.checkpoint), "totals:"]
+        act = self.activation_bytes
+        lines.append(f"  activations          {format_bytes(act):>12}  ({act} bytes; range "
+                     f"{format_bytes(self.min_activation_bytes)} .. {format_bytes(self.max_activation_bytes)})")
+        if self.optimizer is not None:
+            lines.append(f"  weights              {format_bytes(self.weight_bytes):>12}")
+            lines.append(f"  gradients            {format_bytes(self.grad_bytes):>12}")
+            lines.append(f"  optimizer ({self.optimizer:<12}) {format_bytes(self.optimizer_bytes):>10}")
+        else:
+            lines.append(f"  weights              {format_bytes(self.weight_bytes):>12}  (not counted: no --optimizer)")
+        lines.append(f"  total                {format_bytes(self.total_bytes):>12}  ({self.total_bytes} bytes) "
+                     f"of budget {format_bytes(self.budget)}")
+        if self.model_flops:
+            lines.append(f"  recompute            {self.recompute_flops / 1e12:>10.3f} TFLOP = "
+                         f"{self.overhead_pct:.2f}% of the step's {self.model_flops / 1e12:.3f} TFLOP (fwd+bwd)")
+        lines.append(f"verdict: {self.verdict}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _same(a, b) -> bool:
+    return a is b or (isinstance(a, str) and isinstance(b, str) and a == b)
+
+
+def _budget_value(budget) -> int:
+    if isinstance(budget, (int, str)) and not isinstance(budget, bool):
+        b = parse_bytes(budget)
+    elif isinstance(budget, float):
+        b = parse_bytes(str(budget))
+    else:
+        raise ValueError(f"malformed budget {budget!r}")
+    if b <= 0:
+        raise ValueError(f"budget must be positive, got {budget!r}")
+    return b
+
+
+def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int, str] = "80GiB",
+         optimizer: Optional[str] = None, *, include_loss: bool = True) -> Plan:
+    """Choose recompute dials for ``batch`` x ``seq`` tokens under ``budget`` (bytes or "24GiB").
+
+    ``model_or_config``: "llama-7b", "llama3-8b", "mistral-7b", "qwen2-7b", a path to a Hugging
+    Face ``config.json``, a dict / ``PretrainedConfig`` / :class:`ModelConfig`, a Hugging Face
+    model (its config), or any ``nn.Module`` with fused modules. ``optimizer``: None (budget for
+    activations only), "adamw", "sgd" or "sgd-momentum". The dials are :class:`MemoryBudget`'s
+    exact optimum for the bytes the budget leaves. Verdict: "memory sufficient: skip
+    checkpointing" when nothing needs recomputing, "near OOM: full recompute" when only full
+    recompute fits, "between: selective (MemoryBudget)" otherwise. Raises
+    :class:`BudgetTooSmall` (a ValueError that names the minimum) when nothing fits.
+    """
+    _positive("batch", batch)
+    _positive("seq", seq)
+    dt = parse_dtype(dtype)
+    e = torch.empty((), dtype=dt).element_size()
+    b = _budget_value(budget)
+    if optimizer is not None and optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZER_STATES)} or None")
+    T = batch * seq
+    notes = []
+    if isinstance(model_or_config, nn.Module) and getattr(model_or_config, "config", None) is None:
+        module = model_or_config
+        name = type(module).__name__
+        layers = build_layers(module, batch=batch, seq=seq, dtype=dt)
+        globals_ = []
+        n_params = sum(p.numel() for p in module.parameters())
+        flops = None
+        notes.append("scope: fused modules and checkpointed layer inputs of the block list (no embeddings, "
+                     "norms or loss)")
+    else:
+        src = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+        cfg = load_config(src)
+        name = cfg.name
+        layers = _config_layers(cfg, batch, seq, e)
+        globals_ = _config_globals(cfg, T, e, include_loss)
+        n_params = cfg.num_parameters()
+        flops = model_flops(cfg, batch, seq)
+        if cfg.sliding_window is not None and seq > cfg.sliding_window:
+            notes.append(f"sliding window {cfg.sliding_window} < seq {seq}: modelled as full causal attention "
+                         "(patch_hf_model leaves sliding-window attention unfused)")
+        if not include_loss:
+            notes.append("loss not counted")
+    weight = n_params * e
+    states = OPTIMIZER_STATES.get(optimizer, 0) if optimizer else 0
+    grads = n_params * e if optimizer else None
+    opt_bytes = states * n_params * e if optimizer else None
+    static = weight + grads + opt_bytes if optimizer else 0
+    global_bytes = sum(v for _, v in globals_)
+
+    def total_for(dials):
+        return global_bytes + sum(
+            sum(v for _, v in L.fixed) + sum(s.option(dials[s.kind] if s.kind in dials else True).saved_bytes or 0
+                                             for s in L.sites)
+            for L in layers)
+
+    lo, hi = total_for(FULL), total_for(NONE)
+    try:
+        picks = solve_budget(layers, b - static - global_bytes)
+    except BudgetTooSmall:
+        raise BudgetTooSmall(b, static + lo, "memory (static + activations)" if optimizer else
+                             "activation memory") from None
+    rows = []
+    for L, dials in zip(layers, picks):
+        for label, v in L.fixed:
+            rows.append(PlanRow(L.index, label, "fixed", "-", v, 0))
+        for s in L.sites:
+            o = s.option(dials[s.name])
+            rows.append(PlanRow(L.index, s.name, s.kind, o.dial, o.saved_bytes, o.recompute_flops))
+    for label, v in globals_:
+        rows.append(PlanRow(None, label, "fixed", "-", v, 0))
+    cp = CheckpointPlan(rows, f"MemoryBudget({format_bytes(b - static)} for activations)", batch, seq)
+    full_flops = sum((s.options[FULL[s.kind]].recompute_flops or 0) for L in layers for s in L.sites)
+    chosen = [r for r in rows if r.kind != "fixed"]
+    if all(_same(r.dial, NONE[r.kind]) for r in chosen):
+        verdict = VERDICT_SKIP
+    elif cp.total_recompute_flops == full_flops:
+        verdict = VERDICT_FULL
+    else:
+        verdict = VERDICT_SELECTIVE
+    return Plan(name, batch, seq, dt, b, optimizer, cp, weight, grads, opt_bytes, lo, hi, flops, verdict, notes)
+
+
+__all__ = ["plan", "Plan", "model_flops", "rmsnorm_saved_bytes", "loss_saved_bytes", "parse_dtype",
+           "OPTIMIZER_STATES", "VERDICT_SKIP", "VERDICT_FULL", "VERDICT_SELECTIVE"]
