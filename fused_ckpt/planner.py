@@ -5,7 +5,7 @@ What is counted (the *scope*)
 -----------------------------
 For a Llama-family model (Llama, Mistral, Qwen2; a built-in name, a ``config.json``, a
 ``PretrainedConfig`` or a Hugging Face model), the prediction is for the model as
-:func:`fused_ckpt.integrations.hf.patch_hf_model` leaves it (every attention and MLP fused), trained
+:func:`fused_ckpt.integrations.hf.patch_hf_model` leaves it (every attention, MLP and RMSNorm fused), trained
 with ``model(input_ids, labels=labels)`` in one dtype (no autocast). "Activations" are all the
 bytes autograd keeps for backward during that forward, counted once per storage, parameters
 excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, deduplicated:
@@ -14,8 +14,7 @@ excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, dedupli
 item                    bytes kept for backward (T = batch * seq tokens, e = dtype size)
 ======================  ======================================================================
 token embedding         the token ids, 8 T
-each RMSNorm            its fp32 input 4 T d (the input itself in fp32), rsqrt 4 T, the
-                        normalised input cast back e T d
+each RMSNorm            (patched to FusedRMSNorm) its input e T d and the fp32 rstd 4 T
 attention (fused)       x e T d, lse 4 T H; + output e T H D ("qkv", False); + q, k, v (False)
 MLP (fused)             x e T d; + pre-activation e T 2f (False, "none"); + activation e T f ("none")
 residual adds           nothing
@@ -76,8 +75,12 @@ def _positive(name: str, v) -> int:
 
 # ============================================================================ config cost model
 def rmsnorm_saved_bytes(tokens: int, d: int, elem: int) -> int:
-    """Hugging Face LlamaRMSNorm: fp32 input (4 T d), rsqrt (4 T), normalised input in dtype (e T d)."""
-    return tokens * (4 * d + 4 + elem * d)
+    """A patched model's RMSNorm (:class:`fused_ckpt.FusedRMSNorm`): its input (e T d) and the
+    fp32 per-row rstd (4 T). (Hugging Face's LlamaRMSNorm would keep an fp32 copy of its input,
+    the rsqrt and the normalised input: (4 d + 4 + e d) T.)"""
+    from .ops.norm import norm_saved_bytes
+
+    return norm_saved_bytes(tokens, d, elem, layer_norm=False)
 
 
 def loss_saved_bytes(tokens: int, vocab: int) -> int:

@@ -205,7 +205,7 @@ def test_bad_plan_arguments():
 
 
 # ----------------------------------------------------------------------------- CLI
-BUDGETS = {"69.1GiB": VERDICT_FULL, "100GiB": VERDICT_SELECTIVE, "200GiB": VERDICT_SKIP}
+BUDGETS = {"36.6GiB": VERDICT_FULL, "100GiB": VERDICT_SELECTIVE, "200GiB": VERDICT_SKIP}
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
@@ -242,7 +242,7 @@ def test_cli_optimizer_rows(capsys):
 @pytest.mark.parametrize("args,match", [
     (["--model", "llama-9000"], "unknown model 'llama-9000'"),
     (["--model", "{BAD}"], "malformed JSON"),
-    (["--budget", "1GiB"], "below the minimum possible activation memory, 69.04 GiB (74130784260 bytes)"),
+    (["--budget", "1GiB"], "below the minimum possible activation memory, 36.54 GiB (39234174980 bytes)"),
     (["--batch", "0"], "argument --batch: must be a positive integer"),
     (["--seq", "-5"], "argument --seq: must be a positive integer"),
     (["--batch", "two"], "expected a positive integer"),

@@ -12,6 +12,9 @@
   embedding, no sliding window, no soft-capping, no dropout) by :class:`FusedHFAttention`, a
   :class:`FusedCheckpointedAttention` that accepts the Hugging Face call and keeps Hugging Face's
   parameter names (its state dict loads into the original attention as is);
+* replaces each Llama-style RMSNorm (identified by evaluating it: ``w * x * rsqrt(mean(x^2) + eps)``;
+  Gemma's ``(1 + w)`` form is left alone) by :class:`FusedRMSNorm`, which keeps x and an fp32
+  per-row rstd instead of an fp32 copy of x;
 * leaves everything else alone and says why (GPT-2's and Phi-3's packed ``c_attn``/``qkv_proj``
   attention, sliding windows, active dropout, unknown activations, ...),
 
@@ -52,6 +55,7 @@ from torch import nn
 
 from ..modules.attention import FusedCheckpointedAttention
 from ..modules.ffn import FusedCheckpointedFFN
+from ..modules.norm import FusedRMSNorm
 from ..policy import CheckpointPlan, apply_checkpointing, find_layers, install_hf_guard
 
 # Hugging Face activation names -> the base function they compute.
@@ -228,15 +232,49 @@ class PatchReport:
 
 
 # ============================================================================ patching
+def _convert_rmsnorm(m: nn.Module, backend: str) -> Optional[FusedRMSNorm]:
+    """A FusedRMSNorm for a Llama-style RMSNorm (``weight`` and ``variance_epsilon``, computing
+    ``w * x * rsqrt(mean(x^2) + eps)``), identified by evaluating it in fp32 on probe rows, so
+    Gemma's ``(1 + w)`` variant and other look-alikes are left alone. None if it does not match."""
+    w = getattr(m, "weight", None)
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float) or w.is_meta:
+        return None
+    d = w.shape[0]
+    probe = torch.randn(3, d, generator=torch.Generator().manual_seed(0)).to(w.device)
+    with torch.no_grad():
+        m32 = _float_copy(m)
+        try:
+            got = m32(probe)
+        except Exception:
+            return None
+        want = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6):
+        return None
+    new = FusedRMSNorm(d, eps, device=w.device, dtype=w.dtype, backend=backend)
+    with torch.no_grad():
+        new.weight.copy_(w)
+    return new
+
+
+def _float_copy(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m).float()
+
+
 def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attention: bool = True,
-                   backend: str = "auto", tokens: Optional[int] = None, batch: Optional[int] = None,
-                   seq: Optional[int] = None) -> PatchReport:
+                   norm: bool = True, backend: str = "auto", tokens: Optional[int] = None,
+                   batch: Optional[int] = None, seq: Optional[int] = None) -> PatchReport:
     """Replace the MLPs (and exactly-mapping attentions) of a built Hugging Face model in place.
 
     Args:
         policy: applied afterwards with :func:`fused_ckpt.apply_checkpointing` ("full" by
             default; None leaves the modules' default dials and no checkpoint wrappers).
         mlp, attention: which kinds to replace.
+        norm: replace Llama-style RMSNorms (every one in the model, the final norm included) by
+            :class:`FusedRMSNorm`, which keeps x and a per-row fp32 rstd for backward instead of
+            Hugging Face's fp32 copy of its input (same ``weight`` parameter name).
         backend: the fused modules' backend ("auto", "triton", "aten").
         tokens / batch, seq: forwarded to ``apply_checkpointing`` (predictions; MemoryBudget).
 
@@ -276,6 +314,17 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
             patched = True
         if patched and install_hf_guard(layer):
             report.hf_checkpointing_disabled.append(lname)
+    if norm:
+        for qname, child in list(model.named_modules()):
+            if isinstance(child, FusedRMSNorm) or "norm" not in type(child).__name__.lower():
+                continue
+            new = _convert_rmsnorm(child, backend)
+            if new is None:
+                report.left_alone.append((qname, type(child).__name__, "not a Llama-style RMSNorm"))
+                continue
+            parent_name, _, cname = qname.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, cname, new)
+            report.replaced.append((qname, type(child).__name__, "FusedRMSNorm"))
     if policy is not None:
         report.plan = apply_checkpointing(model, policy, tokens=tokens, batch=batch, seq=seq, layers=layers)
     return report
