@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(PY) -m fused_ckpt.demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_ffn.py
+	$(PY) -m fused_ckpt.bench
 
 gpu-check:
 	bash benchmarks/gpu_check.sh benchmarks/results/latest

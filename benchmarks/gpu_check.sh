@@ -13,10 +13,13 @@
 #   3 tests       python -m pytest -q -m gpu tests                          -> pytest_gpu.log
 #   4 bench_ffn   benchmarks/bench_ffn.py, default CUDA shapes              -> bench_ffn.log,
 #                                                                           bench_ffn/results.{json,md}
-#   5 attention   benchmarks/bench_attention.py --quick, when it exists     -> bench_attention.log
+#   5 bench       python -m fused_ckpt.bench (attention, block, step suites;  -> bench.log,
+#                 the ffn suite ran in step 4), BENCH_ARGS (default --quick)   bench/results.{json,md}, PNGs
+#   6 attention   benchmarks/bench_attention.py --quick, when it exists     -> bench_attention.log
 #
 # A failing or timed-out step is recorded in OUTDIR/summary.md and the next step still runs.
-# Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, BENCH_FFN_ARGS (extra bench_ffn options).
+# Knobs: PYTHON (default python3), GPU_CHECK_BUDGET_S, BENCH_FFN_ARGS (extra bench_ffn options),
+# BENCH_ARGS (options of python -m fused_ckpt.bench; default "--quick").
 set -u
 
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -128,11 +131,14 @@ run_step() {
 
 run_step info 30 440 info.log bash "$SELF" __info
 run_step build 150 290 build.log bash "$SELF" __build
-run_step tests 100 190 pytest_gpu.log "$PY" -m pytest -q -m gpu tests -p no:cacheprovider \
+run_step tests 100 230 pytest_gpu.log "$PY" -m pytest -q -m gpu tests -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml"
 # shellcheck disable=SC2086  # BENCH_FFN_ARGS is a list of options
-run_step bench_ffn 330 50 bench_ffn.log "$PY" -u benchmarks/bench_ffn.py --device cuda \
+run_step bench_ffn 200 120 bench_ffn.log "$PY" -u benchmarks/bench_ffn.py --device cuda \
   --out "$OUT/bench_ffn" ${BENCH_FFN_ARGS:-}
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+run_step bench 160 40 bench.log "$PY" -u -m fused_ckpt.bench --device cuda --no-progress \
+  --suite attention,block,step --out "$OUT/bench" ${BENCH_ARGS:---quick}
 if [ -f benchmarks/bench_attention.py ]; then
   ATT_ARGS=(--quick)
   grep -q -- "--out" benchmarks/bench_attention.py && ATT_ARGS+=(--out "$OUT/bench_attention")
@@ -144,10 +150,12 @@ fi
 {
   echo
   echo "- finished: $(date -Is), $(( SECONDS - START )) s in all"
-  if [ -f "$OUT/bench_ffn/results.md" ]; then
-    echo
-    cat "$OUT/bench_ffn/results.md"
-  fi
+  for f in "$OUT/bench_ffn/results.md" "$OUT/bench/results.md"; do
+    if [ -f "$f" ]; then
+      echo
+      cat "$f"
+    fi
+  done
 } >> "$SUMMARY"
 echo "[gpu_check] done in $(( SECONDS - START ))s; summary: $SUMMARY"
 exit 0

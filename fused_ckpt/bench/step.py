@@ -1,0 +1,361 @@
+"""Step suite: one optimizer step (AdamW) of a Llama-style decoder per checkpointing choice.
+
+The model is a Hugging Face ``LlamaForCausalLM`` built from a ``LlamaConfig`` (no download):
+on CUDA 7B-like layer shapes (hidden 4096, intermediate 11008, 32 heads) with few layers, on
+CPU a small model. One measurement = ``zero_grad(set_to_none) + model(ids, labels=ids).loss +
+backward + optimizer.step()``; every variant starts from the same weights and sees the same
+batch.
+
+==================================  ===========================================================
+hf eager                            the unpatched model, nothing recomputed
+hf ckpt-nonreentrant / -reentrant   Hugging Face activation checkpointing of every decoder layer
+                                    (``torch.utils.checkpoint`` per layer), and every 2nd layer
+compile (budget=b)                  ``torch.compile`` of the unpatched model's forward with
+                                    activation_memory_budget b (CUDA by default)
+fused-<be> <policy>                 ``patch_hf_model(model, policy)``: none, full, EveryN(2),
+                                    Selective(ffn=True), sqrt, MemoryBudget at 25% and 50% of
+                                    the way from full to none, and MemoryBudget(=hf ckpt): the
+                                    budget whose saved bytes match Hugging Face's full
+                                    non-reentrant checkpointing
+==================================  ===========================================================
+
+Reported: step time, tokens/s, saved-activation bytes (``saved_tensors_hooks``), the CUDA peak
+(``max_memory_allocated`` above weights and optimizer states, so it includes gradients), the
+gradient error of the embedding and LM-head weights against the unpatched model in float64
+(CPU) / float32 (CUDA), and the largest batch that fits ``--memory-cap``:
+
+* CUDA: ``cap >= weights + optimizer states + gradients + batch * per_sequence`` with
+  ``per_sequence = (peak - gradients) / batch`` measured at this batch (a linear model; it also
+  scales the backward temporaries with the batch, so it errs small);
+* CPU (simulated): the same with ``per_sequence = saved bytes / batch`` and the static bytes
+  counted from the parameters and the optimizer's states.
+
+The Pareto plot (``step_pareto.png``) puts every variant at (activation memory, step time):
+the CUDA peak on CUDA, the saved bytes on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+
+import torch
+
+from . import _timing as T
+from ._harness import Prepared, Variant, measure_variants
+from ._report import Target, fmt, fmt_bytes, grad_text, ms, plot_tradeoff, rows_table, short_error
+from .block import llama_config
+from .ffn import CompiledBudget, compile_variant_name
+
+NAME = "step"
+DESCRIPTION = "one AdamW step of a LlamaForCausalLM per policy and per Hugging Face checkpointing baseline"
+
+# hidden, intermediate, heads, kv heads, layers, vocab, batch, seq
+SHAPES = {"cpu": (512, 1408, 8, 2, 4, 8192, 4, 256), "cuda": (4096, 11008, 32, 32, 2, 32000, 2, 2048)}
+QUICK = {"cpu": (64, 176, 2, 1, 2, 128, 2, 32), "cuda": (2048, 5504, 16, 16, 2, 32000, 2, 1024)}
+HF_NR = "hf ckpt-nonreentrant"
+MB_HF = "MemoryBudget(=hf ckpt)"
+STEP_TARGET = 1.15
+PEAK_MATCH = 1.02   # "the same peak memory": within 2% of Hugging Face checkpointing's
+
+
+def _hf_checkpointing(model, reentrant: bool, every: int = 1) -> None:
+    fn = getattr(model, "activation_checkpointing_enable", None)
+    if fn is not None:
+        kw = {"every_n_layers": every} if every != 1 else {}
+        fn(activation_checkpointing_kwargs={"use_reentrant": reentrant}, **kw)
+    else:
+        if every != 1:
+            raise RuntimeError("this transformers version has no every_n_layers checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+def _supports_every_n() -> bool:
+    import transformers
+
+    fn = getattr(transformers.PreTrainedModel, "activation_checkpointing_enable", None)
+    return fn is not None and "every_n_layers" in inspect.signature(fn).parameters
+
+
+def _policies(B: int, S: int, budgets: dict) -> list:
+    """(label, policy or None, budget bytes or the reason it has none) per fused row."""
+    from ..policy import EveryN, MemoryBudget, Selective
+
+    out = [(label, pol, None) for label, pol in (
+        ("none", "none"), ("full", "full"), ("EveryN(2)", EveryN(2)), ("Selective(ffn)", Selective(ffn=True)),
+        ("sqrt", "sqrt"))]
+    for label, b in budgets.items():
+        out.append((label, MemoryBudget(b, batch=B, seq=S) if isinstance(b, int) else None, b))
+    return out
+
+
+def _static_bytes(model, opt) -> dict:
+    w = sum(p.numel() * p.element_size() for p in model.parameters())
+    st = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return {"weight_bytes": w, "grad_bytes": w, "optimizer_bytes": st}
+
+
+def run(ctx) -> None:
+    import transformers
+
+    from ..integrations.hf import patch_hf_model
+    from ..policy import apply_checkpointing
+
+    hidden, inter, heads, kv, layers, vocab, B, S = (QUICK if ctx.quick else SHAPES)[ctx.dev]
+    layers = ctx.options.get("step_layers") or layers
+    B = ctx.options.get("step_batch") or B
+    S = ctx.options.get("step_seq") or S
+    cfg = llama_config(hidden, inter, heads, kv, layers=layers, vocab=vocab, max_pos=S, tie_word_embeddings=False)
+    D = hidden // heads
+    tokens = B * S
+    info = ctx.suites.setdefault(NAME, {})
+    shape = f"Llama L={layers} d={hidden} f={inter} H={heads}/{kv} V={vocab} B={B} S={S}"
+    info.update(description=DESCRIPTION, shape=shape, memory_cap=ctx.memory_cap,
+                config=dict(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                            num_key_value_heads=kv, num_hidden_layers=layers, vocab_size=vocab),
+                batch=B, seq=S, notes=[
+                    "one measurement = zero_grad + forward with labels + backward + AdamW step",
+                    "max batch: " + ("cap >= weights + optimizer states + gradients + batch x (peak - gradients)"
+                                     "/batch, from the peak at this batch" if ctx.dev == "cuda" else
+                                     "simulated: cap >= weights + gradients + AdamW states + batch x saved bytes "
+                                     "per sequence"),
+                    f"memory cap: {fmt_bytes(ctx.memory_cap)}"])
+    ctx.log(f"[step] {shape}")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).to(ctx.device, ctx.dtype).train()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (B, S), generator=gen).to(ctx.device)
+    grad_names = ["model.embed_tokens.weight", "lm_head.weight"]
+    with T.no_tf32():
+        ref_model = copy.deepcopy(base).to(ctx.ref_dtype)
+        ref_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        ref = [ref_model.get_parameter(n).grad for n in grad_names]
+        del ref_model
+
+    backends = ctx.fused_backends()
+    main_be = next((be for be, why in backends if why is None), None)
+
+    # ---- pre-pass: the MemoryBudget budgets (predicted site bytes of full / none, and the
+    #      bytes Hugging Face's full checkpointing saves) on the first available backend
+    budgets: dict = {}
+    pre = {}
+    if main_be is not None:
+        try:
+            m = copy.deepcopy(base)
+            rep = patch_hf_model(m, "full", backend=main_be, batch=B, seq=S)
+            lo = rep.plan.total_saved_bytes
+            hi = apply_checkpointing(m, "none", batch=B, seq=S).total_saved_bytes
+            apply_checkpointing(m, "full", batch=B, seq=S)
+            full_saved, out = T.saved_bytes(lambda: m(input_ids=ids, labels=ids, use_cache=False).loss,
+                                            m.parameters())
+            del out, m
+            h = copy.deepcopy(base)
+            _hf_checkpointing(h, reentrant=False)
+            hf_saved, out = T.saved_bytes(lambda: h(input_ids=ids, labels=ids, use_cache=False).loss, h.parameters())
+            del out, h
+            nonsite = full_saved - lo
+            pre = {"site_bytes_full": lo, "site_bytes_none": hi, "measured_full": full_saved,
+                   "non_site_bytes": nonsite, "hf_ckpt_saved": hf_saved}
+            budgets["MemoryBudget(25%)"] = int(lo + 0.25 * (hi - lo))
+            budgets["MemoryBudget(50%)"] = int(lo + 0.50 * (hi - lo))
+            want = hf_saved - nonsite
+            if want >= lo:
+                budgets[MB_HF] = int(want)
+            else:
+                budgets[MB_HF] = (f"unreachable: Hugging Face checkpointing saves {fmt_bytes(hf_saved)}; the patched "
+                                  f"model saves {fmt_bytes(nonsite)} outside the dial-controlled sites (norms, "
+                                  f"embedding, loss) plus at least {fmt_bytes(lo)} in them")
+        except Exception as e:  # noqa: BLE001
+            pre["error"] = short_error(e)
+            ctx.log(f"  [step] budget pre-pass failed: {pre['error']}")
+            budgets = {k: f"budget pre-pass failed: {pre['error']}"
+                       for k in ("MemoryBudget(25%)", "MemoryBudget(50%)", MB_HF)}
+    info["budget_prepass"] = pre
+    info["budgets"] = {k: v for k, v in budgets.items()}
+
+    def step_variant(setup, compiled=False):
+        """``setup(model, extra) -> forward`` (the callable returning the loss)."""
+        def make():
+            model = copy.deepcopy(base)
+            extra = {}
+            fwd = setup(model, extra)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=ctx.dev == "cuda")
+            params = list(model.parameters())
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                fwd().backward()
+                opt.step()
+
+            def after_first(row):
+                row.update(_static_bytes(model, opt))
+
+            return Prepared(run=step, forward=fwd, grads=lambda: [model.get_parameter(n).grad for n in grad_names],
+                            clear=params, params=params, extra=extra, after_first=after_first,
+                            count_flops=not compiled)
+        return make
+
+    def loss_of(model, compiled=None):
+        call = compiled or model
+        return lambda: call(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def hf(ck, every=1):
+        def setup(model, extra):
+            if ck is not None:
+                _hf_checkpointing(model, ck == "reentrant", every)
+            return loss_of(model)
+        return setup
+
+    def compiled(b):
+        def setup(model, extra):
+            return loss_of(model, CompiledBudget(model, b))
+        return setup
+
+    def patched(be, pol):
+        def setup(model, extra):
+            rep = patch_hf_model(model, pol, backend=be, batch=B, seq=S)
+            extra["predicted_site_bytes"] = rep.plan.total_saved_bytes
+            extra["policy"] = rep.plan.policy_name
+            return loss_of(model)
+        return setup
+
+    variants = [Variant("hf eager", "hf", step_variant(hf(None)), description="unpatched, no checkpointing"),
+                Variant(HF_NR, "hf checkpoint", step_variant(hf("non_reentrant")),
+                        description="activation_checkpointing_enable(use_reentrant=False)"),
+                Variant("hf ckpt-reentrant", "hf checkpoint", step_variant(hf("reentrant")),
+                        description="activation_checkpointing_enable(use_reentrant=True)")]
+    if _supports_every_n():
+        variants.append(Variant("hf ckpt-nonreentrant every2", "hf checkpoint", step_variant(hf("non_reentrant", 2)),
+                                description="activation_checkpointing_enable(every_n_layers=2)"))
+    why = ctx.compile_skip_reason()
+    for b in ctx.compile_budgets:
+        variants.append(Variant(compile_variant_name(b), "compile",
+                                None if why else step_variant(compiled(b), compiled=True), skip=why))
+    for be, why in backends:
+        for label, pol, budget in _policies(B, S, budgets):
+            if ctx.dev == "cuda" and be == "aten" and label != "full":
+                continue  # the aten path once (full), the Triton path for every policy
+            skip = why
+            if skip is None and isinstance(budget, str):
+                skip = budget
+            desc = f"patch_hf_model(policy={label}, backend={be!r})" + (
+                f", budget {fmt_bytes(budget)} for the sites" if isinstance(budget, int) else "")
+            variants.append(Variant(f"fused-{be} {label}", "fused", None if skip else step_variant(patched(be, pol)),
+                                    skip=skip, description=desc))
+
+    gemm = 2.0 * tokens * (layers * (hidden * (heads + 2 * kv) * D + heads * D * hidden + 3 * hidden * inter)
+                           + hidden * vocab)
+    attn = layers * 4.0 * B * heads * S * S * D / 2
+    model_flops = 3.0 * (gemm + attn)
+
+    def extra(row):
+        t = ms(row)
+        row["tokens_per_s"] = tokens / (t * 1e-3) if t else None
+
+    rows = measure_variants(ctx, NAME, shape, {"hidden_size": hidden, "intermediate_size": inter, "heads": heads,
+                                               "kv_heads": kv, "layers": layers, "vocab": vocab, "batch": B,
+                                               "seq": S, "tokens": tokens},
+                            variants, ref_grads=ref, model_flops=model_flops, err_reference="hf eager",
+                            ratio_refs={"vs_hf_eager": "hf eager", "vs_hf_ckpt": HF_NR}, extra_per_row=extra)
+    by = {r["variant"]: r for r in rows}
+    hf_tps = by.get(HF_NR, {}).get("tokens_per_s")
+    for r in rows:
+        if r.get("tokens_per_s") and hf_tps:
+            r["tokens_per_s_vs_hf_ckpt"] = r["tokens_per_s"] / hf_tps
+        r["max_batch"] = _max_batch(ctx, r, B)
+        r["memory_cap"] = ctx.memory_cap
+    ctx.targets.append(_target(ctx, by, main_be).to_json())
+    mem_key = "peak_bytes" if ctx.dev == "cuda" else "saved_bytes"
+    pts = [(r[mem_key] / T.MiB, ms(r), r["variant"], r["group"]) for r in rows if r.get(mem_key) is not None and ms(r)]
+    path = plot_tradeoff(
+        os.path.join(ctx.out_dir or ".", "step_pareto.png"), pts,
+        title=f"one AdamW step, {shape}, {T.dtype_name(ctx.dtype)} on {ctx.dev}",
+        xlabel=("peak memory above weights + optimizer states (MiB; includes gradients)" if ctx.dev == "cuda"
+                else "saved activations (MiB, saved_tensors_hooks)"),
+        ylabel="step time (ms, median)",
+        note="lower-left is better; dashed: Pareto front")
+    if path:
+        ctx.plots.append(path)
+    ctx.snapshot()
+
+
+def _max_batch(ctx, r: dict, B: int):
+    if r.get("status") != "ok" or "weight_bytes" not in r:
+        return None
+    static = r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
+    if ctx.dev == "cuda":
+        if r.get("peak_bytes") is None:
+            return None
+        per_seq = (r["peak_bytes"] - r["grad_bytes"]) / B
+    else:
+        if not r.get("saved_bytes"):
+            return None
+        per_seq = r["saved_bytes"] / B
+    if per_seq <= 0:
+        return None
+    r["bytes_per_sequence"] = per_seq
+    r["static_bytes"] = static
+    return max(0, int(math.floor((ctx.memory_cap - static) / per_seq)))
+
+
+def _target(ctx, by: dict, be) -> Target:
+    from ._report import NOT_MET
+
+    mb, hf = by.get(f"fused-{be} {MB_HF}", {}), by.get(HF_NR, {})
+    what = "step tokens/s, MemoryBudget at Hugging Face full checkpointing's memory / that checkpointing's"
+    on = ctx.dev == "cuda" and ctx.dtype == torch.bfloat16
+    val = mb.get("tokens_per_s_vs_hf_ckpt")
+    if mb.get("status") != "ok":
+        reason = str(mb.get("reason") or mb.get("error") or "no MemoryBudget row")
+        unreachable = reason.startswith("unreachable")
+        return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=None, measured=False,
+                      detail=reason + ("" if on else f" (CUDA bf16 target; this run: {ctx.dev})"),
+                      force_status=NOT_MET if (on and unreachable) else None)
+    mem = "peak_bytes" if ctx.dev == "cuda" else "saved_bytes"
+    mratio = (mb[mem] / hf[mem]) if (mb.get(mem) is not None and hf.get(mem)) else None
+    mtxt = f"{mem.replace('_', ' ')} ratio {fmt(mratio)}"
+    if not on:
+        return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=None, measured=False,
+                      detail=f"CUDA bf16 target; this run: {ctx.dev} {T.dtype_name(ctx.dtype)}, {mtxt}",
+                      info_value=val)
+    if mratio is not None and mratio > PEAK_MATCH:
+        return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=val, measured=val is not None,
+                      detail=f"NOT at the same memory: {mtxt} > {PEAK_MATCH}; counts as not met",
+                      force_status=NOT_MET)
+    t = Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=val, measured=val is not None, detail=mtxt)
+    return t
+
+
+def markdown(rows: list, suite_info: dict, device: str) -> str:
+    rows = [r for r in rows if r["suite"] == NAME]
+    mem = "peak" if device == "cuda" else "saved"
+    cols = [
+        ("variant", lambda r: r["variant"]),
+        ("step ms", lambda r: fmt(ms(r), ".1f")),
+        ("q20–q80 ms", lambda r: f"{r['time_ms']['q20_ms']:.1f}–{r['time_ms']['q80_ms']:.1f}"),
+        ("tokens/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f")),
+        ("tokens/s / hf ckpt", lambda r: fmt(r.get("tokens_per_s_vs_hf_ckpt"))),
+        ("model TFLOP/s", lambda r: fmt(r.get("tflops_model"), ".3f")),
+        ("HW TFLOP/s", lambda r: fmt(r.get("tflops_hw"), ".3f")),
+        ("saved MiB", lambda r: fmt(r["saved_bytes"] / T.MiB if r.get("saved_bytes") is not None else None, ".2f")),
+        ("predicted sites MiB", lambda r: fmt(r["predicted_site_bytes"] / T.MiB
+                                              if r.get("predicted_site_bytes") is not None else None, ".2f")),
+    ]
+    if device == "cuda":
+        cols.append(("peak MiB", lambda r: fmt(r["peak_bytes"] / T.MiB if r.get("peak_bytes") is not None else None,
+                                               ".0f")))
+    cols += [(f"max batch ({fmt_bytes(suite_info.get('memory_cap'))}, {mem})",
+              lambda r: fmt(r.get("max_batch"), "d")),
+             ("grad max err", grad_text)]
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        sel = [r for r in rows if r["shape"] == shape]
+        out += [f"### {shape}, {sel[0]['dtype']}", "", rows_table(sel, cols), ""]
+    pre = suite_info.get("budget_prepass") or {}
+    if pre and "error" not in pre:
+        out += [f"MemoryBudget budgets (sites only): full {fmt_bytes(pre['site_bytes_full'])}, none "
+                f"{fmt_bytes(pre['site_bytes_none'])}; outside the sites the patched model saves "
+                f"{fmt_bytes(pre['non_site_bytes'])}; Hugging Face full checkpointing saves "
+                f"{fmt_bytes(pre['hf_ckpt_saved'])} in all.", ""]
+    return "\n".join(out)

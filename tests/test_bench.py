@@ -1,0 +1,202 @@
+"""The benchmark suites (``fused-ckpt bench``) in --quick mode on CPU with tiny shapes: the
+results.json schema, finite numbers, saved bytes of the fused variants below eager, the PNG
+plots, ``--compare``, and clear errors for bad arguments. One quick run of all four suites
+is shared by the tests (a few seconds)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from fused_ckpt.bench import SUITES, main  # noqa: E402
+from fused_ckpt.cli import main as cli_main  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROW_KEYS = {"suite", "shape", "variant", "group", "status", "device", "dtype"}
+TOP_KEYS = {"schema", "status", "command", "date", "device", "dtype", "machine", "versions", "timing_method",
+            "options", "suites", "rows", "targets", "plots"}
+# per suite: (a fused variant, the eager variant it must save less than)
+FUSED_VS_EAGER = {
+    "ffn": [("fused-aten rc=True", "eager")],
+    "attention": [("fused-aten", "eager"), ("fused-aten rc=all", "eager sdpa")],
+    "block": [("patched-aten full", "hf eager")],
+    "step": [("fused-aten full", "hf eager"), ("fused-aten Selective(ffn)", "hf eager")],
+}
+
+
+def _strict_json(path):
+    def reject(c):
+        raise ValueError(f"non-finite number {c} in {path}")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=reject)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    rc = main(["--quick", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    return out, _strict_json(out / "results.json")
+
+
+def _ok_rows(data, suite):
+    return [r for r in data["rows"] if r["suite"] == suite and r["status"] == "ok"]
+
+
+def test_results_json_schema(quick_run):
+    out, data = quick_run
+    assert TOP_KEYS <= set(data), TOP_KEYS - set(data)
+    assert data["schema"] == "fused_ckpt.bench/1"
+    assert data["status"] == "complete"
+    assert data["device"] == "cpu" and data["dtype"] == "fp32" and data["quick"] is True
+    assert "gpu" in data["machine"] and data["machine"]["cpu"]
+    for key in ("torch", "triton", "fused_ckpt", "python"):
+        assert data["versions"][key]
+    assert set(data["suites"]) == set(SUITES)
+    assert all(info["status"] == "complete" for info in data["suites"].values()), data["suites"]
+    for r in data["rows"]:
+        assert ROW_KEYS <= set(r), (r["variant"], ROW_KEYS - set(r))
+        assert r["status"] in ("ok", "skipped", "error")
+        assert r["status"] != "error", (r["suite"], r["variant"], r.get("error"))
+        if r["status"] == "skipped":
+            assert r["reason"]
+
+
+def test_every_measured_number_is_finite(quick_run):
+    _, data = quick_run
+    for suite in SUITES:
+        rows = _ok_rows(data, suite)
+        assert len(rows) >= 4, suite
+        for r in rows:
+            t = r["time_ms"]
+            for k in ("median_ms", "q20_ms", "q80_ms"):
+                assert isinstance(t[k], float) and math.isfinite(t[k]) and t[k] > 0, (suite, r["variant"], k)
+            assert t["q20_ms"] <= t["median_ms"] <= t["q80_ms"]
+            assert t["n"] == data["options"]["reps"]
+            assert r["tflops_model"] > 0 and math.isfinite(r["tflops_model"])
+            if r["group"] != "floor":
+                assert r["saved_bytes"] > 0
+                e = r["grad_err"]
+                assert e["max_abs"] is not None and math.isfinite(e["max_abs"]), (suite, r["variant"], e)
+                assert r["grad_ok"] is not False, (suite, r["variant"], e)
+
+
+def test_fused_saves_fewer_bytes_than_eager(quick_run):
+    _, data = quick_run
+    for suite, pairs in FUSED_VS_EAGER.items():
+        by = {(r["shape"], r["variant"]): r for r in _ok_rows(data, suite)}
+        shapes = {s for s, _ in by}
+        assert shapes
+        for shape in shapes:
+            for fused, eager in pairs:
+                if (shape, fused) not in by:
+                    continue
+                assert by[(shape, fused)]["saved_bytes"] < by[(shape, eager)]["saved_bytes"], (suite, shape, fused)
+        assert any((s, f) in by for s in shapes for f, _ in pairs), suite
+
+
+def test_step_suite_reports_throughput_and_max_batch(quick_run):
+    _, data = quick_run
+    rows = _ok_rows(data, "step")
+    names = {r["variant"] for r in rows}
+    assert {"hf eager", "hf ckpt-nonreentrant", "hf ckpt-reentrant", "fused-aten none", "fused-aten full",
+            "fused-aten EveryN(2)", "fused-aten Selective(ffn)", "fused-aten sqrt",
+            "fused-aten MemoryBudget(25%)", "fused-aten MemoryBudget(50%)"} <= names
+    for r in rows:
+        assert r["tokens_per_s"] > 0
+        assert isinstance(r["max_batch"], int) and r["max_batch"] > 0
+    by = {r["variant"]: r for r in rows}
+    # less saved memory per sequence -> a larger batch under the same cap
+    assert by["fused-aten full"]["max_batch"] > by["fused-aten none"]["max_batch"]
+    assert by["hf ckpt-nonreentrant"]["max_batch"] > by["hf eager"]["max_batch"]
+
+
+def test_targets_are_reported(quick_run):
+    out, data = quick_run
+    statuses = {t["status"] for t in data["targets"]}
+    assert statuses <= {"met", "not met", "not measured"}
+    saved = [t for t in data["targets"] if t["id"].startswith("ffn.saved")]
+    assert saved and all(t["status"] == "met" for t in saved), saved
+    # CUDA targets read "not measured" on CPU
+    assert all(t["status"] == "not measured" for t in data["targets"] if "vs_floor" in t["id"])
+    md = (out / "results.md").read_text()
+    assert "## Targets" in md and "not measured" in md
+    for suite in SUITES:
+        assert f"## {suite}:" in md
+
+
+def test_plots_are_pngs(quick_run):
+    out, data = quick_run
+    assert "step_pareto.png" in data["plots"]
+    assert len(data["plots"]) >= 4
+    for name in data["plots"]:
+        raw = (out / name).read_bytes()
+        assert raw[:8] == PNG_SIGNATURE, name
+        assert raw[12:16] == b"IHDR"
+        width, height = struct.unpack(">II", raw[16:24])
+        assert width >= 600 and height >= 400, (name, width, height)
+        assert len(raw) > 20_000, (name, len(raw))
+
+
+def test_compare_prints_ratios(quick_run, tmp_path, capsys):
+    out, data = quick_run
+    slower = json.loads(json.dumps(data))
+    for r in slower["rows"]:
+        if r.get("time_ms"):
+            r["time_ms"]["median_ms"] *= 2.0
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(slower))
+    rc = main(["--compare", str(out / "results.json"), str(b)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "B/A time" in text and "2.000" in text and "0.500" in text
+    n_ok = sum(r["status"] == "ok" for r in data["rows"])
+    assert f"{n_ok} rows in both runs" in text
+    # a folder works in place of its results.json, through the fused-ckpt CLI too
+    assert cli_main(["bench", "--compare", str(out), str(b)]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--suite", "nope"], "unknown suite 'nope'"),
+    (["--memory-cap", "24 lightyears"], "malformed byte size"),
+    (["--memory-cap", "0"], "must be positive"),
+    (["--compare", "only-one.json"], "expected 2 arguments"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    for entry in (lambda: main(argv), lambda: cli_main(["bench"] + argv)):
+        with pytest.raises(SystemExit) as exc:
+            entry()
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+
+def test_compare_missing_file(tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    assert main(["--compare", str(missing), str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "no such file" in err and str(missing) in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["--compare", str(bad), str(bad)]) == 2
+    assert "not readable JSON" in capsys.readouterr().err
+
+
+def test_module_entry_point_reports_errors_on_stderr(tmp_path):
+    """``python -m fused_ckpt.bench`` is wired up and bad input gives a non-zero exit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "fused_ckpt.bench", "--compare", str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "no such file" in proc.stderr and proc.stdout == ""
