@@ -24,6 +24,10 @@ fused modules, every direct child that holds a matrix parameter, is not fused an
 fused module (GPT-2's or Phi-3's attention after :func:`fused_ckpt.integrations.hf.patch_hf_model`)
 is a site of its own. A fused module is never wrapped in a checkpoint (no double recompute).
 
+A :class:`FusedCheckpointedBlock` layer is governed through its attention and FFN sites: applying
+a policy sets the block's own ``recompute`` to None (its ``"full"`` whole-block mode, which keeps
+only x and the norm statistics, is not yet one of the dials the policies choose from).
+
 Policies (:func:`apply_checkpointing`): ``"none"``, ``"full"``, ``"sqrt"``, :class:`EveryN`,
 :class:`Selective`, :class:`MemoryBudget`, :class:`PerLayer`.
 
@@ -834,7 +838,7 @@ def apply_checkpointing(model: nn.Module, policy: Union[str, Policy] = "full", *
     notes = []
     if tokens is not None:
         notes.append(f"tokens={tokens} taken as one sequence (batch 1) for attention FLOPs")
-    hf_off = 0
+    hf_off = blocks_released = 0
     for spec, dials in zip(specs, assignment):
         for s in spec.sites:
             d = _norm_dial(s.kind, dials[s.name])
@@ -847,10 +851,23 @@ def apply_checkpointing(model: nn.Module, policy: Union[str, Policy] = "full", *
         layer_mod = _layer_module(model, spec.name, layers, spec.index)
         if layer_mod is not None:
             hf_off += install_hf_guard(layer_mod)
+            if getattr(layer_mod, "recompute", None) == "full" and _is_fused_block(layer_mod):
+                # the block's own whole-block recompute would override the dials just set
+                layer_mod.recompute = None
+                blocks_released += 1
     if hf_off:
         notes.append(f"Hugging Face activation checkpointing switched off on {hf_off} layer(s) (fused_ckpt "
                      "sets their recompute)")
+    if blocks_released:
+        notes.append(f"{blocks_released} FusedCheckpointedBlock(s) switched from recompute='full' to their "
+                     "submodules' dials (the policy's)")
     return CheckpointPlan(rows, pol.name, batch, seq, notes)
+
+
+def _is_fused_block(m: nn.Module) -> bool:
+    from .modules.block import FusedCheckpointedBlock
+
+    return isinstance(m, FusedCheckpointedBlock)
 
 
 def _layer_module(model, name, layers, index):

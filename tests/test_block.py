@@ -158,3 +158,21 @@ def test_bad_block_arguments():
     with pytest.raises(ValueError, match=r"\(batch, seqlen, d_model\)"):
         blk(torch.randn(S, D_MODEL, requires_grad=True))
     assert math.isfinite(blk(torch.randn(1, 3, D_MODEL)).sum().item())
+
+
+def test_policy_on_blocks_sets_submodule_dials_and_predictions_hold():
+    from torch import nn
+
+    from fused_ckpt import EveryN, apply_checkpointing
+
+    model = nn.Sequential(_make(recompute="full"), _make(recompute="full"))
+    plan = apply_checkpointing(model, EveryN(2), batch=B, seq=S)
+    assert all(b.recompute is None for b in model)
+    assert model[0].self_attn.recompute == "all" and model[0].mlp.recompute is True
+    assert model[1].self_attn.recompute is False and model[1].mlp.recompute == "none"
+    assert any("FusedCheckpointedBlock" in n for n in plan.notes)
+    x = torch.randn(B, S, D_MODEL, requires_grad=True)
+    with SavedTensors() as s:
+        model(x)
+    params = list(model.parameters())
+    assert s.bytes_excluding(params) == model[0].saved_bytes(B, S) + model[1].saved_bytes(B, S)
