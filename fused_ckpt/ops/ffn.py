@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..activations import get_activation
+from ._autograd import guard_double_backward
 from ._ffn_backends import FFN_BACKENDS
 
 # Backward temporaries (dZ and H of one chunk) are kept under this many bytes unless the
@@ -216,32 +217,13 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """Lets ``create_graph=True`` produce first-order gradients, and raises a clear error if
-    anything then differentiates through them."""
-
-    @staticmethod
-    def forward(ctx, anchor, *grads):
-        return grads
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(
-            "fused_ckpt FFN does not support double backward (differentiating its gradients); "
-            "use an eager MLP for higher-order gradients"
-        )
-
-
 def _backward(ctx, grad_y, grad_z, grad_h):
     x, w1, b1, w2, z, h = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
-    create_graph = torch.is_grad_enabled()
     with torch.no_grad():
         grads = ffn_backward(grad_y, x, z, h, w1, b1, w2, ctx.activation, needs, ctx.chunk_tokens,
                              ctx.backend)
-    anchor = next((t for t in (grad_y, x, w1, b1, w2) if t is not None and t.requires_grad), None)
-    if create_graph and anchor is not None:
-        grads = _NoDoubleBackward.apply(anchor, *grads)
+    grads = guard_double_backward(grads, (grad_y, x, w1, b1, w2), "FFN")
     grads = tuple(g if n else None for g, n in zip(grads, needs))
     return grads + (None, None, None, None)
 

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
+from ._autograd import guard_double_backward
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")
@@ -232,27 +233,6 @@ def _(dy, x, weight, mean, rstd, needs_grad, backend):
 
 
 # --------------------------------------------------------------------------- autograd
-class _NoDoubleBackward(torch.autograd.Function):
-    """Lets ``create_graph=True`` produce first-order gradients, and raises a clear error if
-    anything then differentiates through them."""
-
-    @staticmethod
-    def forward(ctx, anchor, *grads):
-        return grads
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError("fused_ckpt rms_norm / layer_norm do not support double backward; "
-                           "use torch.nn.functional.layer_norm / rms_norm for higher-order gradients")
-
-
-def _guard(grads, inputs):
-    anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
-    if torch.is_grad_enabled() and anchor is not None:
-        grads = _NoDoubleBackward.apply(anchor, *grads)
-    return grads
-
-
 def _setup_rms(ctx, inputs, output):
     x, weight = inputs[0], inputs[1]
     rstd = output[1]
@@ -286,7 +266,7 @@ def _rms_grads(ctx, grad_y):
     needs = list(ctx.needs_input_grad[:2])
     with torch.no_grad():
         grads = rms_norm_backward(grad_y, x, weight, rstd, needs, ctx.backend)
-    grads = _guard(grads, (grad_y, x, weight))
+    grads = guard_double_backward(grads, (grad_y, x, weight), "rms_norm / layer_norm")
     return tuple(g if n else None for g, n in zip(grads, needs))
 
 
@@ -295,7 +275,7 @@ def _ln_grads(ctx, grad_y, bias_index):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[bias_index]]
     with torch.no_grad():
         grads = layer_norm_backward(grad_y, x, weight, mean, rstd, needs, ctx.backend)
-    grads = _guard(grads, (grad_y, x, weight))
+    grads = guard_double_backward(grads, (grad_y, x, weight), "rms_norm / layer_norm")
     return tuple(g if n else None for g, n in zip(grads, needs))
 
 
