@@ -214,6 +214,7 @@ def measure_variants(ctx: Context, suite: str, shape: str, shape_info: dict, var
         ctx.progress.update(1, f"{suite}: {v.name}")
         return p
 
+    by_name = {v.name: v for v in variants}
     for v in variants:
         rows[v.name] = base_row(v)
     timings: dict = {}
@@ -248,14 +249,26 @@ def measure_variants(ctx: Context, suite: str, shape: str, shape_info: dict, var
             p = prepare(v)
             if p is not None:
                 prepared[v.name] = p
-        if prepared:
-            ctx.progress.update(0, f"{suite}: timing {len(prepared)} variants round-robin")
+        # compiled variants are timed in a round-robin group of their own: the OpenMP threads of
+        # Inductor's CPU kernels keep spinning after each call and slow whatever runs next
+        groups = [[n for n in prepared if by_name[n].group != "compile"],
+                  [n for n in prepared if by_name[n].group == "compile"]]
+        groups = [g for g in groups if g]
+        if len(groups) > 1:
+            ctx.progress.add_total(ctx.reps * (len(groups) - 1))
+        for k, names in enumerate(groups):
+            ctx.progress.update(0, f"{suite}: timing {len(names)} variants round-robin")
             try:
-                timings = T.time_cpu({n: p.run for n, p in prepared.items()}, reps=ctx.reps, warmup=ctx.warmup,
-                                     grad_to_none={n: p.clear for n, p in prepared.items()},
-                                     on_round=lambda: ctx.progress.update(1, f"{suite}: timing round"))
+                got = T.time_cpu({n: prepared[n].run for n in names}, reps=ctx.reps, warmup=ctx.warmup,
+                                 grad_to_none={n: prepared[n].clear for n in names},
+                                 on_round=lambda: ctx.progress.update(1, f"{suite}: timing round"))
+                if len(groups) > 1:
+                    for t in got.values():
+                        t.method += (" (compiled variants timed in their own round-robin group)" if k
+                                     else " (without the compiled variants)")
+                timings.update(got)
             except Exception as e:  # noqa: BLE001
-                for name in prepared:
+                for name in names:
                     rows[name].update(status="error", error="timing: " + short_error(e))
                 ctx.log(f"  [{suite}] timing ERROR {short_error(e)}")
         for name, p in prepared.items():
@@ -275,10 +288,11 @@ def measure_variants(ctx: Context, suite: str, shape: str, shape_info: dict, var
             continue
         t = timings[name]
         row["ratios"] = {k: (t.median_ms / med[r] if r in med else None) for k, r in ratio_refs.items()}
-        if ctx.dev == "cpu":  # the i-th sample of every variant comes from the same round
+        if ctx.dev == "cpu":  # the i-th sample of every variant in a timing group comes from one round
+            same = by_name[name].group == "compile"
             row["paired_ratios"] = {
                 k: T.quantile([a / b for a, b in zip(t.samples_ms, timings[r].samples_ms)], 0.5)
-                for k, r in ratio_refs.items() if r in timings}
+                for k, r in ratio_refs.items() if r in timings and (by_name[r].group == "compile") == same}
         row["model_flops"] = model_flops
         row["tflops_model"] = T.tflops(model_flops, t.median_ms)
         row["tflops_hw"] = T.tflops(row.get("hw_flops"), t.median_ms)

@@ -224,7 +224,8 @@ def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
         "timing_method": (f"triton.testing.do_bench, rep={args.rep_ms:g} ms per variant; median and 20/80% "
                           "quantiles" if dev == "cuda" else
                           f"wall clock, {ctx.reps} round-robin rounds after {ctx.warmup} warmup call(s) per "
-                          "variant; median and 20/80% quantiles"),
+                          "variant; median and 20/80% quantiles; torch.compile rows in a round-robin group of "
+                          "their own (the OpenMP threads of compiled CPU kernels slow the calls that follow)"),
         "options": {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
                     for k, v in options.items()},
         "suites": ctx.suites,
