@@ -9,12 +9,12 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, what: str, anchor, *grads):
-        ctx.what = what
+        ctx.op_name = what
         return grads
 
     @staticmethod
     def backward(ctx, *_):
-        raise RuntimeError(f"fused_ckpt {ctx.what} does not support double backward (differentiating its "
+        raise RuntimeError(f"fused_ckpt {ctx.op_name} does not support double backward (differentiating its "
                            "gradients); use the eager PyTorch equivalent for higher-order gradients")
 
 
