@@ -24,9 +24,11 @@ fused modules, every direct child that holds a matrix parameter, is not fused an
 fused module (GPT-2's or Phi-3's attention after :func:`fused_ckpt.integrations.hf.patch_hf_model`)
 is a site of its own. A fused module is never wrapped in a checkpoint (no double recompute).
 
-A :class:`FusedCheckpointedBlock` layer is governed through its attention and FFN sites: applying
-a policy sets the block's own ``recompute`` to None (its ``"full"`` whole-block mode, which keeps
-only x and the norm statistics, is not yet one of the dials the policies choose from).
+A :class:`FusedCheckpointedBlock` layer (with ``batch``/``seq`` known) also has a whole-layer
+option, ``"full"``: the block's own recompute, keeping only x and the per-row norm statistics. It
+is what "full" (and the recomputed layers of EveryN / "sqrt") choose, and MemoryBudget weighs it
+against the per-site dial combinations. Choosing site dials instead sets the block's
+``recompute`` to None so that its submodules' dials govern.
 
 Policies (:func:`apply_checkpointing`): ``"none"``, ``"full"``, ``"sqrt"``, :class:`EveryN`,
 :class:`Selective`, :class:`MemoryBudget`, :class:`PerLayer`.
@@ -162,6 +164,11 @@ class LayerSpec:
     name: str
     sites: list
     fixed: list = field(default_factory=list)   # (label, bytes) pairs, always kept
+    # whole-layer options replacing every site's dial: a FusedCheckpointedBlock's "full"
+    # recompute (keeps x and the norm statistics); chosen as ``{layer name: Option.dial}``
+    alternatives: list = field(default_factory=list)
+    module: Optional[nn.Module] = None
+    site_bytes: int = 0   # kept whenever the site dials govern (a block's two norms: input + stats)
 
 
 # ============================================================================ policies
@@ -185,7 +192,10 @@ def _uniform(layers: Sequence[LayerSpec], chosen: Callable[[int], dict]) -> list
     out = []
     for layer in layers:
         want = chosen(layer.index)
-        out.append({s.name: _site_dial(s, want) for s in layer.sites})
+        if want is FULL and layer.alternatives:  # most recompute: the whole-layer option
+            out.append({layer.name: layer.alternatives[0].dial})
+        else:
+            out.append({s.name: _site_dial(s, want) for s in layer.sites})
     return out
 
 
@@ -403,7 +413,7 @@ def _layer_frontier(layer: LayerSpec):
     """Pareto-optimal (bytes, cost, dials) of one layer's dial combinations.
 
     Sites with an unknown prediction are pinned to their most-recompute dial (checkpointed)."""
-    combos = [(0, (0, 0), {})]
+    combos = [(layer.site_bytes, (0, 0), {})]
     for s in layer.sites:
         opts = [(d, o) for d, o in s.options.items()
                 if o.saved_bytes is not None and o.recompute_flops is not None]
@@ -415,7 +425,9 @@ def _layer_frontier(layer: LayerSpec):
             for d, o in opts:
                 new.append((b + o.saved_bytes, (c[0] + o.recompute_flops, c[1] + o.aux), {**dials, s.name: d}))
         combos = _pareto(new)
-    return combos
+    for o in layer.alternatives:
+        combos.append((o.saved_bytes, (o.recompute_flops, o.aux), {layer.name: o.dial}))
+    return _pareto(combos)
 
 
 def _pareto(items):
@@ -618,8 +630,45 @@ def build_layers(model: nn.Module, layers: Optional[Sequence[nn.Module]] = None,
                 if isinstance(child, ft) or _count_fused(child) or not _has_matrix_param(child):
                     continue
                 sites.append(_checkpoint_site(i, f"{lname}.{n}", _role(n), child, ctx))
-        specs.append(LayerSpec(i, lname, sites))
+        alts = _block_alternatives(layer, ctx)
+        specs.append(LayerSpec(i, lname, sites, alternatives=alts, module=layer,
+                               site_bytes=_block_norm_bytes(layer, ctx) if alts else 0))
     return specs
+
+
+def _block_alternatives(layer: nn.Module, ctx: "_Context") -> list:
+    """A FusedCheckpointedBlock's whole-layer "full" recompute as an Option: saves x and the norm
+    statistics; recomputes the q/k/v projections, the attention forward, o_proj and (inside the
+    FFN backward) the up-projection."""
+    if not _is_fused_block(layer) or ctx.batch is None:
+        return []
+    a, m = layer.self_attn, layer.mlp
+    B, S = ctx.batch, ctx.seq
+    T = B * S
+    dtype = ctx.dtype or m.fc1.weight.dtype
+    saved = layer.saved_bytes(B, S, dtype) if layer.recompute == "full" else _block_full_bytes(layer, B, S, dtype)
+    flops = (attention_recompute_flops(B, S, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.causal, "all")
+             + 2 * T * a.n_heads * a.head_dim * a.o_proj.weight.shape[0]
+             + m.recompute_flops(T, recompute=True))
+    return [Option("full", saved, flops, T * m.fc1.weight.shape[0])]
+
+
+def _block_norm_bytes(layer: nn.Module, ctx: "_Context") -> int:
+    """What a FusedCheckpointedBlock's two norms keep when its submodules' dials govern."""
+    from .ops.norm import norm_saved_bytes
+
+    dtype = ctx.dtype or layer.mlp.fc1.weight.dtype
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * norm_saved_bytes(ctx.batch * ctx.seq, layer.mlp.d_model, elem, layer.norm == "layernorm")
+
+
+def _block_full_bytes(layer, B, S, dtype) -> int:
+    old = layer.recompute
+    layer.recompute = "full"
+    try:
+        return layer.saved_bytes(B, S, dtype)
+    finally:
+        layer.recompute = old
 
 
 # ============================================================================ applying dials
@@ -697,7 +746,7 @@ def install_hf_guard(layer: nn.Module) -> bool:
 class PlanRow:
     layer: Optional[int]        # None for rows outside the layers (embeddings, head, loss)
     module: str
-    kind: str                   # "ffn" | "attention" | "checkpoint" | "fixed"
+    kind: str                   # "ffn" | "attention" | "checkpoint" | "block" | "fixed"
     dial: Any
     saved_bytes: Optional[int]
     recompute_flops: Optional[int]
@@ -762,7 +811,8 @@ class CheckpointPlan:
         lines = [head, f"{'layer':>5}  {'dials':<48} {'saved':>12} {'recompute GFLOP':>16}"]
         for i in range(self.num_layers):
             rows = self.layer_rows(i)
-            dials = ", ".join(f"{_short(r.module)}={_fmt_dial(r.dial)}" for r in rows if r.kind != "fixed")
+            dials = ", ".join(f"{'block' if r.kind == 'block' else _short(r.module)}={_fmt_dial(r.dial)}"
+                              for r in rows if r.kind != "fixed")
             b = self.layer_saved_bytes(i)
             fl = [r.recompute_flops for r in rows]
             f = None if any(v is None for v in fl) else sum(fl)
@@ -840,6 +890,14 @@ def apply_checkpointing(model: nn.Module, policy: Union[str, Policy] = "full", *
         notes.append(f"tokens={tokens} taken as one sequence (batch 1) for attention FLOPs")
     hf_off = blocks_released = 0
     for spec, dials in zip(specs, assignment):
+        if spec.name in dials and spec.alternatives:  # the whole-layer option was chosen
+            o = next(a for a in spec.alternatives if a.dial == dials[spec.name])
+            spec.module.recompute = o.dial
+            rows.append(PlanRow(spec.index, spec.name, "block", o.dial, o.saved_bytes, o.recompute_flops))
+            layer_mod = _layer_module(model, spec.name, layers, spec.index)
+            if layer_mod is not None:
+                hf_off += install_hf_guard(layer_mod)
+            continue
         for s in spec.sites:
             d = _norm_dial(s.kind, dials[s.name])
             if s.kind in ("ffn", "attention"):
@@ -855,6 +913,8 @@ def apply_checkpointing(model: nn.Module, policy: Union[str, Policy] = "full", *
                 # the block's own whole-block recompute would override the dials just set
                 layer_mod.recompute = None
                 blocks_released += 1
+        if spec.site_bytes:
+            rows.append(PlanRow(spec.index, f"{spec.name} (norms)", "fixed", None, spec.site_bytes, 0))
     if hf_off:
         notes.append(f"Hugging Face activation checkpointing switched off on {hf_off} layer(s) (fused_ckpt "
                      "sets their recompute)")

@@ -160,19 +160,38 @@ def test_bad_block_arguments():
     assert math.isfinite(blk(torch.randn(1, 3, D_MODEL)).sum().item())
 
 
-def test_policy_on_blocks_sets_submodule_dials_and_predictions_hold():
-    from torch import nn
-
-    from fused_ckpt import EveryN, apply_checkpointing
-
-    model = nn.Sequential(_make(recompute="full"), _make(recompute="full"))
-    plan = apply_checkpointing(model, EveryN(2), batch=B, seq=S)
-    assert all(b.recompute is None for b in model)
-    assert model[0].self_attn.recompute == "all" and model[0].mlp.recompute is True
-    assert model[1].self_attn.recompute is False and model[1].mlp.recompute == "none"
-    assert any("FusedCheckpointedBlock" in n for n in plan.notes)
-    x = torch.randn(B, S, D_MODEL, requires_grad=True)
+def _measured(model, x):
     with SavedTensors() as s:
         model(x)
-    params = list(model.parameters())
-    assert s.bytes_excluding(params) == model[0].saved_bytes(B, S) + model[1].saved_bytes(B, S)
+    return s.bytes_excluding(list(model.parameters()))
+
+
+def test_policies_choose_whole_block_recompute_and_predictions_hold():
+    from torch import nn
+
+    from fused_ckpt import EveryN, MemoryBudget, apply_checkpointing
+
+    model = nn.Sequential(_make(recompute=None), _make(recompute=None))
+    x = torch.randn(B, S, D_MODEL, requires_grad=True)
+    # "full": every block recomputes as a whole, keeping x and the norm statistics
+    plan = apply_checkpointing(model, "full", batch=B, seq=S)
+    assert all(b.recompute == "full" for b in model)
+    assert [r.kind for r in plan.rows] == ["block", "block"]
+    assert _measured(model, x) == sum(r.saved_bytes for r in plan.rows) == 2 * model[0].saved_bytes(B, S)
+    # EveryN(2): block 0 whole, block 1 at the no-recompute dials (its block mode released)
+    plan = apply_checkpointing(model, EveryN(2), batch=B, seq=S)
+    assert model[0].recompute == "full" and model[1].recompute is None
+    assert model[1].self_attn.recompute is False and model[1].mlp.recompute == "none"
+    assert _measured(model, x) == sum(r.saved_bytes for r in plan.rows)
+    # MemoryBudget at the full-recompute minimum must pick whole-block recompute everywhere, and
+    # its FLOP prediction is what FlopCounterMode counts beyond the no-recompute model
+    minimum = 2 * model[0].saved_bytes(B, S) if model[0].recompute == "full" else None
+    plan = apply_checkpointing(model, MemoryBudget(minimum, batch=B, seq=S))
+    assert all(b.recompute == "full" for b in model)
+    assert _measured(model, x) == minimum
+    full_flops = sum(r.recompute_flops for r in plan.rows)
+    eager_like = nn.Sequential(_make(recompute=None, attn_recompute=False, ffn_recompute="none"),
+                               _make(recompute=None, attn_recompute=False, ffn_recompute="none"))
+    eager_like.load_state_dict(model.state_dict())
+    _flops(model, x), _flops(eager_like, x)  # warm-up
+    assert _flops(model, x) - _flops(eager_like, x) == full_flops
