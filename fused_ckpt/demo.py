@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .accounting import SavedTensors
 from .modules import FusedCheckpointedFFN
 from .reference import EagerMLP
 
@@ -36,17 +37,6 @@ class ResidualStack(nn.Module):
         for mlp in self.blocks:
             h = h + mlp(h)
         return self.head(h)
-
-
-class _SavedBytes:
-    def __init__(self, params):
-        self.ptrs = {p.untyped_storage().data_ptr() for p in params}
-        self.total = 0
-
-    def pack(self, t):
-        if t.untyped_storage().data_ptr() not in self.ptrs:
-            self.total += t.numel() * t.element_size()
-        return t
 
 
 def build_variants(layers, d_model, d_ff, activation, device, dtype):
@@ -82,13 +72,12 @@ def run(layers=8, tokens=512, d_model=256, d_ff=1024, activation="gelu", steps=6
         # backward), FLOPs over forward and backward.
         nn.functional.mse_loss(model(x0), y0).backward()
         opt.zero_grad(set_to_none=True)
-        acc = _SavedBytes(params)
         counter = FlopCounterMode(display=False)
         with counter:
-            with torch.autograd.graph.saved_tensors_hooks(acc.pack, lambda t: t):
+            with SavedTensors() as acc:
                 loss = nn.functional.mse_loss(model(x0), y0)
             loss.backward()
-        saved, flops = acc.total, counter.get_total_flops()
+        saved, flops = acc.total_bytes(params), counter.get_total_flops()
         opt.zero_grad(set_to_none=True)
 
         losses, times, first_grads, peak = [], [], None, None

@@ -1,7 +1,9 @@
-"""Shared test helpers: the tolerance rule and saved-tensor accounting."""
+"""Shared test helpers: the tolerance rule; saved-tensor accounting comes from the package."""
 from __future__ import annotations
 
 import torch
+
+from fused_ckpt.accounting import SavedTensors, unique_saved_bytes  # noqa: F401
 
 
 def dtype_eps(dtype: torch.dtype) -> float:
@@ -27,28 +29,3 @@ def assert_close_by_rule(got: torch.Tensor, ref64: torch.Tensor, pt_same_dtype: 
     if got.numel():
         assert scale > 0, f"{name}: reference is all zeros (vacuous test)"
         assert err <= 0.1 * scale, f"{name}: error {err:.3e} is not small against scale {scale:.3e}"
-
-
-class SavedTensors:
-    """Context manager recording every tensor autograd saves (via saved_tensors_hooks)."""
-
-    def __init__(self):
-        self.saved: list[torch.Tensor] = []
-
-    def __enter__(self):
-        def pack(t):
-            self.saved.append(t)
-            return t
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-    def bytes_excluding(self, params) -> int:
-        """Bytes of saved tensors that are not (views of) the given parameters."""
-        ptrs = {p.untyped_storage().data_ptr() for p in params}
-        return sum(t.numel() * t.element_size() for t in self.saved
-                   if t.untyped_storage().data_ptr() not in ptrs)

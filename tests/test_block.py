@@ -102,7 +102,7 @@ def test_full_recompute_saves_x_and_norm_stats(norm):
         y = blk(x)
     stats = 2 if norm == "layernorm" else 1
     expected = x.numel() * 4 + 2 * stats * B * S * 4
-    assert s.bytes_excluding(blk.parameters()) == expected == blk.saved_bytes(B, S)
+    assert s.total_bytes(blk.parameters()) == expected == blk.saved_bytes(B, S)
     y.sum().backward()
 
 
@@ -112,7 +112,7 @@ def test_module_mode_saved_bytes_match_prediction(attn, ffn):
     x = torch.randn(B, S, D_MODEL, requires_grad=True)
     with SavedTensors() as s:
         blk(x)
-    assert s.bytes_excluding(blk.parameters()) == blk.saved_bytes(B, S)
+    assert s.total_bytes(blk.parameters()) == blk.saved_bytes(B, S)
 
 
 def _flops(blk, x):
@@ -163,7 +163,7 @@ def test_bad_block_arguments():
 def _measured(model, x):
     with SavedTensors() as s:
         model(x)
-    return s.bytes_excluding(list(model.parameters()))
+    return s.total_bytes(list(model.parameters()))
 
 
 def test_policies_choose_whole_block_recompute_and_predictions_hold():

@@ -18,7 +18,8 @@ from fused_ckpt.planner import plan  # noqa: E402
 from fused_ckpt.policy import EveryN, Selective, apply_checkpointing, is_checkpointed  # noqa: E402
 
 from .helpers import SavedTensors  # noqa: E402
-from .test_policy import SavedByModule, unique_saved_bytes  # noqa: E402
+from .helpers import unique_saved_bytes  # noqa: E402
+from .test_policy import SavedByModule  # noqa: E402
 
 V, B, S = 96, 2, 8
 COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,

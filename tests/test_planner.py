@@ -21,7 +21,7 @@ from fused_ckpt.planner import (VERDICT_FULL, VERDICT_SELECTIVE, VERDICT_SKIP, m
 from fused_ckpt.policy import BudgetTooSmall, apply_checkpointing  # noqa: E402
 
 from .helpers import SavedTensors  # noqa: E402
-from .test_policy import unique_saved_bytes  # noqa: E402
+from .helpers import unique_saved_bytes  # noqa: E402
 
 B, S = 2, 8
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,

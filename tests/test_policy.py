@@ -22,17 +22,6 @@ from fused_ckpt.policy import (BudgetTooSmall, EveryN, LayerSpec, MemoryBudget, 
 
 
 # ----------------------------------------------------------------------------- measuring
-def unique_saved_bytes(saved, params) -> int:
-    """Bytes of the distinct storages autograd saved, parameters excluded (what stays resident)."""
-    ptrs = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-    for t in saved:
-        st = t.untyped_storage()
-        if st.data_ptr() not in ptrs:
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
 class SavedByModule:
     """Attributes every tensor autograd saves to the innermost tracked module running when it
     was saved; ``bytes(m)`` = distinct storages (parameters excluded) first saved under ``m``."""

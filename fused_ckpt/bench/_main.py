@@ -10,6 +10,8 @@ import time
 import traceback
 from typing import Optional, Sequence
 
+from ..cli import _positive_int
+
 SUITES = ("ffn", "attention", "block", "step")
 DEFAULT_MEMORY_CAP = "24GiB"
 
@@ -51,16 +53,6 @@ def _budgets(text: str) -> list:
     if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}")
     return vals
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
 
 
 def _nonneg_int(text: str) -> int:

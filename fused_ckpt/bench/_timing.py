@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ..accounting import SavedTensors  # noqa: F401  (re-exported for the suites and benchmarks/)
+
 MiB = float(2**20)
 QUANTILES = (0.5, 0.2, 0.8)  # median, then the 20% and 80% quantiles
 MIN_REP_MS = 200.0           # do_bench repetition time of full runs
@@ -114,42 +116,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     with counter:
         fn()
     return int(counter.get_total_flops())
-
-
-class SavedTensors:
-    """Context manager recording every tensor autograd saves (``saved_tensors_hooks``)."""
-
-    def __init__(self):
-        self.saved: list = []
-
-    def __enter__(self):
-        def pack(t):
-            self.saved.append(t)
-            return t
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-    def unique_bytes(self, exclude: Iterable[torch.Tensor] = ()) -> int:
-        """Bytes of the distinct storages saved (what stays resident), storages of ``exclude``
-        (parameters) left out. A tensor saved by several ops counts once."""
-        skip = {t.untyped_storage().data_ptr() for t in exclude}
-        seen = {}
-        for t in self.saved:
-            st = t.untyped_storage()
-            if st.data_ptr() not in skip:
-                seen[st.data_ptr()] = st.nbytes()
-        return sum(seen.values())
-
-    def total_bytes(self, exclude: Iterable[torch.Tensor] = ()) -> int:
-        """Bytes of every saved tensor (views counted by their own size, repeats counted again)."""
-        skip = {t.untyped_storage().data_ptr() for t in exclude}
-        return sum(t.numel() * t.element_size() for t in self.saved
-                   if t.untyped_storage().data_ptr() not in skip)
 
 
 def saved_bytes(forward: Callable[[], object], params: Iterable[torch.Tensor]) -> tuple:
