@@ -44,9 +44,10 @@ import torch
 from torch import nn
 
 from .configs import ModelConfig, load_config
-from .policy import (ATTENTION_DIALS, FFN_DIALS, FULL, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
-                     PerLayer, PlanRow, Site, attention_forward_flops, attention_recompute_flops,
-                     attention_saved_bytes, build_layers, format_bytes, parse_bytes, solve_budget)
+from .policy import (ATTENTION_DIALS, FFN_DIALS, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
+                     PerLayer, PlanRow, Site, _layer_frontier, attention_forward_flops, attention_recompute_flops,
+                     attention_saved_bytes, block_full_option, build_layers, format_bytes, parse_bytes,
+                     solve_budget)
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -103,12 +104,18 @@ def _config_layers(cfg: ModelConfig, batch: int, seq: int, e: int) -> list[Layer
                             attention_recompute_flops(batch, seq, d, H, Hkv, D, True, dl),
                             0 if dl is False else T * (H + Hkv) * D) for dl in ATTENTION_DIALS}
     norm = rmsnorm_saved_bytes(T, d, e)
+    # patch_hf_model turns a layer into a whole block unless its attention stays unfused (sliding window)
+    alts = [] if cfg.sliding_window is not None else [
+        block_full_option(batch, seq, d, H, Hkv, D, True, ffn_opts[True].recompute_flops, fc1, e)]
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
-        layers.append(LayerSpec(i, p, [Site(i, f"{p}.self_attn", "attention", "attention", attn_opts),
-                                       Site(i, f"{p}.mlp", "ffn", "ffn", ffn_opts)],
-                                fixed=[(f"{p}.input_layernorm", norm), (f"{p}.post_attention_layernorm", norm)]))
+        sites = [Site(i, f"{p}.self_attn", "attention", "attention", attn_opts), Site(i, f"{p}.mlp", "ffn", "ffn", ffn_opts)]
+        if alts:  # the norms' bytes count only when the site dials govern
+            layers.append(LayerSpec(i, p, sites, alternatives=alts, site_bytes=2 * norm))
+        else:
+            layers.append(LayerSpec(i, p, sites, fixed=[(f"{p}.input_layernorm", norm),
+                                                        (f"{p}.post_attention_layernorm", norm)]))
     return layers
 
 
@@ -294,13 +301,11 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
     static = weight + grads + opt_bytes if optimizer else 0
     global_bytes = sum(v for _, v in globals_)
 
-    def total_for(dials):
-        return global_bytes + sum(
-            sum(v for _, v in L.fixed) + sum(s.option(dials[s.kind] if s.kind in dials else True).saved_bytes or 0
-                                             for s in L.sites)
-            for L in layers)
-
-    lo, hi = total_for(FULL), total_for(NONE)
+    # per layer, the Pareto frontier of its dial combinations, most recompute first
+    fronts = [_layer_frontier(L) for L in layers]
+    fixed = global_bytes + sum(v for L in layers for _, v in L.fixed)
+    lo = fixed + sum(f[0][0] for f in fronts)
+    hi = fixed + sum(f[-1][0] for f in fronts)
     try:
         picks = solve_budget(layers, b - static - global_bytes)
     except BudgetTooSmall:
@@ -310,15 +315,21 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
     for L, dials in zip(layers, picks):
         for label, v in L.fixed:
             rows.append(PlanRow(L.index, label, "fixed", "-", v, 0))
+        if L.name in dials:  # the whole-layer option
+            o = next(a for a in L.alternatives if a.dial == dials[L.name])
+            rows.append(PlanRow(L.index, L.name, "block", o.dial, o.saved_bytes, o.recompute_flops))
+            continue
         for s in L.sites:
             o = s.option(dials[s.name])
             rows.append(PlanRow(L.index, s.name, s.kind, o.dial, o.saved_bytes, o.recompute_flops))
+        if L.site_bytes:
+            rows.append(PlanRow(L.index, f"{L.name} (norms)", "fixed", "-", L.site_bytes, 0))
     for label, v in globals_:
         rows.append(PlanRow(None, label, "fixed", "-", v, 0))
     cp = CheckpointPlan(rows, f"MemoryBudget({format_bytes(b - static)} for activations)", batch, seq)
-    full_flops = sum((s.options[FULL[s.kind]].recompute_flops or 0) for L in layers for s in L.sites)
+    full_flops = sum(f[0][1][0] for f in fronts)
     chosen = [r for r in rows if r.kind != "fixed"]
-    if all(_same(r.dial, NONE[r.kind]) for r in chosen):
+    if all(r.kind != "block" and _same(r.dial, NONE[r.kind]) for r in chosen):
         verdict = VERDICT_SKIP
     elif cp.total_recompute_flops == full_flops:
         verdict = VERDICT_FULL

@@ -326,7 +326,8 @@ def _lookup(v, table):
 
 class PerLayer(Policy):
     """Explicit dials: a list with one ``{site name or kind: dial}`` dict per layer (a kind key,
-    "ffn"/"attention"/"checkpoint", sets every site of that kind in the layer). What
+    "ffn"/"attention"/"checkpoint", sets every site of that kind in the layer; ``{"block":
+    "full"}`` or ``{layer name: "full"}`` picks a block's whole-layer recompute). What
     :attr:`CheckpointPlan.policy` returns, so a plan can be re-applied."""
 
     name = "PerLayer"
@@ -339,6 +340,13 @@ class PerLayer(Policy):
             raise ValueError(f"PerLayer: {len(self.dials)} layer entries for a model with {len(layers)} layers")
         out = []
         for layer, want in zip(layers, self.dials):
+            whole = want.get(layer.name, want.get("block"))
+            if whole is not None:  # a whole-layer option (a block's "full")
+                if not any(o.dial == whole for o in layer.alternatives):
+                    raise ValueError(f"PerLayer: layer {layer.index} ({layer.name}) has no whole-layer option "
+                                     f"{whole!r}")
+                out.append({layer.name: whole})
+                continue
             row = {}
             for s in layer.sites:
                 if s.name in want:
@@ -632,25 +640,36 @@ def build_layers(model: nn.Module, layers: Optional[Sequence[nn.Module]] = None,
                 sites.append(_checkpoint_site(i, f"{lname}.{n}", _role(n), child, ctx))
         alts = _block_alternatives(layer, ctx)
         specs.append(LayerSpec(i, lname, sites, alternatives=alts, module=layer,
-                               site_bytes=_block_norm_bytes(layer, ctx) if alts else 0))
+                               site_bytes=_block_norm_bytes(layer, ctx) if alts and ctx.batch else 0))
     return specs
 
 
+def block_full_option(batch: int, seq: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                      causal: bool, ffn_recompute_flops: int, fc1_rows: int, elem: int,
+                      layer_norm: bool = False) -> Option:
+    """A pre-norm block's whole-layer "full" recompute (:mod:`fused_ckpt.ops.block`) as an Option:
+    saves x (e T d) and the two norms' fp32 per-row statistics; recomputes the q/k/v projections,
+    the attention forward, o_proj and (inside the FFN backward, ``ffn_recompute_flops``) the
+    up-projection."""
+    T = batch * seq
+    stats = 2 if layer_norm else 1
+    saved = T * d_model * elem + 2 * stats * T * 4
+    flops = (attention_recompute_flops(batch, seq, d_model, n_heads, n_kv_heads, head_dim, causal, "all")
+             + 2 * T * n_heads * head_dim * d_model + ffn_recompute_flops)
+    return Option("full", saved, flops, T * fc1_rows)
+
+
 def _block_alternatives(layer: nn.Module, ctx: "_Context") -> list:
-    """A FusedCheckpointedBlock's whole-layer "full" recompute as an Option: saves x and the norm
-    statistics; recomputes the q/k/v projections, the attention forward, o_proj and (inside the
-    FFN backward) the up-projection."""
-    if not _is_fused_block(layer) or ctx.batch is None:
+    """A FusedCheckpointedBlock's whole-layer option (:func:`block_full_option`)."""
+    if not _is_fused_block(layer):
         return []
+    if ctx.batch is None:  # chosen by the uniform policies all the same; bytes unknown
+        return [Option("full", None, None)]
     a, m = layer.self_attn, layer.mlp
-    B, S = ctx.batch, ctx.seq
-    T = B * S
     dtype = ctx.dtype or m.fc1.weight.dtype
-    saved = layer.saved_bytes(B, S, dtype) if layer.recompute == "full" else _block_full_bytes(layer, B, S, dtype)
-    flops = (attention_recompute_flops(B, S, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.causal, "all")
-             + 2 * T * a.n_heads * a.head_dim * a.o_proj.weight.shape[0]
-             + m.recompute_flops(T, recompute=True))
-    return [Option("full", saved, flops, T * m.fc1.weight.shape[0])]
+    return [block_full_option(ctx.batch, ctx.seq, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.causal,
+                              m.recompute_flops(ctx.tokens, recompute=True), m.fc1.weight.shape[0],
+                              torch.empty((), dtype=dtype).element_size(), layer.norm == "layernorm")]
 
 
 def _block_norm_bytes(layer: nn.Module, ctx: "_Context") -> int:
@@ -660,15 +679,6 @@ def _block_norm_bytes(layer: nn.Module, ctx: "_Context") -> int:
     dtype = ctx.dtype or layer.mlp.fc1.weight.dtype
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * norm_saved_bytes(ctx.batch * ctx.seq, layer.mlp.d_model, elem, layer.norm == "layernorm")
-
-
-def _block_full_bytes(layer, B, S, dtype) -> int:
-    old = layer.recompute
-    layer.recompute = "full"
-    try:
-        return layer.saved_bytes(B, S, dtype)
-    finally:
-        layer.recompute = old
 
 
 # ============================================================================ applying dials

@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fused_ckpt import FusedCheckpointedFFN  # noqa: E402
-from fused_ckpt.integrations.hf import FusedHFAttention, hf_layout, hf_state_dict, patch_hf_model  # noqa: E402
+from fused_ckpt.integrations.hf import FusedHFAttention, FusedHFDecoderLayer, hf_layout, hf_state_dict, patch_hf_model  # noqa: E402
 from fused_ckpt.planner import plan  # noqa: E402
 from fused_ckpt.policy import EveryN, Selective, apply_checkpointing, is_checkpointed  # noqa: E402
 
@@ -51,9 +51,10 @@ def _pair(kind, **kw):
     return ref, copy.deepcopy(ref)
 
 
-# what each family gets: fused attention?, the MLP's fused activation
-EXPECTED = {"llama": (True, "swiglu"), "mistral": (True, "swiglu"), "qwen2": (True, "swiglu"),
-            "gemma": (True, "geglu_tanh"), "phi3": (False, "swiglu"), "gpt2": (False, "gelu_tanh")}
+# what each family gets: fused attention?, the MLP's fused activation, whole-layer blocks?
+EXPECTED = {"llama": (True, "swiglu", True), "mistral": (True, "swiglu", True), "qwen2": (True, "swiglu", True),
+            "gemma": (True, "geglu_tanh", False), "phi3": (False, "swiglu", False),
+            "gpt2": (False, "gelu_tanh", False)}
 
 
 def _close(a, b, name):
@@ -64,9 +65,17 @@ def _close(a, b, name):
 def test_patched_model_matches_unpatched(kind):
     ref, model = _pair(kind)
     report = patch_hf_model(model, "full", backend="aten")
-    fused_attn, act = EXPECTED[kind]
+    fused_attn, act, blocks = EXPECTED[kind]
     norms = [r for r in report.replaced if r[2] == "FusedRMSNorm"]
-    rest = [r for r in report.replaced if r[2] != "FusedRMSNorm"]
+    layers = [r for r in report.replaced if r[2].startswith("FusedHFDecoderLayer")]
+    rest = [r for r in report.replaced if r[2] != "FusedRMSNorm" and r not in layers]
+    # Llama-layout layers whose four parts all became fused modules become whole blocks; the
+    # others say why not (Gemma's (1 + w) norm, GPT-2's and Phi-3's layouts)
+    block_rows = [r for r in report.left_alone if "not a whole fused block" in r[2]]
+    assert len(layers) == (2 if blocks else 0) and len(block_rows) == (0 if blocks else 2), (layers, block_rows)
+    assert all(isinstance(m, FusedHFDecoderLayer) and m.recompute == "full" for m in model.model.layers) \
+        if blocks else not any(isinstance(m, FusedHFDecoderLayer) for m in model.modules())
+    report.left_alone = [r for r in report.left_alone if r not in block_rows]
     replaced = {n.rsplit(".", 1)[-1]: d for n, _, d in rest}
     assert len(rest) == 2 * (1 + fused_attn)
     # Llama-style RMSNorms (2 per layer + the final norm) become FusedRMSNorm; Gemma's (1 + w)
@@ -78,7 +87,8 @@ def test_patched_model_matches_unpatched(kind):
     ffns = [m for m in model.modules() if isinstance(m, FusedCheckpointedFFN)]
     assert len(ffns) == 2 and all(m.activation == act and m.recompute is True for m in ffns)
     attns = [m for m in model.modules() if isinstance(m, FusedHFAttention)]
-    assert len(attns) == (2 if fused_attn else 0) and all(m.recompute == "all" for m in attns)
+    # under a whole-layer "full" the parts keep their default dials (the block path does not read them)
+    assert len(attns) == (2 if fused_attn else 0) and all(m.recompute == ("qkv" if blocks else "all") for m in attns)
     if not fused_attn:
         assert len(report.left_alone) == 2
         assert all("packed" in reason for _, _, reason in report.left_alone), report.left_alone
@@ -258,3 +268,104 @@ def test_hf_checkpointing_after_patching_is_switched_off_with_a_warning():
     assert measured == plan(model, B, S, torch.float32, "1GiB").min_activation_bytes
     out_ref = ref(ids, labels=ids, use_cache=False)
     _close(model(ids, labels=ids, use_cache=False).loss, out_ref.loss, "loss")
+
+
+# ----------------------------------------------------------------------------- whole-layer blocks
+def test_whole_layer_blocks_keep_less_than_hf_checkpointing():
+    ref, model = _pair("llama")
+    modules = copy.deepcopy(ref)
+    patch_hf_model(model, "full", backend="aten")
+    patch_hf_model(modules, "full", backend="aten", blocks=False)
+    assert not any(isinstance(m, FusedHFDecoderLayer) for m in modules.modules())
+    _enable_hf_checkpointing(ref)
+    ids = torch.randint(0, V, (B, S))
+    blocks, per_module, hf = (_whole_model_bytes(m, ids) for m in (model, modules, ref))
+    # per layer: x (4 B S d) and two fp32 rstd rows (4 B S each), against HF's layer input plus
+    # its fp32 norm copies outside the layers; per-module dials keep ~4 hidden states a layer
+    assert blocks < hf < per_module, (blocks, hf, per_module)
+    L = len(model.model.layers)
+    assert per_module - blocks >= L * 3 * B * S * 64 * 4
+
+
+class _ParallelLlamaLayer(transformers.models.llama.modeling_llama.LlamaDecoderLayer):
+    """GPT-J-style parallel layer with Llama's parts: y = x + attn(n1(x)) + mlp(n2(x))."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+        a, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                              position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)
+        return hidden_states + a + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def test_a_layer_with_another_layout_is_not_made_a_block():
+    ref, model = _pair("llama")
+    for m in (ref, model):
+        for i, layer in enumerate(m.model.layers):
+            par = _ParallelLlamaLayer(m.config, i)
+            par.load_state_dict(layer.state_dict())
+            m.model.layers[i] = par
+    model.load_state_dict(ref.state_dict())
+    report = patch_hf_model(model, "full", backend="aten")
+    rows = [r for r in report.left_alone if "not a whole fused block" in r[2]]
+    assert len(rows) == 2 and all("not the pre-norm residual layout" in r[2] for r in rows), rows
+    assert not any(isinstance(m, FusedHFDecoderLayer) for m in model.modules())
+    ids = torch.randint(0, V, (B, S))
+    _close(model(ids, labels=ids, use_cache=False).loss, ref(ids, labels=ids, use_cache=False).loss, "loss")
+
+
+def test_block_with_an_unsupported_mask_runs_the_hf_path():
+    ref, model = _pair("llama")
+    patch_hf_model(model, "full", backend="aten")
+    layer, ref_layer = model.model.layers[0], ref.model.layers[0]
+    assert isinstance(layer, FusedHFDecoderLayer)
+    x = torch.randn(B, S, 64)
+    pos = torch.arange(S)[None].expand(B, S)
+    pe = ref.model.rotary_emb(x, pos)
+    # two packed sequences of 3 and 5 tokens: block-diagonal causal, not causal + key padding
+    seg = torch.tensor([0] * 3 + [1] * 5)
+    vis = torch.ones(S, S, dtype=torch.bool).tril() & (seg[:, None] == seg[None, :])
+    mask = torch.zeros(B, 1, S, S).masked_fill(~vis, torch.finfo(torch.float32).min)
+    dy = torch.randn(B, S, 64)
+    outs = []
+    for lay in (layer, ref_layer):
+        xg = x.clone().requires_grad_(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = lay(xg, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        assert any("not causal + key padding" in str(w.message) for w in caught) == (lay is layer)
+        y.backward(dy)
+        outs.append((y, xg.grad))
+    _close(outs[0][0], outs[1][0], "output")
+    _close(outs[0][1], outs[1][1], "dx")
+
+
+def test_block_layer_call_matches_hf_layer_with_padding_and_positions():
+    ref, model = _pair("qwen2")  # q/k/v biases
+    patch_hf_model(model, "full", backend="aten")
+    layer, ref_layer = model.model.layers[1], ref.model.layers[1]
+    assert isinstance(layer, FusedHFDecoderLayer)
+    x = torch.randn(B, S, 64)
+    pos = (torch.arange(S) + 3)[None].expand(B, S)  # shifted positions: saved and used by the recompute
+    pe = ref.model.rotary_emb(x, pos)
+    keys = torch.ones(B, S, dtype=torch.bool)
+    keys[0, 6:] = False
+    vis = torch.ones(S, S, dtype=torch.bool).tril()[None] & keys[:, None, :]
+    mask = torch.zeros(B, 1, S, S).masked_fill(~vis[:, None], torch.finfo(torch.float32).min)
+    dy = torch.randn(B, S, 64)
+    grads = []
+    for lay in (layer, ref_layer):
+        xg = x.clone().requires_grad_(True)
+        with SavedTensors() as saved:
+            y = lay(xg, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        y.backward(dy)
+        grads.append((y, xg.grad, {n: p.grad for n, p in lay.named_parameters()}, saved))
+    _close(grads[0][0], grads[1][0], "output")
+    _close(grads[0][1], grads[1][1], "dx")
+    g = hf_layout(model, {f"model.layers.1.{n}": t for n, t in grads[0][2].items()})
+    for n, t in grads[1][2].items():
+        _close(g[f"model.layers.1.{n}"], t, n)
+    # the whole-block path ran: it kept x, the position ids, the key-padding mask and two rstd rows
+    params = {p.data_ptr() for p in layer.parameters()}
+    kept = sorted((tuple(t.shape), str(t.dtype)) for t in grads[0][3].saved if t.data_ptr() not in params)
+    f32 = str(torch.float32)
+    assert kept == sorted([((B, S, 64), f32), ((B, S), str(torch.int64)), ((B, S), str(torch.bool)),
+                           ((B, S), f32), ((B, S), f32)]), kept

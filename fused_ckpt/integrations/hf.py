@@ -15,6 +15,12 @@
 * replaces each Llama-style RMSNorm (identified by evaluating it: ``w * x * rsqrt(mean(x^2) + eps)``;
   Gemma's ``(1 + w)`` form is left alone) by :class:`FusedRMSNorm`, which keeps x and an fp32
   per-row rstd instead of an fp32 copy of x;
+* then replaces each decoder layer whose four parts all became fused modules and whose forward
+  is the Llama pre-norm layout (checked by evaluation) by :class:`FusedHFDecoderLayer`, a
+  :class:`FusedCheckpointedBlock` with the Hugging Face layer call: policies can recompute the
+  whole layer from its input (x and two per-row rstd kept, less than Hugging Face's own
+  checkpointing keeps) and the backward recomputes inside the fused kernels (``blocks=False``
+  keeps the layers, with per-module dials only);
 * leaves everything else alone and says why (GPT-2's and Phi-3's packed ``c_attn``/``qkv_proj``
   attention, sliding windows, active dropout, unknown activations, ...),
 
@@ -54,9 +60,10 @@ import torch
 from torch import nn
 
 from ..modules.attention import FusedCheckpointedAttention
+from ..modules.block import FusedCheckpointedBlock
 from ..modules.ffn import FusedCheckpointedFFN
 from ..modules.norm import FusedRMSNorm
-from ..policy import CheckpointPlan, apply_checkpointing, find_layers, install_hf_guard
+from ..policy import CheckpointPlan, _hf_gc_guard, apply_checkpointing, find_layers, install_hf_guard
 
 # Hugging Face activation names -> the base function they compute.
 _HF_ACT_BASE = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -118,6 +125,102 @@ class FusedHFAttention(FusedCheckpointedAttention):
         kwargs[self._hf_cache_kw] = cache
         return self._hf_forward(self, hidden_states, position_embeddings=position_embeddings,
                                 attention_mask=attention_mask, **kwargs)
+
+
+# ============================================================================ decoder layers
+_LAYER_PARTS = {"input_layernorm": FusedRMSNorm, "self_attn": FusedHFAttention,
+                "post_attention_layernorm": FusedRMSNorm, "mlp": FusedCheckpointedFFN}
+
+
+class FusedHFDecoderLayer(FusedCheckpointedBlock):
+    """A Hugging Face pre-norm decoder layer (Llama, Mistral without sliding window, Qwen2)
+    whose four parts fused_ckpt already replaced, as a :class:`FusedCheckpointedBlock`: with
+    ``recompute="full"`` it keeps only its input and the two norms' per-row statistics, like
+    Hugging Face's per-layer checkpointing, but the backward recomputes inside the fused kernels
+    and stops before the FFN's forward.
+
+    It takes the Hugging Face decoder-layer call (``hidden_states, attention_mask, position_ids,
+    cache/past_key_values, use_cache, position_embeddings, **kwargs``) and returns the hidden
+    states. Calls the whole-block path cannot take exactly (a KV cache with gradients off, a mask
+    that is not causal + key padding) and calls under the per-module dials (``recompute=None``)
+    run the original layer's own forward on the fused parts, which handle the Hugging Face call
+    themselves. Parameter names are the layer's own (the state dict is unchanged).
+    """
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module, backend: str):
+        """``(block, detail)``, or ``(None, reason)`` when ``layer`` is not a pre-norm layer made of
+        exactly the four fused parts. The layout is checked by evaluation: the layer's own forward
+        and the block's must agree on a probe."""
+        parts = dict(layer.named_children())
+        if set(parts) != set(_LAYER_PARTS):
+            extra = sorted(set(parts) - set(_LAYER_PARTS)) or sorted(set(_LAYER_PARTS) - set(parts))
+            return None, f"parts {extra} differ from the Llama layout (input_layernorm, self_attn, " \
+                         "post_attention_layernorm, mlp)"
+        for name, kind in _LAYER_PARTS.items():
+            if not isinstance(parts[name], kind):
+                return None, f"{name} is a {type(parts[name]).__name__}, not a {kind.__name__}"
+        if layer._parameters or layer._buffers:
+            return None, "the layer holds its own parameters or buffers"
+        n1, n2 = parts["input_layernorm"], parts["post_attention_layernorm"]
+        if n1.eps != n2.eps:
+            return None, f"the two norms' eps differ ({n1.eps} vs {n2.eps})"
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for k, v in layer.__dict__.items():  # hidden_size, attention_type, ... (read by HF model loops)
+            if not k.startswith("_") and k != "training" and not isinstance(v, (nn.Module, torch.Tensor)):
+                new.__dict__[k] = v
+        for name in _LAYER_PARTS:
+            setattr(new, name, parts[name])
+        new.norm, new.norm_eps, new.recompute, new.backend = "rmsnorm", n1.eps, "full", backend
+        new.gradient_checkpointing = False
+        new.train(layer.training)
+        new.__dict__["_hf_forward"] = type(layer).forward
+        new.__dict__["_hf_cache_kw"] = parts["self_attn"]._hf_cache_kw
+        why = _same_as_hf(new, layer)
+        if why is not None:
+            return None, why
+        return new, "FusedHFDecoderLayer: whole-layer recompute"
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
+                past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        generating = cache is not None and not (self.training and torch.is_grad_enabled())
+        if not generating and self._whole_block_recompute(hidden_states):
+            B, S = hidden_states.shape[0], hidden_states.shape[1]
+            kpm = _key_padding(attention_mask, B, S)
+            if kpm is not _UNSUPPORTED:
+                if cache is not None:
+                    _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
+                          "(as with Hugging Face checkpointing); pass use_cache=False")
+                y = self._full_recompute(hidden_states, _positions(position_ids, B, S), kpm)
+                return (y,) if self._hf_tuple else y
+        kwargs.update(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                      position_embeddings=position_embeddings)
+        kwargs[self._hf_cache_kw] = cache
+        return self._hf_forward(self, hidden_states, **kwargs)
+
+
+def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
+    """None when the original layer's forward (on the fused parts) equals the block's."""
+    w = block.mlp.fc1.weight
+    d = block.mlp.d_model
+    x = torch.randn(1, 3, d, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
+    pos = torch.arange(3, device=w.device)[None]
+    with torch.no_grad():
+        try:
+            want = type(layer).forward(layer, x, attention_mask=None, position_ids=pos,
+                                       **{block._hf_cache_kw: None})
+        except Exception as e:  # the layer's forward needs something the probe does not give
+            return f"its forward could not be checked ({type(e).__name__}: {e})"
+        block.__dict__["_hf_tuple"] = isinstance(want, tuple)  # transformers 4.x layers return (h, ...)
+        want = want[0] if isinstance(want, tuple) else want
+        got = block._full_recompute(x, None, None)  # the whole-block math itself
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
+            not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+        return "its forward is not the pre-norm residual layout h = x + attn(norm1(x)); y = h + mlp(norm2(h))"
+    return None
 
 
 _UNSUPPORTED = object()
@@ -264,7 +367,7 @@ def _float_copy(m: nn.Module) -> nn.Module:
 
 
 def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attention: bool = True,
-                   norm: bool = True, backend: str = "auto", tokens: Optional[int] = None,
+                   norm: bool = True, blocks: bool = True, backend: str = "auto", tokens: Optional[int] = None,
                    batch: Optional[int] = None, seq: Optional[int] = None) -> PatchReport:
     """Replace the MLPs (and exactly-mapping attentions) of a built Hugging Face model in place.
 
@@ -275,6 +378,12 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
         norm: replace Llama-style RMSNorms (every one in the model, the final norm included) by
             :class:`FusedRMSNorm`, which keeps x and a per-row fp32 rstd for backward instead of
             Hugging Face's fp32 copy of its input (same ``weight`` parameter name).
+        blocks: then replace each decoder layer whose four parts (input_layernorm, self_attn,
+            post_attention_layernorm, mlp) all became fused modules, and whose forward is the
+            Llama pre-norm layout (checked by evaluation), by a :class:`FusedHFDecoderLayer` (a
+            :class:`FusedCheckpointedBlock`): policies can then recompute the whole layer from its
+            input ("full": the input and per-row norm statistics kept, as little as Hugging Face
+            checkpointing keeps). Parameter names do not change.
         backend: the fused modules' backend ("auto", "triton", "aten").
         tokens / batch, seq: forwarded to ``apply_checkpointing`` (predictions; MemoryBudget).
 
@@ -325,9 +434,33 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
             parent_name, _, cname = qname.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, cname, new)
             report.replaced.append((qname, type(child).__name__, "FusedRMSNorm"))
+    if blocks:
+        layers = [_convert_layer(model, layer, names[id(layer)], backend, report) for layer in layers]
     if policy is not None:
         report.plan = apply_checkpointing(model, policy, tokens=tokens, batch=batch, seq=seq, layers=layers)
     return report
+
+
+def _convert_layer(model: nn.Module, layer: nn.Module, qname: str, backend: str, report: PatchReport) -> nn.Module:
+    """Replace ``layer`` by a :class:`FusedHFDecoderLayer` when it converts; returns the layer in place."""
+    if isinstance(layer, FusedCheckpointedBlock):
+        return layer
+    new, why = FusedHFDecoderLayer.from_hf(layer, backend)
+    if new is None:
+        report.left_alone.append((qname, type(layer).__name__, f"not a whole fused block: {why}"))
+        return layer
+    for hook in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+        # the HF-checkpointing guard is re-installed below; any other hook would be lost silently
+        others = [h for h in getattr(layer, hook).values() if h is not _hf_gc_guard]
+        if others:
+            report.left_alone.append((qname, type(layer).__name__, f"not a whole fused block: it has {hook} "
+                                      "(patch before wrapping or hooking the model)"))
+            return layer
+    parent_name, _, cname = qname.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, cname, new)
+    install_hf_guard(new)
+    report.replaced.append((qname, type(layer).__name__, why))
+    return new
 
 
 def _convert_mlp(child, layout, cfg_act, backend):
@@ -393,4 +526,4 @@ def hf_state_dict(model: nn.Module) -> dict:
     return {k: v.contiguous() for k, v in hf_layout(model, model.state_dict()).items()}
 
 
-__all__ = ["patch_hf_model", "PatchReport", "FusedHFAttention", "hf_state_dict", "hf_layout"]
+__all__ = ["patch_hf_model", "PatchReport", "FusedHFAttention", "FusedHFDecoderLayer", "hf_state_dict", "hf_layout"]

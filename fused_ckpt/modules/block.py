@@ -79,15 +79,22 @@ class FusedCheckpointedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        params = self._params()
-        grad_needed = torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in params))
-        if self.recompute == "full" and grad_needed:
-            if x.dim() != 3:
-                raise ValueError(f"x must be (batch, seqlen, d_model), got shape {tuple(x.shape)}")
-            return BlockFullRecompute.apply(self._spec(), x, position_ids, key_padding_mask, *params)
+        if self._whole_block_recompute(x):
+            return self._full_recompute(x, position_ids, key_padding_mask)
         h = x + self.self_attn(self.input_layernorm(x), position_ids, key_padding_mask)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _whole_block_recompute(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the whole-block path: ``recompute="full"`` and a backward
+        will run (without one there is nothing to save, and the submodules run as they are)."""
+        return self.recompute == "full" and torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in self._params()))
+
+    def _full_recompute(self, x: torch.Tensor, position_ids: Optional[torch.Tensor],
+                        key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x must be (batch, seqlen, d_model), got shape {tuple(x.shape)}")
+        return BlockFullRecompute.apply(self._spec(), x, position_ids, key_padding_mask, *self._params())
 
     def saved_bytes(self, batch: int, seq: int, dtype: Optional[torch.dtype] = None) -> int:
         """Activation bytes this block keeps for backward (parameters, position ids and masks
