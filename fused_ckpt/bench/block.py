@@ -5,9 +5,11 @@ download), forward + backward, every way of checkpointing it side by side.
 hf eager                     the unpatched layer (SDPA attention), nothing recomputed
 hf ckpt-nonreentrant         ``torch.utils.checkpoint(layer, x, use_reentrant=False)``; also reentrant
 compile (budget=b)           ``torch.compile`` of the unpatched layer with activation_memory_budget b
-patched-<be> <policy>        :func:`fused_ckpt.integrations.hf.patch_hf_model` (fused MLP and
-                             attention) with the policy: full, none, Selective(ffn=True),
-                             Selective(ffn=True, attention="qkv"); backend triton (CUDA) / aten
+patched-<be> <policy>        :func:`fused_ckpt.integrations.hf.patch_hf_model` (fused MLP,
+                             attention and norms; the layer becomes a FusedHFDecoderLayer) with
+                             the policy: full (whole layer), none, Selective(ffn=True),
+                             Selective(ffn=True, attention="qkv"); and "full, modules only"
+                             (``blocks=False``: per-module dials); backend triton (CUDA) / aten
 FusedCheckpointedBlock-<be>  when the package has it: the whole layer as one fused block,
                              ``recompute="full"`` (keeps x and norm statistics) and ``None``
 ===========================  ======================================================================
@@ -158,7 +160,10 @@ def run(ctx) -> None:
         def make():
             layer = copy.deepcopy(base)
             if patch is not None:
-                patch_hf_model(_Holder(layer, cfg), patch[1], backend=patch[0], batch=B, seq=S)
+                holder = _Holder(layer, cfg)
+                be, pol, blocks = patch
+                patch_hf_model(holder, pol, backend=be, batch=B, seq=S, blocks=blocks)
+                layer = holder.layers[0]  # a FusedHFDecoderLayer when blocks=True
             call = _HFCall(layer, pe, pos, ck)
             m = CompiledBudget(call, compile_budget) if compile_budget is not None else call
             params = list(layer.parameters())
@@ -178,8 +183,12 @@ def run(ctx) -> None:
     backends = ctx.fused_backends()
     for be, why in backends:
         for label, pol in policies():
-            variants.append(Variant(f"patched-{be} {label}", "fused", None if why else hf_variant(patch=(be, pol)),
+            variants.append(Variant(f"patched-{be} {label}", "fused",
+                                    None if why else hf_variant(patch=(be, pol, True)),
                                     skip=why, description=f"patch_hf_model(policy={label}, backend={be!r})"))
+        variants.append(Variant(f"patched-{be} full, modules only", "fused",
+                                None if why else hf_variant(patch=(be, "full", False)), skip=why,
+                                description=f"patch_hf_model(policy=full, blocks=False, backend={be!r})"))
     cls = fused_block_class()
     for be, why in backends:
         for rc in ("full", None):

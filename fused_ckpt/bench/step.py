@@ -12,11 +12,13 @@ hf ckpt-nonreentrant / -reentrant   Hugging Face activation checkpointing of eve
                                     (``torch.utils.checkpoint`` per layer), and every 2nd layer
 compile (budget=b)                  ``torch.compile`` of the unpatched model's forward with
                                     activation_memory_budget b (CUDA by default)
-fused-<be> <policy>                 ``patch_hf_model(model, policy)``: none, full, EveryN(2),
-                                    Selective(ffn=True), sqrt, MemoryBudget at 25% and 50% of
-                                    the way from full to none, and MemoryBudget(=hf ckpt): the
-                                    budget whose saved bytes match Hugging Face's full
-                                    non-reentrant checkpointing
+fused-<be> <policy>                 ``patch_hf_model(model, policy)`` (decoder layers become
+                                    whole blocks): none, full, EveryN(2), Selective(ffn=True),
+                                    sqrt, MemoryBudget at 25% and 50% of the way from full to
+                                    none, and MemoryBudget(=hf ckpt): the budget whose saved
+                                    bytes match Hugging Face's full non-reentrant checkpointing
+fused-<be> full, modules only       ``patch_hf_model(model, "full", blocks=False)``: per-module
+                                    dials only (no whole-layer recompute)
 ==================================  ===========================================================
 
 Reported: step time, tokens/s, saved-activation bytes (``saved_tensors_hooks``), the CUDA peak
@@ -212,9 +214,9 @@ def run(ctx) -> None:
             return loss_of(model, CompiledBudget(model, b))
         return setup
 
-    def patched(be, pol):
+    def patched(be, pol, blocks=True):
         def setup(model, extra):
-            rep = patch_hf_model(model, pol, backend=be, batch=B, seq=S)
+            rep = patch_hf_model(model, pol, backend=be, batch=B, seq=S, blocks=blocks)
             extra["predicted_site_bytes"] = rep.plan.total_saved_bytes
             extra["policy"] = rep.plan.policy_name
             return loss_of(model)
@@ -243,6 +245,10 @@ def run(ctx) -> None:
                 f", budget {fmt_bytes(budget)} for the sites" if isinstance(budget, int) else "")
             variants.append(Variant(f"fused-{be} {label}", "fused", None if skip else step_variant(patched(be, pol)),
                                     skip=skip, description=desc))
+        if be == main_be:  # what whole-layer blocks bring: the same policy with per-module dials only
+            variants.append(Variant(f"fused-{be} full, modules only", "fused",
+                                    step_variant(patched(be, "full", blocks=False)),
+                                    description=f"patch_hf_model(policy=full, blocks=False, backend={be!r})"))
 
     gemm = 2.0 * tokens * (layers * (hidden * (heads + 2 * kv) * D + heads * D * hidden + 3 * hidden * inter)
                            + hidden * vocab)
