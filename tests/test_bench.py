@@ -200,3 +200,37 @@ def test_module_entry_point_reports_errors_on_stderr(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert "no such file" in proc.stderr and proc.stdout == ""
+
+
+def test_step_target_counts_only_rows_at_the_same_peak():
+    """The end-to-end target on CUDA bf16: the better MemoryBudget row whose peak is within
+    PEAK_MATCH of Hugging Face checkpointing's; rows above it do not count."""
+    import types
+
+    import torch
+
+    from fused_ckpt.bench import step
+
+    ctx = types.SimpleNamespace(dev="cuda", dtype=torch.bfloat16)
+    hf = {"status": "ok", "peak_bytes": 1000}
+
+    def row(peak, ratio):
+        return {"status": "ok", "peak_bytes": peak, "tokens_per_s_vs_hf_ckpt": ratio}
+
+    def target(peak_row, saved_row):
+        by = {step.HF_NR: hf, f"fused-triton {step.MB_HF_PEAK}": peak_row, f"fused-triton {step.MB_HF}": saved_row}
+        return step._target(ctx, by, "triton").to_json()
+
+    t = target(row(1015, 1.2), row(900, 1.05))
+    assert t["status"] == "met" and t["value"] == 1.2 and step.MB_HF_PEAK in t["detail"]
+    t = target(row(1100, 1.3), row(900, 1.05))  # the faster row is 10% above the peak: not counted
+    assert t["status"] == "not met" and t["value"] == 1.05
+    t = target(row(1100, 1.3), row(1050, 1.2))
+    assert t["status"] == "not met" and "NOT at the same memory" in t["detail"]
+    t = target({"status": "skipped", "reason": "unreachable: x"}, {"status": "skipped", "reason": "unreachable: y"})
+    assert t["status"] == "not met" and t["value"] is None
+    ctx.dev, ctx.dtype = "cpu", torch.float32  # elsewhere: informational only
+    by = {step.HF_NR: {"status": "ok", "saved_bytes": 10}, f"fused-aten {step.MB_HF}": {
+        "status": "ok", "saved_bytes": 10, "tokens_per_s_vs_hf_ckpt": 0.9}}
+    t = step._target(ctx, by, "aten").to_json()
+    assert t["status"] == "not measured" and t["info_value"] == 0.9

@@ -58,6 +58,7 @@ SHAPES = {"cpu": (512, 1408, 8, 2, 4, 8192, 4, 256), "cuda": (4096, 11008, 32, 3
 QUICK = {"cpu": (64, 176, 2, 1, 2, 128, 2, 32), "cuda": (2048, 5504, 16, 16, 2, 32000, 2, 1024)}
 HF_NR = "hf ckpt-nonreentrant"
 MB_HF = "MemoryBudget(=hf ckpt)"
+MB_HF_PEAK = "MemoryBudget(=hf ckpt peak)"   # CUDA only
 STEP_TARGET = 1.15
 PEAK_MATCH = 1.02   # "the same peak memory": within 2% of Hugging Face checkpointing's
 
@@ -168,11 +169,21 @@ def run(ctx) -> None:
                 budgets[MB_HF] = (f"unreachable: Hugging Face checkpointing saves {fmt_bytes(hf_saved)}; the patched "
                                   f"model saves {fmt_bytes(nonsite)} outside the dial-controlled sites (norms, "
                                   f"embedding, loss) plus at least {fmt_bytes(lo)} in them")
+            if ctx.dev == "cuda":
+                # the target compares at the same *peak*: the fused backward's temporaries are
+                # smaller than a replayed layer's, and that slack can keep saved activations
+                pf, ph = _step_peak(base, ids, lambda m: patch_hf_model(m, "full", backend=main_be, batch=B, seq=S)), \
+                    _step_peak(base, ids, lambda m: _hf_checkpointing(m, reentrant=False))
+                pre.update(peak_fused_full=pf, peak_hf_ckpt=ph)
+                budgets[MB_HF_PEAK] = int(lo + (ph - pf)) if ph > pf else (
+                    f"unreachable: the fused full step peaks at {fmt_bytes(pf)}, Hugging Face checkpointing at "
+                    f"{fmt_bytes(ph)}")
         except Exception as e:  # noqa: BLE001
             pre["error"] = short_error(e)
             ctx.log(f"  [step] budget pre-pass failed: {pre['error']}")
             budgets = {k: f"budget pre-pass failed: {pre['error']}"
-                       for k in ("MemoryBudget(25%)", "MemoryBudget(50%)", MB_HF)}
+                       for k in ("MemoryBudget(25%)", "MemoryBudget(50%)", MB_HF)
+                       + ((MB_HF_PEAK,) if ctx.dev == "cuda" else ())}
     info["budget_prepass"] = pre
     info["budgets"] = {k: v for k, v in budgets.items()}
 
@@ -286,6 +297,25 @@ def run(ctx) -> None:
     ctx.snapshot()
 
 
+def _step_peak(base, ids, setup) -> int:
+    """CUDA peak of one AdamW step (after a warm-up step that creates the optimizer states) of a
+    copy of ``base`` prepared by ``setup(model)``, above what was allocated before the step."""
+    model = copy.deepcopy(base)
+    setup(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+
+    step()
+    peak = T.cuda_peak_bytes(step, before=lambda: opt.zero_grad(set_to_none=True))
+    del model, opt
+    torch.cuda.empty_cache()
+    return peak
+
+
 def _max_batch(ctx, r: dict, B: int):
     if r.get("status") != "ok" or "weight_bytes" not in r:
         return None
@@ -306,31 +336,47 @@ def _max_batch(ctx, r: dict, B: int):
 
 
 def _target(ctx, by: dict, be) -> Target:
+    """MemoryBudget at Hugging Face full checkpointing's memory against that checkpointing. On
+    CUDA "the same memory" is the peak (within PEAK_MATCH); the better of the two MemoryBudget
+    rows that qualify counts. Elsewhere the value is informational (saved bytes matched)."""
     from ._report import NOT_MET
 
-    mb, hf = by.get(f"fused-{be} {MB_HF}", {}), by.get(HF_NR, {})
+    hf = by.get(HF_NR, {})
     what = "step tokens/s, MemoryBudget at Hugging Face full checkpointing's memory / that checkpointing's"
     on = ctx.dev == "cuda" and ctx.dtype == torch.bfloat16
-    val = mb.get("tokens_per_s_vs_hf_ckpt")
-    if mb.get("status") != "ok":
-        reason = str(mb.get("reason") or mb.get("error") or "no MemoryBudget row")
-        unreachable = reason.startswith("unreachable")
+    mem = "peak_bytes" if ctx.dev == "cuda" else "saved_bytes"
+    names = ([MB_HF_PEAK] if ctx.dev == "cuda" else []) + [MB_HF]
+    rows = [(n, by.get(f"fused-{be} {n}", {})) for n in names]
+    ok = [(n, r) for n, r in rows if r.get("status") == "ok"]
+
+    def mratio(r):
+        return (r[mem] / hf[mem]) if (r.get(mem) is not None and hf.get(mem)) else None
+
+    def mtxt(n, r):
+        return f"{n}: {mem.replace('_', ' ')} ratio {fmt(mratio(r))}"
+
+    if not ok:
+        reason = "; ".join(f"{n}: {r.get('reason') or r.get('error') or 'no row'}" for n, r in rows)
+        unreachable = all(str(r.get("reason") or "").startswith("unreachable") for _, r in rows)
         return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=None, measured=False,
                       detail=reason + ("" if on else f" (CUDA bf16 target; this run: {ctx.dev})"),
                       force_status=NOT_MET if (on and unreachable) else None)
-    mem = "peak_bytes" if ctx.dev == "cuda" else "saved_bytes"
-    mratio = (mb[mem] / hf[mem]) if (mb.get(mem) is not None and hf.get(mem)) else None
-    mtxt = f"{mem.replace('_', ' ')} ratio {fmt(mratio)}"
     if not on:
+        n, r = ok[-1]
         return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=None, measured=False,
-                      detail=f"CUDA bf16 target; this run: {ctx.dev} {T.dtype_name(ctx.dtype)}, {mtxt}",
-                      info_value=val)
-    if mratio is not None and mratio > PEAK_MATCH:
-        return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=val, measured=val is not None,
-                      detail=f"NOT at the same memory: {mtxt} > {PEAK_MATCH}; counts as not met",
-                      force_status=NOT_MET)
-    t = Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=val, measured=val is not None, detail=mtxt)
-    return t
+                      detail=f"CUDA bf16 target; this run: {ctx.dev} {T.dtype_name(ctx.dtype)}, {mtxt(n, r)}",
+                      info_value=r.get("tokens_per_s_vs_hf_ckpt"))
+    fair = [(n, r) for n, r in ok if mratio(r) is not None and mratio(r) <= PEAK_MATCH]
+    if not fair:
+        n, r = ok[0]
+        return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=r.get("tokens_per_s_vs_hf_ckpt"),
+                      measured=r.get("tokens_per_s_vs_hf_ckpt") is not None,
+                      detail=f"NOT at the same memory: {'; '.join(mtxt(n, r) for n, r in ok)} > {PEAK_MATCH}; "
+                             "counts as not met", force_status=NOT_MET)
+    n, r = max(fair, key=lambda nr: nr[1].get("tokens_per_s_vs_hf_ckpt") or 0.0)
+    val = r.get("tokens_per_s_vs_hf_ckpt")
+    return Target("step.mb_vs_hf_ckpt", NAME, what, ">=", STEP_TARGET, value=val, measured=val is not None,
+                  detail=mtxt(n, r))
 
 
 def markdown(rows: list, suite_info: dict, device: str) -> str:
@@ -363,5 +409,8 @@ def markdown(rows: list, suite_info: dict, device: str) -> str:
         out += [f"MemoryBudget budgets (sites only): full {fmt_bytes(pre['site_bytes_full'])}, none "
                 f"{fmt_bytes(pre['site_bytes_none'])}; outside the sites the patched model saves "
                 f"{fmt_bytes(pre['non_site_bytes'])}; Hugging Face full checkpointing saves "
-                f"{fmt_bytes(pre['hf_ckpt_saved'])} in all.", ""]
+                f"{fmt_bytes(pre['hf_ckpt_saved'])} in all."
+                + (f" One-step CUDA peaks: fused full {fmt_bytes(pre['peak_fused_full'])}, Hugging Face "
+                   f"checkpointing {fmt_bytes(pre['peak_hf_ckpt'])} (the difference is the peak-matched "
+                   "MemoryBudget's extra budget)." if "peak_hf_ckpt" in pre else ""), ""]
     return "\n".join(out)
