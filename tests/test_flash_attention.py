@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import fused_ckpt.ops.attention as attention_ops
 from fused_ckpt.functional_attention import flash_attention
-from fused_ckpt.ops.attention import flash_attn_backward, flash_attn_forward
+from fused_ckpt.ops.attention import AtenAttention, flash_attn_backward, flash_attn_forward
 
 from .conftest import HAS_CUDA, INTERPRET
 from .helpers import SavedTensors, assert_close_by_rule
@@ -145,6 +147,93 @@ def test_aten_gradcheck_float64():
     kpm = torch.tensor([[True, True, False, True, True, True, False]])
     fn = lambda q, k, v: flash_attention(q, k, v, causal=True, key_padding_mask=kpm, backend="aten")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the names of the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+CPU_FLASH_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+# (B, S_q, S_kv, H, H_kv, causal, key padding)
+FUSED_CASES = {
+    "gqa": (2, 33, 33, 4, 2, False, None),
+    "key-padding": (3, 37, 45, 2, 1, False, "random"),
+    "causal-square-gqa": (1, 130, 130, 8, 2, True, None),
+    "causal-left-padded": (2, 40, 40, 4, 2, True, "left"),  # batch 1: its first 13 queries see no key
+    "causal-more-queries": (1, 30, 10, 2, 2, True, None),  # the first 20 queries see no key
+    "causal-fewer-queries": (1, 20, 50, 4, 1, True, "random"),  # bottom-right: an explicit mask
+    "q1": (2, 1, 17, 4, 1, True, "random"),
+    "masked-batch": (2, 20, 20, 2, 2, False, "batch"),  # batch 1: every key padded
+}
+
+
+def _aten_attention(q, k, v, kpm, causal, scale, do):
+    """AtenAttention forward then backward: (o, lse, dq, dk, dv) and the names of the aten ops run."""
+    with _AtenOps() as ops:
+        o, lse = AtenAttention.forward(q, k, v, kpm, causal, scale)
+        grads = AtenAttention.backward(do, q, k, v, o, lse, kpm, causal, scale, True, True)
+    return (o, lse, *grads), ops.names
+
+
+def _reference_lse(q, k, kpm, causal, scale):
+    """float64 log-sum-exp [B, H, S_q] of the visible scaled scores (-inf: no visible key)."""
+    S_q, H, S_kv = q.shape[1], q.shape[2], k.shape[1]
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(H // k.shape[2], 2)) * scale
+    keep = torch.ones(S_q, S_kv, dtype=torch.bool)
+    if causal:
+        keep = torch.arange(S_kv)[None, :] <= torch.arange(S_q)[:, None] + S_kv - S_q
+    if kpm is not None:
+        keep = keep & kpm[:, None, None, :]
+    return s.masked_fill(~keep, float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.skipif(not attention_ops._CPU_FLASH_TORCH, reason="the fused CPU path needs torch >= 2.9")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_aten_cpu_fused_path(case, dtype, monkeypatch):
+    """The aten backend runs PyTorch's fused CPU flash kernels (both directions) and matches its
+    math path by the 2x rule against float64 (o, lse, dq, dk, dv); rows without a visible key
+    are exactly 0 with lse -inf."""
+    B, S_q, S_kv, H, H_kv, causal, padding = FUSED_CASES[case]
+    q, k, v = _inputs(B, S_q, S_kv, H, H_kv, 64, dtype, device="cpu")
+    kpm = None if padding is None else torch.rand(B, S_kv) > 0.3
+    if padding == "left":
+        kpm[:] = True
+        kpm[1, :13] = False
+    elif padding == "batch":
+        kpm[:] = True
+        kpm[1] = False
+    scale, do = 0.125, torch.randn_like(q)
+
+    assert attention_ops._use_cpu_flash(q, k)
+    fused, ops = _aten_attention(q, k, v, kpm, causal, scale, do)
+    assert CPU_FLASH_OPS <= ops
+    monkeypatch.setattr(attention_ops, "_use_cpu_flash", lambda q, k: False)
+    math_path, ops = _aten_attention(q, k, v, kpm, causal, scale, do)
+    assert not CPU_FLASH_OPS & ops
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_o = math_attention(*leaves, causal=causal, scale=scale, key_padding_mask=kpm)
+    ref = (ref_o, _reference_lse(q, k, kpm, causal, scale), *torch.autograd.grad(ref_o, leaves, do.double()))
+    dead = ref[1] == float("-inf")  # [B, H, S_q]
+    assert dead.any() == (case in ("causal-left-padded", "causal-more-queries", "masked-batch"))
+    for name, got, mp, r in zip(("o", "lse", "dq", "dk", "dv"), fused, math_path, ref):
+        assert got.dtype == mp.dtype and got.shape == mp.shape and got.is_contiguous(), name
+        if name == "lse":
+            assert torch.equal(got == float("-inf"), dead)
+            got, mp, r = got[~dead], mp[~dead], r[~dead]
+        elif name in ("o", "dq"):
+            assert (got.transpose(1, 2)[dead] == 0).all(), f"{name}: rows without a visible key are not 0"
+        assert_close_by_rule(got, r, mp, name)
 
 
 @needs_triton

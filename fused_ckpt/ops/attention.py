@@ -33,8 +33,9 @@ key_padding_mask, n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend)
 
 Everything kept goes through ``ctx.save_for_backward``. Neither op supports double backward.
 Backends: "triton" (the kernels of :mod:`fused_ckpt.kernels.flash_attn_fwd`/``_bwd`` and
-:mod:`fused_ckpt.kernels.rope`; projections are torch GEMMs) and "aten" (a PyTorch math
-implementation, chunked over queries, with the same contract and saved tensors).
+:mod:`fused_ckpt.kernels.rope`; projections are torch GEMMs) and "aten" (PyTorch's fused CPU
+flash-attention kernels on CPU tensors, see ``_use_cpu_flash``, else a PyTorch math
+implementation, chunked over queries; both with the same contract and saved tensors).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
+from torch.torch_version import TorchVersion
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 BLOCK_MODES = ("all", "qkv", "none")
 ATEN_CHUNK_ELEMS = 2**26  # the aten math path keeps [B, H, chunk, S_kv] scores under 256 MiB (fp32)
@@ -108,11 +110,92 @@ def _chunk(B: int, H: int, S_kv: int) -> int:
     return max(1, ATEN_CHUNK_ELEMS // max(B * H * S_kv, 1))
 
 
+# --------------------------------------------------------------------------- aten fused CPU kernel
+_CPU_FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_CPU_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CPU_FLASH_TORCH = TorchVersion(torch.__version__) >= "2.9"  # its CPU kernel takes GQA k/v since 2.9
+
+
+def _use_cpu_flash(q: Tensor, k: Tensor) -> bool:
+    """Whether the aten backend runs PyTorch's fused CPU flash-attention kernels
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``) instead of the
+    chunked math path: CPU tensors in fp32/bf16/fp16/fp64, torch >= 2.9, both sequences
+    non-empty. Every case is exact then: the kernels run in lse_dtype (half types upcast, as
+    the math path does: their own bf16/fp16 path gives a ~1e-5 lse and sums the GQA group's
+    dk/dv in the half type); GQA k/v go in as they are (query head h reads kv head h // G); key
+    padding, and causality when S_q != S_kv (the kernel's is_causal is top-left aligned), go in
+    as an additive -inf mask; queries that see no key get o = 0 and lse = -inf here, and lse
+    +inf in the backward (P = 0: zero gradients). Anything else (CUDA, empty sequences, older
+    torch) takes the math path. The decision depends on q and k alone, so the forward and the
+    backward of the same inputs always take the same path."""
+    return (_CPU_FLASH_TORCH and q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES
+            and q.shape[1] > 0 and k.shape[1] > 0)
+
+
+def _cpu_flash_mask(q: Tensor, k: Tensor, kpm: Optional[Tensor], causal: bool):
+    """The kernels' (is_causal, additive float mask [B or 1, 1, S_q or 1, S_kv] or None)."""
+    S_q, S_kv = q.shape[1], k.shape[1]
+    is_causal = causal and S_q == S_kv  # top-left == bottom-right; otherwise causality is masked
+    keep = _keep_mask(0, S_q, S_q, S_kv, causal and not is_causal, kpm, q.device)
+    if keep is None:
+        return is_causal, None
+    keep = keep[:, 0]
+    mask = torch.zeros(keep.shape, dtype=lse_dtype(q.dtype), device=q.device)
+    return is_causal, mask.masked_fill_(~keep, float("-inf"))
+
+
+def _bhsd(t: Tensor) -> Tensor:
+    """[B, S, H, D] -> the kernels' [B, H, S, D] view, in lse_dtype."""
+    return t.to(lse_dtype(t.dtype)).transpose(1, 2)
+
+
+def _dead_rows(kpm: Optional[Tensor], S_q: int, S_kv: int, causal: bool, device) -> Optional[Tensor]:
+    """[B or 1, S_q] bool, True for a query that sees no key; None when every query sees one."""
+    last = torch.arange(S_q, device=device) + (S_kv - S_q) if causal else torch.full((S_q,), S_kv - 1, device=device)
+    first = 0 if kpm is None else (~kpm).cumprod(-1).sum(-1, keepdim=True)  # first visible key; S_kv: none
+    dead = (last < first).view(-1, S_q)
+    return dead if dead.any() else None
+
+
+def _cpu_flash_forward(q, k, v, kpm, causal, scale):
+    is_causal, mask = _cpu_flash_mask(q, k, kpm, causal)
+    o, lse = _CPU_FLASH_FWD(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, is_causal, attn_mask=mask, scale=scale)
+    o, lse = o.transpose(1, 2).to(q.dtype), lse.contiguous()
+    dead = _dead_rows(kpm, q.shape[1], k.shape[1], causal, q.device)
+    if dead is not None:
+        o = o.masked_fill(dead[:, :, None, None], 0.0)
+        lse = lse.masked_fill(dead[:, None, :], float("-inf"))
+    return o.contiguous(), lse
+
+
+def _cpu_flash_backward(do, q, k, v, o, lse, kpm, causal, scale):
+    is_causal, mask = _cpu_flash_mask(q, k, kpm, causal)
+    grads = _CPU_FLASH_BWD(_bhsd(do), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(o), _safe_lse(lse), 0.0, is_causal,
+                           attn_mask=mask, scale=scale)
+    return tuple(g.transpose(1, 2).to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+# FlopCounterMode has formulas for PyTorch's CUDA SDPA kernels, none for these CPU ones (seen by a
+# counter that looks inside the custom ops below): count them alike (dense, causal not counted).
+if _CPU_FLASH_FWD not in flop_registry:
+    @register_flop_formula(_CPU_FLASH_FWD)
+    def _cpu_flash_fwd_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+if _CPU_FLASH_BWD not in flop_registry:
+    @register_flop_formula(_CPU_FLASH_BWD)
+    def _cpu_flash_bwd_flops(do_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(do_shape, q_shape, k_shape, v_shape)
+
+
 class AtenAttention:
     name = "aten"
 
     @staticmethod
     def forward(q, k, v, kpm, causal, scale):
+        if _use_cpu_flash(q, k):
+            return _cpu_flash_forward(q, k, v, kpm, causal, scale)
         B, S_q, H, D = q.shape
         S_kv, H_kv = k.shape[1], k.shape[2]
         G = H // H_kv
@@ -133,6 +216,9 @@ class AtenAttention:
 
     @staticmethod
     def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv):
+        if _use_cpu_flash(q, k):  # one kernel computes all three
+            dq, dk, dv = _cpu_flash_backward(do, q, k, v, o, lse, kpm, causal, scale)
+            return (dq if need_dq else None), (dk if need_dkdv else None), (dv if need_dkdv else None)
         B, S_q, H, D = q.shape
         S_kv, H_kv = k.shape[1], k.shape[2]
         G = H // H_kv
