@@ -298,8 +298,9 @@ class _SeeThroughAttention(TorchDispatchMode):
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_recompute_flops_match_flop_counter(causal):
     """"qkv" recomputes exactly the q/k/v projections; "all" also the attention forward, which
-    the aten math path computes in full even when causal (the prediction halves it, as
-    FlashAttention's convention and the Triton kernels' tile skipping do)."""
+    the aten path (and FlopCounterMode's count of PyTorch's flash kernels) counts in full even
+    when causal (the prediction halves it, as FlashAttention's convention and the Triton
+    kernels' tile skipping do)."""
     from fused_ckpt.policy import attention_forward_flops, attention_recompute_flops
 
     torch.manual_seed(0)
