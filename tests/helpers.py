@@ -1,6 +1,8 @@
 """Shared test helpers: the tolerance rule; saved-tensor accounting comes from the package."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fused_ckpt.accounting import SavedTensors, unique_saved_bytes  # noqa: F401
@@ -29,3 +31,16 @@ def assert_close_by_rule(got: torch.Tensor, ref64: torch.Tensor, pt_same_dtype: 
     if got.numel():
         assert scale > 0, f"{name}: reference is all zeros (vacuous test)"
         assert err <= 0.1 * scale, f"{name}: error {err:.3e} is not small against scale {scale:.3e}"
+
+
+@contextlib.contextmanager
+def deterministic():
+    """PyTorch's deterministic mode (``warn_only``: cuBLAS would otherwise demand
+    CUBLAS_WORKSPACE_CONFIG), restored afterwards. The Triton attention backward then runs its
+    two-kernel path instead of the single pass with fp32 atomics for dQ."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)

@@ -5,13 +5,26 @@
     dV    = P^T dO,   dP = dO V^T,   dS = P * (dP - delta)
     dK    = scale * dS^T Q,          dQ = scale * dS K
 
-Two kernels, no atomics, so results are bitwise reproducible:
+Kernels:
   * ``_flash_bwd_dkdv_kernel``: one program per (key block, kv head, batch); one flat loop
     over (query head of its GQA group, query block that sees the key block), so dK/dV of a
     shared kv head are summed in registers. (Flat: a head loop around a block loop made the
-    sm_90 build spill its dK/dV accumulators.)
+    sm_90 build spill its dK/dV accumulators.) With ATOMIC_DQ it also adds each tile's
+    scale * dS K to an fp32 dQ buffer [B, S_q, H, D] with atomics (a program adds to the dQ
+    rows of each query head of its group that see its keys), cast to the inputs' dtype after.
   * ``_flash_bwd_dq_kernel``: one program per (query block, head, batch), looping over the
     key blocks the forward visited.
+
+Two paths (``single_pass`` decides):
+  * single pass (the default when dq, dk and dv are all wanted): the dK/dV kernel with
+    ATOMIC_DQ. S = Q K^T and dP = dO V^T are computed once per tile: 5 GEMMs per visible
+    (query, key) pair, 2.5x the forward's FLOPs, as FlashAttention-2. The order in which
+    the atomics land varies from run to run on a GPU, so dq is not bitwise reproducible
+    (dk and dv are); FlashAttention's backward is non-deterministic by default too.
+  * deterministic (``torch.use_deterministic_algorithms(True)``, ``warn_only`` or not): both
+    kernels, no atomics, bitwise reproducible; S and dP are computed by both kernels (7
+    GEMMs per pair, 3.5x the forward). Also taken when only dq or only dk/dv is wanted
+    (then one kernel runs: 3 GEMMs per pair for dq alone, 4 for dk/dv alone).
 A query with LSE = -inf (it saw no key) gets P = 0 everywhere: its LSE is read as +inf.
 """
 from __future__ import annotations
@@ -30,8 +43,9 @@ PRE_BLOCK_M = 64  # delta preprocess: a 64-row tile of dO*O is 16-64 KiB of load
 def dkdv_configs() -> list[triton.Config]:
     """BLOCK_N keys stay resident (K, V, dK, dV: four [BLOCK_N, D] tiles) while BLOCK_M query
     rows stream past, so BLOCK_N is the larger side, as in FlashAttention-2. Mostly 8 warps:
-    compiled for sm_90 (triton 3.6), these tiles keep the four resident tiles in registers
-    without spilling at D=64 (D=128: under 100 bytes), where 4-warp versions spill."""
+    compiled for sm_90 (triton 3.6 and 3.9), these tiles keep the four resident tiles in
+    registers where 4-warp versions spill. ``_prune_dkdv`` picks those that build without
+    spills for each head dim and path (the single pass also holds a dQ tile)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
     return [
@@ -42,6 +56,7 @@ def dkdv_configs() -> list[triton.Config]:
             (16, 128, 3, 8),
             (32, 64, 3, 8),
             (32, 64, 3, 4),
+            (32, 32, 3, 8),
             (32, 32, 2, 4),
         )
     ]
@@ -97,18 +112,77 @@ def _load_lse(lse_base, stride_ls, offs_m, S_q):
 
 
 # --------------------------------------------------------------------------- dK / dV
+_prune_by_tile = prune_by_head_dim(64 * 128)
+# Registers per thread a single-pass dK/dV program may need, estimated as 32-bit words of its
+# tiles: dK, dV [BLOCK_N, D] and dQ [BLOCK_M, D] fp32, S^T and dP^T [BLOCK_N, BLOCK_M] fp32,
+# K, V [BLOCK_N, D] and Q, dO [BLOCK_M, D] in the inputs' dtype. Compiled for sm_90 (ptxas -v,
+# triton 3.6 and 3.9, 16-bit inputs), every surviving config up to 256 builds without spills
+# (32x128 on 8 warps at head_dim 128: 255 registers); the next ones, 272 (32x64 on 8 warps at
+# head_dim 256) and 288 (32x64 on 4 warps at 128), spill.
+ATOMIC_DQ_REGS = 256
+
+
+def _atomic_dq_regs(cfg: triton.Config, head_dim: int, elem: int) -> int:
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    words = 2 * bn * head_dim + bm * head_dim + 2 * bn * bm + (2 * bn + 2 * bm) * head_dim * elem // 4
+    return words // (32 * cfg.num_warps)
+
+
+def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool) -> bool:
+    """Register rules on top of the tile-size pruning, from sm_90 builds (ptxas -v, triton
+    3.6 and 3.9, 16-bit inputs; fp32 inputs, whose IEEE dots skip the tensor cores, spill in
+    every config of both paths):
+      * 4 warps holding 128 fp32 registers of dK and dV per thread (32x64 tiles at head_dim
+        128) sit at the 255-register limit: triton 3.6 spills (both paths);
+      * 32x32 tiles on 8 warps are kept for head_dim 256 only, where they are the one tile
+        that builds without spills (both paths); at smaller head dims ptxas gives some of
+        those builds too few registers, and they spill a few bytes;
+      * the single pass (ATOMIC_DQ) keeps configs within ATOMIC_DQ_REGS."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if cfg.num_warps == 4 and 2 * bn * head_dim // (32 * cfg.num_warps) >= 128:
+        return False
+    if cfg.num_warps == 8 and bm * bn <= 32 * 32 and head_dim < 256:
+        return False
+    return not atomic or _atomic_dq_regs(cfg, head_dim, elem) <= ATOMIC_DQ_REGS
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    """early_config_prune of the dK/dV kernel: tiles by head dim (as the other attention
+    kernels), then ``_dkdv_fits``; if nothing fits, the config with the fewest estimated
+    registers."""
+    kept = _prune_by_tile(configs, named_args, **kwargs)
+    if len(kept) <= 1:  # the interpreter's single config
+        return kept
+    hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    atomic = bool(kwargs.get("ATOMIC_DQ", named_args.get("ATOMIC_DQ", False)))
+    q = named_args.get("q_ptr")
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    return ([c for c in kept if _dkdv_fits(c, hd, elem, atomic)]
+            or [min(kept, key=lambda c: _atomic_dq_regs(c, hd, elem))])
+
+
+def _zero_dq_accumulator(nargs, reset_only=False):
+    """Autotuner pre-hook: benchmarking a config launches the kernel, whose atomics add into
+    the dQ accumulator; zero it before each such launch and before the real one."""
+    if nargs.get("ATOMIC_DQ"):
+        nargs["dq_ptr"].zero_()
+
+
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, q_tile, do_tile,
-    stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls,
+    dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, dq_head0, q_tile, do_tile, dq_tile,
+    stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls, stride_dqh, stride_dqs,
     offs_n, first_m, n_blocks, GROUP, S_q, S_kv, DIAG, sm_scale,
-    MASKED: tl.constexpr, HAS_KPM: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate into dk, dv the query blocks first_m + i * BLOCK_M, i < n_blocks, of each of
     the GROUP query heads sharing this kv head (one flat loop over (head, block): a nested
     head loop around the block loop costs registers). MASKED: apply the causal mask (blocks
-    on the diagonal). Rows past S_q need no mask: they read LSE = +inf, so P = 0."""
+    on the diagonal). Rows past S_q need no mask: they read LSE = +inf, so P = 0.
+    ATOMIC_DQ: also add this key block's share of dQ, scale * dS K, to the fp32 buffer at
+    dq_head0 (keys past S_kv are masked then: their P would multiply zero K rows, but an
+    overflowing P would turn that into NaN)."""
     for it in range(0, GROUP * n_blocks):
         g = it // n_blocks
         start_m = first_m + (it - g * n_blocks) * BLOCK_M
@@ -129,18 +203,26 @@ def _dkdv_inner(
         if MASKED or HAS_KPM:
             keep = _visible(offs_m[None, :], offs_n[:, None], kv_keep[:, None], S_kv, DIAG, MASKED, HAS_KPM)
             pT = tl.where(keep, pT, 0.0)
+        elif ATOMIC_DQ:
+            pT = tl.where(kv_keep[:, None], pT, 0.0)  # kv_keep is offs_n < S_kv here
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=INPUT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, D]
+            tl.atomic_add(dq_head0 + g64 * stride_dqh + m64 * stride_dqs + dq_tile, dq,
+                          mask=in_q[:, None], sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=dkdv_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-                 prune_configs_by={"early_config_prune": prune_by_head_dim(64 * 128)})
+@triton.autotune(configs=dkdv_configs(),
+                 key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM", "ATOMIC_DQ"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv},
+                 pre_hook=_zero_dq_accumulator)
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -149,14 +231,17 @@ def _flash_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     GROUP, S_q, S_kv, Q_BUCKET, KV_BUCKET, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """q_ptr, do_ptr: [B, S_q, H, D]; k_ptr, v_ptr, dk_ptr, dv_ptr: [B, S_kv, H_kv, D];
     kpm_ptr: [B, S_kv] uint8 (read only when HAS_KPM); lse_ptr, delta_ptr: [B, H, S_q] fp32
-    (delta shares lse's strides). Any strides. Grid: (cdiv(S_kv, BLOCK_N), H_kv, B)."""
+    (delta shares lse's strides); dq_ptr: [B, S_q, H, D] fp32, zero-initialised, which
+    ATOMIC_DQ accumulates dQ into (not read otherwise). Any strides.
+    Grid: (cdiv(S_kv, BLOCK_N), H_kv, B)."""
     n0 = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -180,6 +265,10 @@ def _flash_bwd_dkdv_kernel(
     do_head0 = do_ptr + b * stride_dob + h0 * stride_doh
     lse_head0 = lse_ptr + b * stride_lb + h0 * stride_lh
     delta_head0 = delta_ptr + b * stride_lb + h0 * stride_lh
+    # the dQ accumulator is fp32 by contract; the cast pins that for builds that type every
+    # pointer as the inputs' dtype (tools/aot_compile.py); a no-op for the launcher's buffer
+    dq_head0 = dq_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + b * stride_dqb + h0 * stride_dqh
+    dq_tile = _tile_offsets(stride_dqs, stride_dqd, BLOCK_M, HEAD_DIM)
 
     diag = S_kv - S_q
     # query blocks [lo, mid) lie on the causal diagonal (masked); [mid, S_q) see every key of
@@ -193,15 +282,17 @@ def _flash_bwd_dkdv_kernel(
         # queries >= n0 + BLOCK_N - 1 - diag see every key of the block
         mid = tl.minimum(tl.maximum((n0 + BLOCK_N - 1 - diag + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo), end)
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, q_tile, do_tile,
-            stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls,
+            dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, dq_head0,
+            q_tile, do_tile, dq_tile,
+            stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls, stride_dqh, stride_dqs,
             offs_n, lo, (mid - lo) // BLOCK_M, GROUP, S_q, S_kv, diag, sm_scale,
-            True, HAS_KPM, DOT_F32, INPUT_PRECISION, BLOCK_M)
+            True, HAS_KPM, ATOMIC_DQ, DOT_F32, INPUT_PRECISION, BLOCK_M)
     dk, dv = _dkdv_inner(
-        dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, q_tile, do_tile,
-        stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls,
+        dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, dq_head0,
+        q_tile, do_tile, dq_tile,
+        stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls, stride_dqh, stride_dqs,
         offs_n, mid, (end - mid) // BLOCK_M, GROUP, S_q, S_kv, diag, sm_scale,
-        False, HAS_KPM, DOT_F32, INPUT_PRECISION, BLOCK_M)
+        False, HAS_KPM, ATOMIC_DQ, DOT_F32, INPUT_PRECISION, BLOCK_M)
 
     dk = dk * sm_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + n64 * stride_dks
@@ -301,6 +392,14 @@ def _flash_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
+def single_pass(need_dq: bool, need_dkdv: bool) -> bool:
+    """Whether ``flash_attn_bwd`` computes dQ inside the dK/dV kernel with fp32 atomics (one
+    pass, 2.5x the forward's FLOPs) rather than in the separate dQ kernel (bitwise
+    reproducible, 3.5x): when all three gradients are wanted and PyTorch's deterministic mode
+    (``torch.use_deterministic_algorithms(True)``) is off."""
+    return bool(need_dq and need_dkdv) and not torch.are_deterministic_algorithms_enabled()
+
+
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor, kpm: torch.Tensor | None, causal: bool,
                    scale: float, need_dq: bool = True, need_dkdv: bool = True
@@ -311,11 +410,14 @@ def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     B, S_q, H, D = q.shape
     S_kv, H_kv = k.shape[1], k.shape[2]
     check_head_dim(D)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if need_dq else None
+    single = single_pass(need_dq, need_dkdv)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if need_dq and not single else None
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_dkdv else None
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
     if q.numel() == 0 or k.numel() == 0:  # no query or no key: every gradient is zero
-        for t in (dq, dk, dv):
+        if need_dq:
+            dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        for t in (dk, dv):
             if t is not None:
                 t.zero_()
         return dq, dk, dv
@@ -330,12 +432,16 @@ def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm is not None, **dot_flags(q.dtype))
     sizes = (H // H_kv, S_q, S_kv, seq_bucket(S_q), seq_bucket(S_kv), scale)
     if need_dkdv:
+        # single pass: dQ accumulates in fp32 (layout of q); otherwise dq_ptr is never read
+        dq_acc = torch.zeros((B, S_q, H, D), device=q.device, dtype=torch.float32) if single else dk
         _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S_kv, meta["BLOCK_N"]), H_kv, B)](
-            q, k, v, kk, do, lse, delta, dk, dv,
+            q, k, v, kk, do, lse, delta, dk, dv, dq_acc,
             *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *do.stride(), *lse.stride(),
-            *dk.stride(), *dv.stride(), *sizes, **common,
+            *dk.stride(), *dv.stride(), *dq_acc.stride(), *sizes, ATOMIC_DQ=single, **common,
         )
-    if need_dq:
+        if single:
+            dq = dq_acc.to(q.dtype)  # no copy for fp32
+    if need_dq and not single:
         _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), H, B)](
             q, k, v, kk, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *do.stride(), *lse.stride(),
@@ -355,6 +461,7 @@ def aot_specs(B: int = 2, S: int = 4096, H: int = 32, H_kv: int = 8) -> list:
         specs.append((_flash_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M), pre))
         for causal, kpm in ((True, False), (False, True)):
             consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, DOT_F32=False, INPUT_PRECISION=None)
-            specs.append((_flash_bwd_dkdv_kernel, "bf16", consts, ints))
+            for atomic in (False, True):  # deterministic two-kernel path; single pass
+                specs.append((_flash_bwd_dkdv_kernel, "bf16", dict(consts, ATOMIC_DQ=atomic), ints))
             specs.append((_flash_bwd_dq_kernel, "bf16", consts, ints))
     return specs

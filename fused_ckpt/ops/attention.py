@@ -501,11 +501,23 @@ def _attn_fwd_flops(q_shape, k_shape, causal: bool) -> int:
     return 2 * B * H * D * attention_pairs2(S_q, k_shape[1], causal)  # S = Q K^T, O = P V: 2 x 2 per pair
 
 
-def _attn_bwd_flops(q_shape, k_shape, causal: bool, need_dq: bool, need_dkdv: bool) -> int:
-    """dK/dV kernel: S, dV, dP, dK (4 GEMMs); dQ kernel: S, dP, dQ (3): without atomics, S and
-    dP are computed by both kernels (3.5x the forward instead of the minimal 2.5x)."""
+def _two_kernel_backward(backend) -> bool:
+    """Whether the backward of ``backend`` computes dQ in a kernel of its own, recomputing S and
+    dP a second time: the Triton backward under ``torch.use_deterministic_algorithms(True)``
+    (:func:`fused_ckpt.kernels.flash_attn_bwd.single_pass` is the launcher's rule)."""
+    return backend == "triton" and torch.are_deterministic_algorithms_enabled()
+
+
+def _attn_bwd_flops(q_shape, k_shape, causal: bool, need_dq: bool, need_dkdv: bool,
+                    two_kernels: bool = False) -> int:
+    """GEMMs per visible (query, key) pair: dK/dV need S, dV, dP, dK (4); dQ needs S, dP, dQ (3);
+    all three in one pass share S and dP (5 = 2.5x the forward: the aten path and the Triton
+    single-pass backward); the deterministic Triton backward's two kernels both compute S and dP
+    (7 = 3.5x)."""
     B, S_q, H, D = q_shape
     per_gemm = B * H * D * attention_pairs2(S_q, k_shape[1], causal)  # 2 FLOPs per pair and D
+    if need_dq and need_dkdv:
+        return per_gemm * (7 if two_kernels else 5)
     return per_gemm * (4 * need_dkdv + 3 * need_dq)
 
 
@@ -519,7 +531,9 @@ def _flash_backward_flops(do_shape, q_shape, k_shape, v_shape, o_shape, lse_shap
                           needs_grad, *args, out_shape=None, **kwargs) -> int:
     if q_shape[1] == 0 or k_shape[1] == 0:
         return 0
-    return _attn_bwd_flops(q_shape, k_shape, causal, needs_grad[0], needs_grad[1] or needs_grad[2])
+    backend = args[0] if args else kwargs.get("backend")
+    return _attn_bwd_flops(q_shape, k_shape, causal, needs_grad[0], needs_grad[1] or needs_grad[2],
+                           _two_kernel_backward(backend))
 
 
 def _proj_flops(x_shape, wq_shape, wk_shape, wv_shape) -> int:
@@ -561,7 +575,8 @@ def _block_backward_flops(dy_shape, x_shape, wq_shape, bq_shape, wk_shape, bk_sh
         flops += 2 * T * d_out * hd  # dWo = dY^T O
     if need_attn:
         flops += 2 * T * d_out * hd  # dO = dY Wo
-        flops += _attn_bwd_flops(qs, ks, causal, True, True)
+        backend = args[-1] if args else kwargs.get("backend")
+        flops += _attn_bwd_flops(qs, ks, causal, True, True, _two_kernel_backward(backend))
         for w_shape, need_w in ((wq_shape, need_wq), (wk_shape, need_wk), (wv_shape, need_wv)):
             flops += 2 * T * w_shape[0] * x_shape[-1] * (int(need_w) + int(need_x))  # dW, dX
     return flops
