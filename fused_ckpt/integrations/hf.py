@@ -94,8 +94,7 @@ class FusedHFAttention(FusedCheckpointedAttention):
             if hasattr(attn, name):
                 new.__dict__[name] = getattr(attn, name)
         new.__dict__["_hf_forward"] = type(attn).forward
-        params = inspect.signature(type(attn).forward).parameters
-        new.__dict__["_hf_cache_kw"] = "cache" if "cache" in params else "past_key_values"
+        new.__dict__["_hf_cache_kw"] = _cache_kw(type(attn).forward)
         return new
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
@@ -176,17 +175,20 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
         new.gradient_checkpointing = False
         new.train(layer.training)
         new.__dict__["_hf_forward"] = type(layer).forward
-        new.__dict__["_hf_cache_kw"] = parts["self_attn"]._hf_cache_kw
+        new.__dict__["_hf_cache_kw"] = _cache_kw(type(layer).forward)
         why = _same_as_hf(new, layer)
         if why is not None:
             return None, why
         return new, "FusedHFDecoderLayer: whole-layer recompute"
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
-                past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        cache = None
+        for key in _CACHE_KEYS:  # the name differs across transformers versions
+            c = kwargs.pop(key, None)
+            cache = c if c is not None else cache
         generating = cache is not None and not (self.training and torch.is_grad_enabled())
-        if not generating and self._whole_block_recompute(hidden_states):
+        if not generating and not kwargs.get("output_attentions") and self._whole_block_recompute(hidden_states):
             B, S = hidden_states.shape[0], hidden_states.shape[1]
             kpm = _key_padding(attention_mask, B, S)
             if kpm is not _UNSUPPORTED:
@@ -221,6 +223,16 @@ def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
             not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
         return "its forward is not the pre-norm residual layout h = x + attn(norm1(x)); y = h + mlp(norm2(h))"
     return None
+
+
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+
+
+def _cache_kw(forward) -> str:
+    """The KV-cache keyword of a Hugging Face forward (transformers 5: ``cache``; 4.x:
+    ``past_key_values`` or ``past_key_value``)."""
+    params = inspect.signature(forward).parameters
+    return next((k for k in _CACHE_KEYS if k in params), "past_key_values")
 
 
 _UNSUPPORTED = object()
