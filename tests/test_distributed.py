@@ -1,4 +1,6 @@
-"""Distributed training with fused FFNs: two CPU processes over torch.distributed (gloo).
+"""Distributed training with fused FFNs and with a Hugging Face Llama whose decoder layers
+``patch_hf_model`` turned into whole-layer-recompute blocks: two CPU processes over
+torch.distributed (gloo).
 
 DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``) give the single-process losses and
 gradients, and gradient accumulation over micro-batches (``no_sync`` / FSDP2's
@@ -68,14 +70,46 @@ def _loss(model, x, y):
     return (model(x) - y).square().mean()
 
 
-def _reference():
+# A tiny Hugging Face Llama patched by patch_hf_model: its decoder layers become
+# FusedHFDecoderLayer blocks recomputed whole ("full"), the case FSDP2 shards layer by layer.
+HF_VOCAB = 64
+
+
+def _hf_model():
+    import transformers
+
+    from fused_ckpt.integrations.hf import FusedHFDecoderLayer, patch_hf_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, attn_implementation="eager")
+    m = transformers.LlamaForCausalLM(cfg).train()
+    patch_hf_model(m, "full", backend="aten")
+    assert all(isinstance(layer, FusedHFDecoderLayer) and layer.recompute == "full" for layer in m.model.layers)
+    return m
+
+
+def _hf_data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, HF_VOCAB, (BATCH, SEQ), generator=g), None) for _ in range(STEPS)]
+
+
+def _hf_loss(model, ids, _):
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+TASKS = {"ffn": (_model, _data, _loss), "hf": (_hf_model, _hf_data, _hf_loss)}
+
+
+def _reference(task):
     """Single process, whole batch: per step (loss, {name: grad}); SGD steps in between."""
-    model = _model()
+    make, data, loss_fn = TASKS[task]
+    model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = []
-    for x, y in _data():
+    for x, y in data():
         opt.zero_grad()
-        loss = _loss(model, x, y)
+        loss = loss_fn(model, x, y)
         loss.backward()
         out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         opt.step()
@@ -83,8 +117,14 @@ def _reference():
 
 
 def _shard(t, rank):
+    if t is None:
+        return None
     n = t.shape[0] // WORLD
     return t[rank * n:(rank + 1) * n]
+
+
+def _chunks(t, micro):
+    return [None] * micro if t is None else t.chunk(micro)
 
 
 def _check(step, loss, grads, ref):
@@ -101,20 +141,21 @@ def _global_loss(local):
     return t / WORLD
 
 
-def _ddp(rank, ref, micro):
+def _ddp(rank, ref, micro, task):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(_model())
+    make, data, loss_fn = TASKS[task]
+    model = DDP(make())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step, (x, y) in enumerate(_data()):
+    for step, (x, y) in enumerate(data()):
         x, y = _shard(x, rank), _shard(y, rank)
         opt.zero_grad()
         total = 0.0
-        for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+        for i, (xm, ym) in enumerate(zip(x.chunk(micro), _chunks(y, micro))):
             last = i == micro - 1
             ctx = model.no_sync() if not last else _null()
             with ctx:
-                loss = _loss(model, xm, ym) / micro
+                loss = loss_fn(model, xm, ym) / micro
                 loss.backward()
             total = total + loss.detach()
         grads = {n.removeprefix("module."): p.grad for n, p in model.named_parameters()}
@@ -122,21 +163,24 @@ def _ddp(rank, ref, micro):
         opt.step()
 
 
-def _fsdp2(rank, ref, micro):
+def _fsdp2(rank, ref, micro, task):
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
-    for layer in model.layers:
+    make, data, loss_fn = TASKS[task]
+    from fused_ckpt.policy import find_layers
+
+    model = make()
+    for layer in find_layers(model)[1]:  # Tiny.layers / LlamaForCausalLM.model.layers
         fully_shard(layer)
     fully_shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step, (x, y) in enumerate(_data()):
+    for step, (x, y) in enumerate(data()):
         x, y = _shard(x, rank), _shard(y, rank)
         opt.zero_grad()
         total = 0.0
-        for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+        for i, (xm, ym) in enumerate(zip(x.chunk(micro), _chunks(y, micro))):
             model.set_requires_gradient_sync(i == micro - 1)
-            loss = _loss(model, xm, ym) / micro
+            loss = loss_fn(model, xm, ym) / micro
             loss.backward()
             total = total + loss.detach()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -144,14 +188,15 @@ def _fsdp2(rank, ref, micro):
         opt.step()
 
 
-def _accumulation_single_process(rank, ref, micro):
-    model = _model()
+def _accumulation_single_process(rank, ref, micro, task):
+    make, data, loss_fn = TASKS[task]
+    model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step, (x, y) in enumerate(_data()):
+    for step, (x, y) in enumerate(data()):
         opt.zero_grad()
         total = 0.0
-        for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
-            loss = _loss(model, xm, ym) / micro
+        for xm, ym in zip(x.chunk(micro), _chunks(y, micro)):
+            loss = loss_fn(model, xm, ym) / micro
             loss.backward()
             total = total + loss.detach()
         _check(step, total, {n: p.grad for n, p in model.named_parameters()}, ref)
@@ -167,11 +212,14 @@ class _null:
 
 
 SCENARIOS = {
-    "ddp": (_ddp, 1),
-    "ddp_accumulation": (_ddp, 2),
-    "fsdp2": (_fsdp2, 1),
-    "fsdp2_accumulation": (_fsdp2, 2),
-    "accumulation": (_accumulation_single_process, 4),
+    "ddp": (_ddp, 1, "ffn"),
+    "ddp_accumulation": (_ddp, 2, "ffn"),
+    "fsdp2": (_fsdp2, 1, "ffn"),
+    "fsdp2_accumulation": (_fsdp2, 2, "ffn"),
+    "accumulation": (_accumulation_single_process, 4, "ffn"),
+    "hf_blocks_ddp": (_ddp, 1, "hf"),
+    "hf_blocks_fsdp2": (_fsdp2, 1, "hf"),
+    "hf_blocks_fsdp2_accumulation": (_fsdp2, 2, "hf"),
 }
 
 
@@ -182,10 +230,10 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     results = {}
     try:
-        ref = _reference()
-        for name, (fn, micro) in SCENARIOS.items():
+        refs = {task: _reference(task) for task in TASKS}
+        for name, (fn, micro, task) in SCENARIOS.items():
             try:
-                fn(rank, ref, micro)
+                fn(rank, refs[task], micro, task)
                 results[name] = "ok"
             except Exception as e:  # recorded for the test to report exactly
                 results[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
