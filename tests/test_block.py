@@ -149,6 +149,28 @@ def test_full_recompute_frozen_params_and_no_grad():
     assert s.saved == []
 
 
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_full_recompute_under_autocast_is_bitwise_the_module_path(norm):
+    """The whole-block backward recomputes under the forward's autocast state (as
+    torch.utils.checkpoint does): output and every gradient equal recompute=None's bitwise."""
+    x = torch.randn(B, S, D_MODEL)
+    g = torch.randn(B, S, D_MODEL)
+    out = {}
+    for rc in ("full", None):
+        blk = _make(norm=norm, recompute=rc, bias=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = blk(xg)
+        y.backward(g)
+        out[rc] = (y, xg.grad, {n: prm.grad for n, prm in blk.named_parameters()})
+    (y1, dx1, g1), (y2, dx2, g2) = out["full"], out[None]
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+    assert set(g1) == set(g2) and all(g1[n].dtype == torch.float32 for n in g1)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+    assert dx1.abs().sum() > 0
+
+
 def test_bad_block_arguments():
     with pytest.raises(ValueError, match="norm must be"):
         FusedCheckpointedBlock(64, 2, 48, norm="batchnorm")

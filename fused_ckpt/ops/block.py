@@ -88,6 +88,8 @@ class BlockFullRecompute(torch.autograd.Function):
                               chunk_tokens=spec.chunk_tokens, backend=spec.backend)
         ctx.spec = spec
         ctx.n_stats = len(stats1)
+        dev = x.device.type  # the backward recomputes under the same autocast state, as checkpoint does
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, position_ids, mask, *stats1, *stats2, *params)
         return y
 
@@ -108,7 +110,8 @@ class BlockFullRecompute(torch.autograd.Function):
         #    second recompute inside this backward)
         leaves = {n: (t.detach().requires_grad_(needs[n]) if t is not None else None)
                   for n, t in zip(PARAM_NAMES, params)}
-        with torch.enable_grad():
+        dev, ac_on, ac_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
             xg = x.detach().requires_grad_(need_x)
             n1 = _norm_from_stats(spec, xg, leaves["norm1_w"], leaves["norm1_b"], stats1)
             h = xg + _attention(spec, n1, leaves, position_ids, mask, False)
@@ -117,11 +120,17 @@ class BlockFullRecompute(torch.autograd.Function):
         # 2. the FFN's own backward: Z recomputed inside the fused kernel, no FFN forward
         ffn_names = ("w1", "b1", "w2", "b2")
         ffn_needs = [True] + [needs[n] for n in ffn_names]
+        #    (under autocast the forward ran the FFN on n2's dtype: weights and dy cast to it,
+        #    weight gradients cast back, as the autocast casts' own backward would)
         be = resolve_backend(spec.backend, x.device)
-        g_n2, dw1, db1, dw2, db2 = ffn_backward(dy, n2.detach(), None, None, leaves["w1"], leaves["b1"],
-                                                leaves["w2"], spec.activation, ffn_needs,
-                                                spec.chunk_tokens, be)
-        ffn_grads = dict(zip(ffn_names, (dw1, db1, dw2, db2)))
+        ct = n2.dtype
+        cast = lambda t: None if t is None else t.detach().to(ct)  # noqa: E731
+        g_n2, dw1, db1, dw2, db2 = ffn_backward(dy.to(ct), n2.detach(), None, None, cast(leaves["w1"]),
+                                                cast(leaves["b1"]), cast(leaves["w2"]), spec.activation,
+                                                ffn_needs, spec.chunk_tokens, be)
+        ffn_grads = {n: (g.to(p.dtype) if g is not None and p is not None else g)
+                     for n, g, p in zip(ffn_names, (dw1, db1, dw2, db2),
+                                        (leaves[n] for n in ffn_names))}
 
         # 3. everything upstream of the FFN: dL/dh = dy (residual) + norm2's share of dL/dn2
         wanted = [("x", xg)] if need_x else []
