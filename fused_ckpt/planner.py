@@ -5,7 +5,8 @@ What is counted (the *scope*)
 -----------------------------
 For a Llama-family model (Llama, Mistral, Qwen2; a built-in name, a ``config.json``, a
 ``PretrainedConfig`` or a Hugging Face model), the prediction is for the model as
-:func:`fused_ckpt.integrations.hf.patch_hf_model` leaves it (every attention, MLP and RMSNorm fused), trained
+:func:`fused_ckpt.integrations.hf.patch_hf_model` leaves it (every attention, MLP and RMSNorm fused,
+each decoder layer a whole-layer block unless the config has a sliding window), trained
 with ``model(input_ids, labels=labels)`` in one dtype (no autocast). "Activations" are all the
 bytes autograd keeps for backward during that forward, counted once per storage, parameters
 excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, deduplicated:
@@ -18,6 +19,8 @@ each RMSNorm            (patched to FusedRMSNorm) its input e T d and the fp32 r
 attention (fused)       x e T d, lse 4 T H; + output e T H D ("qkv", False); + q, k, v (False)
 MLP (fused)             x e T d; + pre-activation e T 2f (False, "none"); + activation e T f ("none")
 residual adds           nothing
+decoder layer, "full"   (whole-layer block) x e T d and both norms' fp32 rstd 2 x 4 T, instead of
+                        its norms', attention's and MLP's items above
 LM head                 its input e T d
 loss (HF ForCausalLM)   fp32 log-softmax 4 T V, shifted targets 8 T, the loss weight 4
 ======================  ======================================================================
