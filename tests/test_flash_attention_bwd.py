@@ -309,3 +309,27 @@ def test_single_pass_configs_and_aot_specs(monkeypatch):
     specs = [(consts["HEAD_DIM"], consts.get("ATOMIC_DQ")) for kernel, _, consts, _ in bwd.aot_specs()
              if kernel is bwd._flash_bwd_dkdv_kernel]
     assert {(64, True), (128, True), (64, False), (128, False)} <= set(specs)
+
+
+def test_autotune_off_keeps_the_first_survivor(monkeypatch):
+    """FUSED_CKPT_AUTOTUNE=0 (the GPU tests of gpu_check.sh): each pruner returns one config,
+    the first that its own rules keep."""
+    from fused_ckpt.kernels import _common
+    from fused_ckpt.kernels import flash_attn_fwd as fwd
+
+    monkeypatch.setattr(bwd, "INTERPRET", False)
+    configs = bwd.dkdv_configs()
+
+    class Elem:
+        def element_size(self):
+            return 2
+
+    named = {"q_ptr": Elem()}
+    tuned = {(hd, atomic): bwd._prune_dkdv(configs, named, HEAD_DIM=hd, ATOMIC_DQ=atomic)
+             for hd in (64, 128) for atomic in (False, True)}
+    fwd_tuned = fwd.prune_by_head_dim(128 * 128)(configs, named, HEAD_DIM=128)
+    assert any(len(v) > 1 for v in tuned.values()) and len(fwd_tuned) > 1
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    for (hd, atomic), kept in tuned.items():
+        assert bwd._prune_dkdv(configs, named, HEAD_DIM=hd, ATOMIC_DQ=atomic) == kept[:1], (hd, atomic)
+    assert fwd.prune_by_head_dim(128 * 128)(configs, named, HEAD_DIM=128) == fwd_tuned[:1]

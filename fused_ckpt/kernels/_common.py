@@ -7,6 +7,16 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# FUSED_CKPT_AUTOTUNE=0: every autotuned kernel keeps only the first config that survives its
+# pruning, so each kernel variant compiles once instead of once per candidate (correctness runs
+# on a GPU, e.g. the GPU tests of benchmarks/gpu_check.sh); benchmarks keep autotuning.
+AUTOTUNE = os.environ.get("FUSED_CKPT_AUTOTUNE", "1") != "0"
+
+
+def autotune_candidates(kept: list) -> list:
+    """What an ``early_config_prune`` returns: its survivors, or only the first of them when
+    FUSED_CKPT_AUTOTUNE=0."""
+    return kept if AUTOTUNE else kept[:1]
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
@@ -79,7 +89,7 @@ def resource_pruner(acc_tiles, stage_bytes, ptr_name: str, acc_budget: int):
             smem = c.num_stages * stage_bytes(kw, kwargs, elem)
             if regs <= budget and smem <= SMEM_BYTES:
                 kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return autotune_candidates(kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])])
 
     return prune
 

@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_flags
+from ._common import INTERPRET, autotune_candidates, dot_flags
 from .flash_attn_fwd import (LOG2E, _kv_stages, _tile_offsets, _visible, check_head_dim, kpm_arg,
-                             prune_by_head_dim, seq_bucket, tile_safe)
+                             prune_by_head_dim, seq_bucket, tile_safe, tiles_within)
 
 PRE_BLOCK_M = 64  # delta preprocess: a 64-row tile of dO*O is 16-64 KiB of loads at D=64-256
 
@@ -112,7 +112,6 @@ def _load_lse(lse_base, stride_ls, offs_m, S_q):
 
 
 # --------------------------------------------------------------------------- dK / dV
-_prune_by_tile = prune_by_head_dim(64 * 128)
 # Registers per thread a single-pass dK/dV program may need, estimated as 32-bit words of its
 # tiles: dK, dV [BLOCK_N, D] and dQ [BLOCK_M, D] fp32, S^T and dP^T [BLOCK_N, BLOCK_M] fp32,
 # K, V [BLOCK_N, D] and Q, dO [BLOCK_M, D] in the inputs' dtype. Compiled for sm_90 (ptxas -v,
@@ -150,15 +149,15 @@ def _prune_dkdv(configs, named_args, **kwargs):
     """early_config_prune of the dK/dV kernel: tiles by head dim (as the other attention
     kernels), then ``_dkdv_fits``; if nothing fits, the config with the fewest estimated
     registers."""
-    kept = _prune_by_tile(configs, named_args, **kwargs)
+    kept = tiles_within(configs, named_args, 64 * 128, **kwargs)
     if len(kept) <= 1:  # the interpreter's single config
         return kept
     hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
     atomic = bool(kwargs.get("ATOMIC_DQ", named_args.get("ATOMIC_DQ", False)))
     q = named_args.get("q_ptr")
     elem = q.element_size() if hasattr(q, "element_size") else 2
-    return ([c for c in kept if _dkdv_fits(c, hd, elem, atomic)]
-            or [min(kept, key=lambda c: _atomic_dq_regs(c, hd, elem))])
+    return autotune_candidates([c for c in kept if _dkdv_fits(c, hd, elem, atomic)]
+                               or [min(kept, key=lambda c: _atomic_dq_regs(c, hd, elem))])
 
 
 def _zero_dq_accumulator(nargs, reset_only=False):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_flags
+from ._common import INTERPRET, autotune_candidates, dot_flags
 
 # Globals read inside @triton.jit code must be tl.constexpr (plain floats fail to compile).
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e)), exp2 is the fast op
@@ -56,20 +56,25 @@ def fwd_configs() -> list[triton.Config]:
     ]
 
 
+def tiles_within(configs, named_args, max_tile_elems: int, **kwargs) -> list:
+    """The configs whose BLOCK_M*BLOCK_N*HEAD_DIM working set fits: ``max_tile_elems`` bounds
+    BLOCK_M * BLOCK_N for 16-bit inputs at head_dim 64; larger head dims and fp32 inputs scale it
+    down (checked by compiling every config for sm_90 with triton 3.6; a config that still does
+    not fit raises OutOfResources, which the autotuner skips). The smallest tile if none fits."""
+    hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    q = named_args.get("q_ptr")
+    esize = q.element_size() if hasattr(q, "element_size") else 2
+    limit = max_tile_elems * 64 // hd * 2 // esize
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
 def prune_by_head_dim(max_tile_elems: int):
-    """early_config_prune factory: drop tiles whose BLOCK_M*BLOCK_N*HEAD_DIM working set would
-    spill or overflow shared memory. ``max_tile_elems`` bounds BLOCK_M * BLOCK_N for 16-bit
-    inputs at head_dim 64; larger head dims and fp32 inputs scale it down (checked by compiling
-    every config for sm_90 with triton 3.6; a config that still does not fit raises
-    OutOfResources, which the autotuner skips)."""
+    """early_config_prune factory over :func:`tiles_within` (drops tiles that would spill or
+    overflow shared memory)."""
 
     def prune(configs, named_args, **kwargs):
-        hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-        q = named_args.get("q_ptr")
-        esize = q.element_size() if hasattr(q, "element_size") else 2
-        limit = max_tile_elems * 64 // hd * 2 // esize
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return autotune_candidates(tiles_within(configs, named_args, max_tile_elems, **kwargs))
 
     return prune
 
