@@ -171,6 +171,28 @@ def test_full_recompute_under_autocast_is_bitwise_the_module_path(norm):
     assert dx1.abs().sum() > 0
 
 
+def test_full_recompute_compiles_fullgraph():
+    """The whole-block backward is a chain of the ops' own backward functions (no autograd
+    graph inside it), so torch.compile(fullgraph=True) traces the block; same results bitwise."""
+    blk = _make(recompute="full", bias=True)
+    x = torch.randn(B, S, D_MODEL)
+    pos = torch.arange(3, 3 + S)[None].expand(B, S)
+    kpm = torch.ones(B, S, dtype=torch.bool)
+    kpm[-1, S // 2:] = False
+    g = torch.randn(B, S, D_MODEL)
+    runs = []
+    for fn in (blk, torch.compile(blk, fullgraph=True)):
+        blk.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = fn(xg, pos, kpm)
+        y.backward(g)
+        runs.append((y.detach(), xg.grad, {n: prm.grad.clone() for n, prm in blk.named_parameters()}))
+    (y1, dx1, g1), (y2, dx2, g2) = runs
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
 def test_bad_block_arguments():
     with pytest.raises(ValueError, match="norm must be"):
         FusedCheckpointedBlock(64, 2, 48, norm="batchnorm")

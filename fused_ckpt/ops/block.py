@@ -18,7 +18,10 @@ Z = norm2(h) W1^T in registers), so the block costs one forward of the attention
 FFN's up-projection GEMM on top of eager -- the same GEMM work as non-reentrant
 ``torch.utils.checkpoint`` of the block, with fused kernels throughout. The parameters are
 inputs of the autograd Function (saved as themselves), never read from the modules in
-backward, so FSDP's unsharded parameters are the ones used.
+backward, so FSDP's unsharded parameters are the ones used. The backward is an explicit chain
+of the ops' own backward functions (FFN, norm2, attention block, norm1), with no autograd graph
+inside it, so ``torch.compile(fullgraph=True)`` traces the block; under autocast it redoes the
+forward's casts and casts each gradient back, as the casts' own backward would.
 """
 from __future__ import annotations
 
@@ -30,9 +33,12 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ..functional import fused_ffn
-from ..functional_attention import fused_attention_block
+from ..functional_attention import (_autocast, _autocast_off, _check_positions, _check_scale,
+                                    fused_attention_block)
+from .attention import attn_block_backward, attn_block_forward
 from .ffn import ffn_backward
-from .norm import layer_norm, layer_norm_apply_stats, rms_norm, rms_norm_apply_stats
+from .norm import (layer_norm, layer_norm_apply, layer_norm_backward, rms_norm, rms_norm_apply,
+                   rms_norm_backward)
 
 # Flat parameter order of the Function's inputs (None where a module has no such tensor).
 PARAM_NAMES = ("norm1_w", "norm1_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
@@ -60,12 +66,6 @@ def _norm(spec: BlockSpec, x: Tensor, w, b):
         return y, (rstd,)
     y, mean, rstd = layer_norm(x, w, b, spec.eps, spec.backend, return_stats=True)
     return y, (mean, rstd)
-
-
-def _norm_from_stats(spec: BlockSpec, x: Tensor, w, b, stats):
-    if spec.norm == "rmsnorm":
-        return rms_norm_apply_stats(x, w, stats[0], spec.backend)
-    return layer_norm_apply_stats(x, w, b, stats[0], stats[1], spec.backend)
 
 
 def _attention(spec: BlockSpec, n1: Tensor, p: dict, position_ids, mask, recompute):
@@ -102,42 +102,78 @@ class BlockFullRecompute(torch.autograd.Function):
         x, position_ids, mask = saved[:3]
         k = ctx.n_stats
         stats1, stats2 = saved[3:3 + k], saved[3 + k:3 + 2 * k]
-        params = saved[3 + 2 * k:]
+        p = dict(zip(PARAM_NAMES, saved[3 + 2 * k:]))
         needs = dict(zip(PARAM_NAMES, ctx.needs_input_grad[4:]))
         need_x = ctx.needs_input_grad[1]
-
-        # 1. rebuild the attention half as a local graph (attention keeps q, k, v, o: no
-        #    second recompute inside this backward)
-        leaves = {n: (t.detach().requires_grad_(needs[n]) if t is not None else None)
-                  for n, t in zip(PARAM_NAMES, params)}
         dev, ac_on, ac_dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
-            xg = x.detach().requires_grad_(need_x)
-            n1 = _norm_from_stats(spec, xg, leaves["norm1_w"], leaves["norm1_b"], stats1)
-            h = xg + _attention(spec, n1, leaves, position_ids, mask, False)
-            n2 = _norm_from_stats(spec, h, leaves["norm2_w"], leaves["norm2_b"], stats2)
+        # Explicit chain of the ops' own backward functions (no autograd graph: traceable by
+        # torch.compile). Under autocast the forward ran every op on autocast-cast inputs; the
+        # same casts are redone here and each gradient is cast back to its tensor's dtype, as
+        # the casts' own backward would.
+        with torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
+            xc, n1w, n1b, be_n = _prepare_norm(x, p["norm1_w"], p["norm1_b"], spec.backend)
+            wq, bq, wk, bk, wv, bv, wo, bo = _autocast(p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"],
+                                                       p["wo"], p["bo"], device_type=dev)
+        be_a = resolve_backend(spec.backend, x.device)
+        B, S = x.shape[0], x.shape[1]
+        pos = _check_positions(position_ids, B, S, x.device) if position_ids is not None else None
+        scale = _check_scale(spec.scale, p["wq"].shape[0] // spec.n_heads)
+        attn_args = (position_ids if pos is None else pos, mask, spec.n_heads, spec.n_kv_heads, spec.causal, scale,
+                     spec.rope_theta)
+        with _autocast_off(dev):
+            # 1. recompute: norm1 from its statistics, the attention half (keeping q, k, v, o), norm2
+            n1 = _norm_apply(spec, xc, n1w, n1b, stats1, be_n)
+            y_a, o, lse, q, k_, v = attn_block_forward(n1, wq, bq, wk, bk, wv, bv, wo, bo, *attn_args, "none", be_a)
+            h = x + y_a
+        with torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
+            hc, n2w, n2b, _ = _prepare_norm(h, p["norm2_w"], p["norm2_b"], spec.backend)
+        with _autocast_off(dev):
+            n2 = _norm_apply(spec, hc, n2w, n2b, stats2, be_n)
+            # 2. the FFN's own backward: Z recomputed inside the fused kernel, no FFN forward
+            ct = n2.dtype
+            cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
+            ffn_names = ("w1", "b1", "w2", "b2")
+            ffn_needs = [True] + [needs[n] for n in ffn_names]
+            be = resolve_backend(spec.backend, x.device)
+            g_n2, *ffn_grads = ffn_backward(dy.to(ct), n2, None, None, cast(p["w1"]), cast(p["b1"]), cast(p["w2"]),
+                                            spec.activation, ffn_needs, spec.chunk_tokens, be)
+            grads = dict(zip(ffn_names, ffn_grads))
+            # 3. norm2, then dL/dh = dy (residual) + norm2's share
+            dh_n, grads["norm2_w"], grads["norm2_b"] = _norm_grad(spec, g_n2, hc, n2w, stats2, needs["norm2_w"],
+                                                                  needs["norm2_b"], be_n)
+            dh = dy + dh_n.to(h.dtype)
+            # 4. the attention half, then norm1; dL/dx = dh (residual) + norm1's share
+            attn_names = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+            up = need_x or needs["norm1_w"] or needs["norm1_b"]
+            attn_needs = [up] + [needs[n] for n in attn_names]
+            d_n1, *attn_grads = attn_block_backward(dh.to(y_a.dtype), n1, wq, bq, wk, bk, wv, bv, wo, q, k_, v, o, lse,
+                                                    *attn_args, attn_needs, be_a)
+            grads.update(zip(attn_names, attn_grads))
+            dx = None
+            if up:
+                dx_n, grads["norm1_w"], grads["norm1_b"] = _norm_grad(spec, d_n1, xc, n1w, stats1, needs["norm1_w"],
+                                                                      needs["norm1_b"], be_n)
+                dx = dh + dx_n.to(x.dtype) if need_x else None
+        out = [grads[n].to(p[n].dtype) if needs[n] else None for n in PARAM_NAMES]
+        return (None, dx, None, None, *out)
 
-        # 2. the FFN's own backward: Z recomputed inside the fused kernel, no FFN forward
-        ffn_names = ("w1", "b1", "w2", "b2")
-        ffn_needs = [True] + [needs[n] for n in ffn_names]
-        #    (under autocast the forward ran the FFN on n2's dtype: weights and dy cast to it,
-        #    weight gradients cast back, as the autocast casts' own backward would)
-        be = resolve_backend(spec.backend, x.device)
-        ct = n2.dtype
-        cast = lambda t: None if t is None else t.detach().to(ct)  # noqa: E731
-        g_n2, dw1, db1, dw2, db2 = ffn_backward(dy.to(ct), n2.detach(), None, None, cast(leaves["w1"]),
-                                                cast(leaves["b1"]), cast(leaves["w2"]), spec.activation,
-                                                ffn_needs, spec.chunk_tokens, be)
-        ffn_grads = {n: (g.to(p.dtype) if g is not None and p is not None else g)
-                     for n, g, p in zip(ffn_names, (dw1, db1, dw2, db2),
-                                        (leaves[n] for n in ffn_names))}
 
-        # 3. everything upstream of the FFN: dL/dh = dy (residual) + norm2's share of dL/dn2
-        wanted = [("x", xg)] if need_x else []
-        wanted += [(n, leaves[n]) for n in PARAM_NAMES if n not in ffn_names and needs[n]]
-        grads = torch.autograd.grad([h, n2], [t for _, t in wanted], grad_outputs=[dy, g_n2],
-                                    allow_unused=True) if wanted else ()
-        got = dict(zip([n for n, _ in wanted], grads))
-        out = [got.get(n) if n not in ffn_names else (ffn_grads[n] if needs[n] else None)
-               for n in PARAM_NAMES]
-        return (None, got.get("x"), None, None, *out)
+def _prepare_norm(x, w, b, backend):
+    from .norm import _prepare
+
+    return _prepare(x, w, b, backend)
+
+
+def _norm_apply(spec: BlockSpec, x, w, b, stats, backend):
+    if spec.norm == "rmsnorm":
+        return rms_norm_apply(x, w, stats[0], backend)
+    return layer_norm_apply(x, w, b, stats[0], stats[1], backend)
+
+
+def _norm_grad(spec: BlockSpec, dy, x, w, stats, need_w: bool, need_b: bool, backend):
+    """(dx, dw, db) of a norm from its statistics (dw / db None where not needed)."""
+    if spec.norm == "rmsnorm":
+        dx, dw = rms_norm_backward(dy, x, w, stats[0], [True, need_w], backend)
+        return dx, (dw if need_w else None), None
+    dx, dw, db = layer_norm_backward(dy, x, w, stats[0], stats[1], [True, need_w, need_b], backend)
+    return dx, (dw if need_w else None), (db if need_b else None)
