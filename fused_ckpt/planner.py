@@ -6,7 +6,7 @@ What is counted (the *scope*)
 For a Llama-family model (Llama, Mistral, Qwen2; a built-in name, a ``config.json``, a
 ``PretrainedConfig`` or a Hugging Face model), the prediction is for the model as
 :func:`fused_ckpt.integrations.hf.patch_hf_model` leaves it (every attention, MLP and RMSNorm fused,
-each decoder layer a whole-layer block unless the config has a sliding window), trained
+each decoder layer a whole-layer block; a sliding window longer than seq does not matter), trained
 with ``model(input_ids, labels=labels)`` in one dtype (no autocast). "Activations" are all the
 bytes autograd keeps for backward during that forward, counted once per storage, parameters
 excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, deduplicated:
@@ -107,8 +107,9 @@ def _config_layers(cfg: ModelConfig, batch: int, seq: int, e: int) -> list[Layer
                             attention_recompute_flops(batch, seq, d, H, Hkv, D, True, dl),
                             0 if dl is False else T * (H + Hkv) * D) for dl in ATTENTION_DIALS}
     norm = rmsnorm_saved_bytes(T, d, e)
-    # patch_hf_model turns a layer into a whole block unless its attention stays unfused (sliding window)
-    alts = [] if cfg.sliding_window is not None else [
+    # patch_hf_model's layers are whole blocks; beyond a sliding window they run Hugging Face's code
+    windowed = cfg.sliding_window is not None and seq > cfg.sliding_window
+    alts = [] if windowed else [
         block_full_option(batch, seq, d, H, Hkv, D, True, ffn_opts[True].recompute_flops, fc1, e)]
     layers = []
     for i in range(cfg.num_layers):
@@ -293,8 +294,9 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
         n_params = cfg.num_parameters()
         flops = model_flops(cfg, batch, seq)
         if cfg.sliding_window is not None and seq > cfg.sliding_window:
-            notes.append(f"sliding window {cfg.sliding_window} < seq {seq}: modelled as full causal attention "
-                         "(patch_hf_model leaves sliding-window attention unfused)")
+            notes.append(f"sliding window {cfg.sliding_window} < seq {seq}: modelled as full causal fused attention, "
+                         "but at this length a patched model runs Hugging Face's attention and layer code "
+                         "(the prediction does not hold)")
         if not include_loss:
             notes.append("loss not counted")
     weight = n_params * e

@@ -165,12 +165,38 @@ def test_training_with_a_cache_warns_and_matches():
 
 
 # ----------------------------------------------------------------------------- left alone
-def test_sliding_window_attention_is_left_alone():
-    _, model = _pair("mistral", sliding_window=4)
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_sliding_window_fused_up_to_the_window_hf_beyond(impl):
+    """Up to the window attention is exactly causal: fused path, whole blocks, same loss and
+    gradients, saved bytes as the planner predicts; beyond it Hugging Face's attention runs
+    (with a warning), still the same loss and gradients."""
+    W = 4
+    ref, model = _pair("mistral", sliding_window=W, attn_implementation=impl)
     report = patch_hf_model(model, "full", backend="aten")
-    attn = [r for r in report.left_alone if r[0].endswith("self_attn")]
-    assert len(attn) == 2 and all("sliding-window" in r[2] for r in attn)
-    assert sum(isinstance(m, FusedCheckpointedFFN) for m in model.modules()) == 2
+    attn = [r for r in report.replaced if r[0].endswith("self_attn")]
+    assert len(attn) == 2 and all(f"sliding window {W}" in r[2] for r in attn), report
+    assert all(isinstance(m, FusedHFDecoderLayer) for m in model.model.layers)
+    for S_ in (W, 2 * W):
+        ids = torch.randint(0, V, (B, S_))
+        for m in (ref, model):
+            m.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            params = list(model.parameters())
+            with SavedTensors() as saved:
+                out = model(ids, labels=ids, use_cache=False)
+            out.loss.backward()
+        beyond = any("exceed the sliding window" in str(w.message) for w in caught)
+        assert beyond == (S_ > W), (S_, [str(w.message) for w in caught])
+        out_ref = ref(ids, labels=ids, use_cache=False)
+        out_ref.loss.backward()
+        _close(out.loss, out_ref.loss, f"loss S={S_}")
+        g = hf_layout(model, {n: p.grad for n, p in model.named_parameters()})
+        for n, p in ref.named_parameters():
+            _close(g[n], p.grad, f"{n} S={S_}")
+        if S_ <= W:
+            assert unique_saved_bytes(saved.saved, params) == plan(model, B, S_, torch.float32,
+                                                                   "1GiB").min_activation_bytes
 
 
 def test_activation_must_match_the_config():

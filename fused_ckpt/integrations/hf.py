@@ -9,7 +9,7 @@
   evaluating it) is the one the config names (``hidden_act`` / ``hidden_activation`` /
   ``activation_function``);
 * replaces each Llama-style attention (``q_proj/k_proj/v_proj/o_proj`` + config, default rotary
-  embedding, no sliding window, no soft-capping, no dropout) by :class:`FusedHFAttention`, a
+  embedding, no soft-capping, no dropout) by :class:`FusedHFAttention`, a
   :class:`FusedCheckpointedAttention` that accepts the Hugging Face call and keeps Hugging Face's
   parameter names (its state dict loads into the original attention as is);
 * replaces each Llama-style RMSNorm (identified by evaluating it: ``w * x * rsqrt(mean(x^2) + eps)``;
@@ -22,7 +22,11 @@
   checkpointing keeps) and the backward recomputes inside the fused kernels (``blocks=False``
   keeps the layers, with per-module dials only);
 * leaves everything else alone and says why (GPT-2's and Phi-3's packed ``c_attn``/``qkv_proj``
-  attention, sliding windows, active dropout, unknown activations, ...),
+  attention, active dropout, unknown activations, ...),
+
+Sliding windows (Mistral, Qwen2 ``use_sliding_window``): up to ``window`` tokens attention is
+exactly causal, so the fused path runs; a longer call runs Hugging Face's attention (and layer)
+code on the same weights, with a warning.
 
 then applies ``policy`` with :func:`fused_ckpt.apply_checkpointing`. Modules are built on the
 source's device and dtype. MLP parameters are renamed (``mlp.fc1.weight``, ...):
@@ -90,7 +94,8 @@ class FusedHFAttention(FusedCheckpointedAttention):
     @classmethod
     def from_hf(cls, attn: nn.Module, recompute="qkv", **kwargs) -> "FusedHFAttention":
         new = cls.from_module(attn, recompute=recompute, **kwargs)
-        for name in ("config", "layer_idx", "num_key_value_groups", "scaling", "attention_dropout", "is_causal"):
+        for name in ("config", "layer_idx", "num_key_value_groups", "scaling", "attention_dropout", "is_causal",
+                     "sliding_window"):
             if hasattr(attn, name):
                 new.__dict__[name] = getattr(attn, name)
         new.__dict__["_hf_forward"] = type(attn).forward
@@ -104,6 +109,8 @@ class FusedHFAttention(FusedCheckpointedAttention):
         if cache is not None and not training:
             return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
         B, S = hidden_states.shape[0], hidden_states.shape[1]
+        if self.window_exceeded(S):
+            return self._hf(hidden_states, position_embeddings, attention_mask, None, position_ids, kwargs)
         kpm = _key_padding(attention_mask, B, S)
         if kpm is _UNSUPPORTED:
             _warn("fused_ckpt: an attention mask that is not causal + key padding was passed; "
@@ -114,6 +121,17 @@ class FusedHFAttention(FusedCheckpointedAttention):
                   "(as with Hugging Face checkpointing); pass use_cache=False")
         pos = _positions(position_ids, B, S)
         return super().forward(hidden_states, position_ids=pos, key_padding_mask=kpm), None
+
+    def window_exceeded(self, seqlen: int) -> bool:
+        """Whether a sliding window changes attention at this length: up to ``window`` tokens
+        (no cache) it is exactly causal and the fused kernels run; beyond, Hugging Face's
+        attention runs (warning once)."""
+        window = self.__dict__.get("_fused_window")
+        if window is None or seqlen <= window:
+            return False
+        _warn(f"fused_ckpt: {seqlen} tokens exceed the sliding window ({window}); running Hugging Face's "
+              "attention for them (no fused recompute)")
+        return True
 
     def _hf(self, hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs):
         if position_embeddings is None:
@@ -132,7 +150,7 @@ _LAYER_PARTS = {"input_layernorm": FusedRMSNorm, "self_attn": FusedHFAttention,
 
 
 class FusedHFDecoderLayer(FusedCheckpointedBlock):
-    """A Hugging Face pre-norm decoder layer (Llama, Mistral without sliding window, Qwen2)
+    """A Hugging Face pre-norm decoder layer (Llama, Mistral, Qwen2)
     whose four parts fused_ckpt already replaced, as a :class:`FusedCheckpointedBlock`: with
     ``recompute="full"`` it keeps only its input and the two norms' per-row statistics, like
     Hugging Face's per-layer checkpointing, but the backward recomputes inside the fused kernels
@@ -188,7 +206,8 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
             c = kwargs.pop(key, None)
             cache = c if c is not None else cache
         generating = cache is not None and not (self.training and torch.is_grad_enabled())
-        if not generating and not kwargs.get("output_attentions") and self._whole_block_recompute(hidden_states):
+        if not generating and not kwargs.get("output_attentions") and self._whole_block_recompute(hidden_states) \
+                and not self.self_attn.window_exceeded(hidden_states.shape[1]):
             B, S = hidden_states.shape[0], hidden_states.shape[1]
             kpm = _key_padding(attention_mask, B, S)
             if kpm is not _UNSUPPORTED:
@@ -302,6 +321,14 @@ def _is_attention(m: nn.Module) -> bool:
     return any(hasattr(m, n) for n in ("q_proj", "qkv_proj", "c_attn", "Wqkv", "query_key_value"))
 
 
+def _sliding_window(attn: nn.Module, cfg) -> Optional[int]:
+    """The attention's sliding window (keys within ``window`` positions of the query), or None."""
+    window = getattr(attn, "sliding_window", None)
+    if window is None and (getattr(cfg, "model_type", None) == "mistral" or getattr(cfg, "use_sliding_window", False)):
+        window = getattr(cfg, "sliding_window", None)
+    return int(window) if window else None
+
+
 def _attention_refusal(attn: nn.Module, cfg) -> Optional[str]:
     if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         packed = next((n for n in ("qkv_proj", "c_attn", "Wqkv", "query_key_value") if hasattr(attn, n)), None)
@@ -309,11 +336,6 @@ def _attention_refusal(attn: nn.Module, cfg) -> Optional[str]:
                 else "no q_proj/k_proj/v_proj/o_proj Linear projections")
     if getattr(attn, "config", None) is None:
         return "no config on the attention module"
-    window = getattr(attn, "sliding_window", None)
-    if window is None and (getattr(cfg, "model_type", None) == "mistral" or getattr(cfg, "use_sliding_window", False)):
-        window = getattr(cfg, "sliding_window", None)
-    if window:
-        return f"sliding-window attention (window {window}); the fused attention is full causal"
     for key in ("attn_logit_softcapping", "query_pre_attn_scalar"):
         if getattr(cfg, key, None):
             return f"{key}={getattr(cfg, key)} is not supported by the fused attention"
@@ -502,7 +524,11 @@ def _convert_attention(child, cfg, backend):
         new = FusedHFAttention.from_hf(child, backend=backend)
     except ValueError as e:
         return None, str(e)
-    return new, (f"heads {new.n_heads}/{new.n_kv_heads}, head_dim {new.head_dim}, rope_theta {new.rope_theta}")
+    window = _sliding_window(child, cfg)
+    new.__dict__["_fused_window"] = window
+    return new, (f"heads {new.n_heads}/{new.n_kv_heads}, head_dim {new.head_dim}, rope_theta {new.rope_theta}"
+                 + (f", sliding window {window} (fused up to {window} tokens, Hugging Face's attention beyond)"
+                    if window else ""))
 
 
 # ============================================================================ state dicts
