@@ -116,6 +116,28 @@ def test_chunked_backward_matches(activation, dtype, backend):
     assert grads  # the rule-checked gradients above were produced
 
 
+@pytest.mark.parametrize("backend", ["aten"])
+def test_chunked_bf16_weight_grads_are_rounded_once(backend):
+    """Each chunk's dW partial goes into the fp32 accumulator unrounded, so 16 chunks give the
+    unchunked bf16 dW (one rounding of an fp32 sum; only the summation order differs). aten
+    only: the Triton GEMM accumulates in fp32 in the kernel, but under the interpreter its final
+    fp32 -> bf16 store truncates instead of rounding to nearest (triton 3.6 and 3.9), so its
+    unchunked bf16 output is not the correctly rounded one there."""
+    T = 256
+    grads = {}
+    for chunk in (0, 16):
+        torch.manual_seed(0)
+        m = _make(32, 40, "gelu", True, torch.bfloat16, backend=backend, chunk_tokens=chunk)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(T, 32, generator=gen).bfloat16()
+        m(x).backward(torch.randn(T, 32, generator=gen).bfloat16())
+        grads[chunk] = (m.fc1.weight.grad, m.fc2.weight.grad)
+    for a, b in zip(grads[0], grads[16]):
+        differ = (a != b).float().mean().item()
+        assert differ < 0.02, differ  # rounding each of 16 partials to bf16 made ~40% differ
+        torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=0.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weights_skip_grads(backend):
     m = _make(24, 40, "gelu", True, torch.float32, backend=backend)

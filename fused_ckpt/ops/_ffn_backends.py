@@ -73,11 +73,27 @@ class AtenFFN:
             else:
                 torch.mm(a, b, out=out)
         else:  # fp32 accumulator for a low-precision chunked backward
-            p = torch.mm(a, b)
+            p = _mm_fp32(a, b)
             if accumulate:
                 out.add_(p)
             else:
                 out.copy_(p)
+
+
+_MM_OUT_DTYPE = [True]  # CUDA torch.mm(..., out_dtype=torch.float32) usable, until it refuses
+
+
+def _mm_fp32(a, b):
+    """a @ b as fp32 without rounding the product to a's dtype first (each chunk's dW partial
+    goes into an fp32 accumulator, so the chunked result is rounded once, like the unchunked
+    one): cuBLAS's fp32-output GEMM through ``torch.mm(out_dtype=)`` on CUDA where this torch
+    has it, else fp32 operands."""
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    return torch.mm(a.float(), b.float())
 
 
 FFN_BACKENDS = {"triton": TritonFFN, "aten": AtenFFN}
