@@ -91,7 +91,9 @@ def _mm_fp32(a, b):
     if a.is_cuda and _MM_OUT_DTYPE[0]:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # this torch has no such GEMM
             _MM_OUT_DTYPE[0] = False
     return torch.mm(a.float(), b.float())
 
