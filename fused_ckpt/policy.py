@@ -651,9 +651,10 @@ def block_full_option(batch: int, seq: int, d_model: int, n_heads: int, n_kv_hea
     saves x (e T d) and the two norms' fp32 per-row statistics; recomputes the q/k/v projections,
     the attention forward, o_proj and (inside the FFN backward, ``ffn_recompute_flops``) the
     up-projection."""
+    from .ops.block import full_saved_bytes
+
     T = batch * seq
-    stats = 2 if layer_norm else 1
-    saved = T * d_model * elem + 2 * stats * T * 4
+    saved = full_saved_bytes(T, d_model, elem, layer_norm)
     flops = (attention_recompute_flops(batch, seq, d_model, n_heads, n_kv_heads, head_dim, causal, "all")
              + 2 * T * n_heads * head_dim * d_model + ffn_recompute_flops)
     return Option("full", saved, flops, T * fc1_rows)

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..ops.block import PARAM_NAMES, BlockFullRecompute, BlockSpec
+from ..ops.block import PARAM_NAMES, BlockFullRecompute, BlockSpec, full_saved_bytes
 from ..ops.norm import norm_saved_bytes
 from .attention import FusedCheckpointedAttention
 from .ffn import FusedCheckpointedFFN
@@ -106,8 +106,7 @@ class FusedCheckpointedBlock(nn.Module):
         tokens, d = batch * seq, self.mlp.d_model
         layer_norm = self.norm == "layernorm"
         if self.recompute == "full":
-            stats = 2 if layer_norm else 1
-            return tokens * d * elem + 2 * stats * tokens * 4
+            return full_saved_bytes(tokens, d, elem, layer_norm)
         a = self.self_attn
         attn = attention_saved_bytes(tokens, d, a.n_heads, a.n_kv_heads, a.head_dim, a.recompute, elem)
         norms = 2 * norm_saved_bytes(tokens, d, elem, layer_norm)

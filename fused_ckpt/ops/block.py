@@ -37,12 +37,20 @@ from ..functional_attention import (_autocast, _autocast_off, _check_positions, 
                                     fused_attention_block)
 from .attention import attn_block_backward, attn_block_forward
 from .ffn import ffn_backward
+from .norm import _prepare as _prepare_norm
 from .norm import (layer_norm, layer_norm_apply, layer_norm_backward, rms_norm, rms_norm_apply,
                    rms_norm_backward)
 
 # Flat parameter order of the Function's inputs (None where a module has no such tensor).
 PARAM_NAMES = ("norm1_w", "norm1_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
                "norm2_w", "norm2_b", "w1", "b1", "w2", "b2")
+
+
+def full_saved_bytes(tokens: int, d_model: int, elem: int, layer_norm: bool) -> int:
+    """Bytes the "full" contract keeps (position ids and masks aside): x (elem each) and each
+    norm's fp32 per-row statistics (rstd; and mean for LayerNorm)."""
+    stats = 2 if layer_norm else 1
+    return tokens * d_model * elem + 2 * stats * tokens * 4
 
 
 @dataclass(frozen=True)
@@ -156,12 +164,6 @@ class BlockFullRecompute(torch.autograd.Function):
                 dx = dh + dx_n.to(x.dtype) if need_x else None
         out = [grads[n].to(p[n].dtype) if needs[n] else None for n in PARAM_NAMES]
         return (None, dx, None, None, *out)
-
-
-def _prepare_norm(x, w, b, backend):
-    from .norm import _prepare
-
-    return _prepare(x, w, b, backend)
 
 
 def _norm_apply(spec: BlockSpec, x, w, b, stats, backend):
