@@ -101,6 +101,12 @@ def _aten_scores(qc: Tensor, kf: Tensor, keep: Optional[Tensor], scale: float) -
     return s if keep is None else s.masked_fill(~keep, float("-inf"))
 
 
+def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``, contiguous: the math path computes the same numbers whatever the
+    inputs' strides (einsum picks its contraction order from them)."""
+    return t.to(dtype).contiguous()
+
+
 def _safe_lse(lse: Tensor) -> Tensor:
     """-inf (no visible key) -> +inf, so exp(s - lse) is exactly 0 on that row."""
     return torch.where(lse == float("-inf"), float("inf"), lse)
@@ -146,8 +152,11 @@ def _cpu_flash_mask(q: Tensor, k: Tensor, kpm: Optional[Tensor], causal: bool):
 
 
 def _bhsd(t: Tensor) -> Tensor:
-    """[B, S, H, D] -> the kernels' [B, H, S, D] view, in lse_dtype."""
-    return t.to(lse_dtype(t.dtype)).transpose(1, 2)
+    """[B, S, H, D] -> the kernels' [B, H, S, D] view, in lse_dtype. The kernels read the last
+    dimension as contiguous whatever its stride says (a strided head_dim gave garbage), so such
+    a tensor is copied first; other strides are read as given."""
+    t = t.to(lse_dtype(t.dtype))
+    return (t if t.stride(-1) == 1 else t.contiguous()).transpose(1, 2)
 
 
 def _dead_rows(kpm: Optional[Tensor], S_q: int, S_kv: int, causal: bool, device) -> Optional[Tensor]:
@@ -171,7 +180,7 @@ def _cpu_flash_forward(q, k, v, kpm, causal, scale):
 
 def _cpu_flash_backward(do, q, k, v, o, lse, kpm, causal, scale):
     is_causal, mask = _cpu_flash_mask(q, k, kpm, causal)
-    grads = _CPU_FLASH_BWD(_bhsd(do), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(o), _safe_lse(lse), 0.0, is_causal,
+    grads = _CPU_FLASH_BWD(_bhsd(do), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(o), _safe_lse(lse).contiguous(), 0.0, is_causal,
                            attn_mask=mask, scale=scale)
     return tuple(g.transpose(1, 2).to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
@@ -200,8 +209,8 @@ class AtenAttention:
         S_kv, H_kv = k.shape[1], k.shape[2]
         G = H // H_kv
         acc = lse_dtype(q.dtype)
-        qf = q.to(acc).view(B, S_q, H_kv, G, D)
-        kf, vf = k.to(acc), v.to(acc)
+        qf = _dense(q, acc).view(B, S_q, H_kv, G, D)
+        kf, vf = _dense(k, acc), _dense(v, acc)
         o = torch.empty((B, S_q, H, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, H_kv, G, S_q), device=q.device, dtype=acc)
         step = _chunk(B, H, S_kv)
@@ -223,10 +232,10 @@ class AtenAttention:
         S_kv, H_kv = k.shape[1], k.shape[2]
         G = H // H_kv
         acc = lse_dtype(q.dtype)
-        qf = q.to(acc).view(B, S_q, H_kv, G, D)
-        dof = do.to(acc).view(B, S_q, H_kv, G, D)
-        kf, vf = k.to(acc), v.to(acc)
-        delta = (dof * o.to(acc).view(B, S_q, H_kv, G, D)).sum(-1).permute(0, 2, 3, 1)  # [B, Hk, G, S_q]
+        qf = _dense(q, acc).view(B, S_q, H_kv, G, D)
+        dof = _dense(do, acc).view(B, S_q, H_kv, G, D)
+        kf, vf = _dense(k, acc), _dense(v, acc)
+        delta = (dof * _dense(o, acc).view(B, S_q, H_kv, G, D)).sum(-1).permute(0, 2, 3, 1)  # [B, Hk, G, S_q]
         lse2 = _safe_lse(lse.to(acc).view(B, H_kv, G, S_q))
         dq = torch.empty((B, S_q, H, D), device=q.device, dtype=q.dtype) if need_dq else None
         dk = torch.zeros((B, S_kv, H_kv, D), device=q.device, dtype=acc)
