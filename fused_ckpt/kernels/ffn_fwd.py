@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation
-from ._common import ACC_REGS_FUSED, dot_flags, fused_tile_configs, resource_pruner
+from ._common import (ACC_REGS_FUSED, autotune, dot_flags, fused_tile_configs, launch, resource_pruner,
+                      size_bucket)
 from .activation import act_fwd
 from .matmul import grouped_tile
 
@@ -26,20 +27,21 @@ def _up_stage_bytes(cfg, kw, elem) -> int:  # x tile + one (or two, gated) W1 ti
     return (cfg["BLOCK_M"] * cfg["BLOCK_K"] + _up_acc_tiles(kw) * cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elem
 
 
-@triton.autotune(configs=fused_tile_configs(), key=["M", "N", "K", "GATED", "STORE_Z"],
-                 prune_configs_by={"early_config_prune": resource_pruner(
-                     _up_acc_tiles, _up_stage_bytes, "x_ptr", ACC_REGS_FUSED)})
-@triton.jit
+@autotune(configs=fused_tile_configs(), key=["M_BUCKET", "N", "K", "GATED", "STORE_Z"],
+          prune_configs_by={"early_config_prune": resource_pruner(
+              _up_acc_tiles, _up_stage_bytes, "x_ptr", ACC_REGS_FUSED)})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _ffn_up_kernel(
     x_ptr, w1_ptr, b1_ptr, h_ptr, z_ptr,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn, stride_zm, stride_zn,
-    M, N, K,
+    M, N, K, M_BUCKET,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """x_ptr: [M, K]; w1_ptr: [N or 2N, K] (gate rows, then up rows); b1_ptr: [N or 2N]
-    contiguous; h_ptr: [M, N]; z_ptr: [M, N or 2N] (written only when STORE_Z)."""
+    contiguous; h_ptr: [M, N]; z_ptr: [M, N or 2N] (written only when STORE_Z). M_BUCKET:
+    ``size_bucket(M)``, the autotune key (unused in the body)."""
     pid = tl.program_id(0).to(tl.int64)
     tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,11 +100,11 @@ def ffn_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, act: Acti
         return h, z
     zz = z if z is not None else h
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _ffn_up_kernel[grid](
+    launch(_ffn_up_kernel, grid,
         x, w1, b1 if b1 is not None else w1, h, zz,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), h.stride(0), h.stride(1),
         zz.stride(0), zz.stride(1),
-        M, N, K,
+        M, N, K, size_bucket(M),
         ACT=act.base, GATED=act.gated, HAS_BIAS=b1 is not None, STORE_Z=store_z,
         **dot_flags(x.dtype),
     )

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune_candidates, dot_flags
+from ._common import INTERPRET, autotune, autotune_candidates, dot_flags, launch
 from .flash_attn_fwd import (LOG2E, _kv_stages, _tile_offsets, _visible, check_head_dim, kpm_arg,
                              prune_by_head_dim, seq_bucket, tile_safe, tiles_within)
 
@@ -215,10 +215,10 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=dkdv_configs(),
-                 key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM", "ATOMIC_DQ"],
-                 prune_configs_by={"early_config_prune": _prune_dkdv},
-                 pre_hook=_zero_dq_accumulator)
+@autotune(configs=dkdv_configs(),
+          key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM", "ATOMIC_DQ"],
+          prune_configs_by={"early_config_prune": _prune_dkdv},
+          pre_hook=_zero_dq_accumulator)
 @triton.jit
 def _flash_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
@@ -335,8 +335,8 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(configs=dq_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-                 prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 64)})
+@autotune(configs=dq_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 64)})
 @triton.jit
 def _flash_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -423,7 +423,7 @@ def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     q, k, v, o, do = (tile_safe(t) for t in (q, k, v, o, do))
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    _flash_bwd_preprocess_kernel[(triton.cdiv(S_q, PRE_BLOCK_M), H, B)](
+    launch(_flash_bwd_preprocess_kernel, (triton.cdiv(S_q, PRE_BLOCK_M), H, B),
         o, do, delta, *o.stride(), *do.stride(), *delta.stride(), S_q,
         HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M,
     )
@@ -433,7 +433,7 @@ def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if need_dkdv:
         # single pass: dQ accumulates in fp32 (layout of q); otherwise dq_ptr is never read
         dq_acc = torch.zeros((B, S_q, H, D), device=q.device, dtype=torch.float32) if single else dk
-        _flash_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S_kv, meta["BLOCK_N"]), H_kv, B)](
+        launch(_flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_kv, meta["BLOCK_N"]), H_kv, B),
             q, k, v, kk, do, lse, delta, dk, dv, dq_acc,
             *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *do.stride(), *lse.stride(),
             *dk.stride(), *dv.stride(), *dq_acc.stride(), *sizes, ATOMIC_DQ=single, **common,
@@ -441,7 +441,7 @@ def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         if single:
             dq = dq_acc.to(q.dtype)  # no copy for fp32
     if need_dq and not single:
-        _flash_bwd_dq_kernel[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), H, B)](
+        launch(_flash_bwd_dq_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), H, B),
             q, k, v, kk, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *do.stride(), *lse.stride(),
             *dq.stride(), *sizes, **common,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune_candidates, dot_flags
+from ._common import INTERPRET, autotune, autotune_candidates, dot_flags, launch
 
 # Globals read inside @triton.jit code must be tl.constexpr (plain floats fail to compile).
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e)), exp2 is the fast op
@@ -191,8 +191,8 @@ def _fwd_inner(
 
 
 # --------------------------------------------------------------------------- forward kernel
-@triton.autotune(configs=fwd_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-                 prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 128)})
+@autotune(configs=fwd_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 128)})
 @triton.jit
 def _flash_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, o_ptr, lse_ptr,
@@ -269,7 +269,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch
     q, k, v = tile_safe(q), tile_safe(k), tile_safe(v)
     kk, kpm_strides = kpm_arg(kpm, lse)
     grid = lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), H, B)
-    _flash_fwd_kernel[grid](
+    launch(_flash_fwd_kernel, grid,
         q, k, v, kk, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *o.stride(), *lse.stride(),
         H // H_kv, S_q, S_kv, seq_bucket(S_q), seq_bucket(S_kv), scale,

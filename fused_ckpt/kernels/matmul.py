@@ -12,14 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACC_REGS_GEMM, INTERPRET, dot_flags, resource_pruner
+from ._common import ACC_REGS_GEMM, INTERPRET, autotune, dot_flags, launch, resource_pruner, size_bucket
 
 
 def gemm_configs() -> list[triton.Config]:
     """Autotune space. Under the interpreter one mid-sized tile (tiles are numpy ops there:
     fewer, larger programs run faster). On GPU: the tiles that do well for large bf16
     GEMMs on A100/H100-class parts (128x128/128x256 with 3-4 stages) plus smaller ones for
-    skinny shapes."""
+    skinny shapes, and BLOCK_K = 16 tiles for fp32 inputs with IEEE dots (the only ones those
+    keep: see ``select_tile_configs``)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     cfgs = []
@@ -32,6 +33,8 @@ def gemm_configs() -> list[triton.Config]:
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
         (64, 32, 32, 5, 2),
+        (128, 64, 16, 3, 8),
+        (64, 64, 16, 3, 4),
     ):
         cfgs.append(
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -57,20 +60,22 @@ def _gemm_stage_bytes(cfg, kw, elem) -> int:
     return (cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elem
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE"],
-                 restore_value=["c_ptr"],
-                 prune_configs_by={"early_config_prune": resource_pruner(
-                     lambda kw: 1, _gemm_stage_bytes, "a_ptr", ACC_REGS_GEMM)})
-@triton.jit
+@autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K_BUCKET", "HAS_BIAS", "ACCUMULATE"],
+          restore_value=["c_ptr"],
+          prune_configs_by={"early_config_prune": resource_pruner(
+              lambda kw: 1, _gemm_stage_bytes, "a_ptr", ACC_REGS_GEMM)})
+@triton.jit(do_not_specialize=["M_BUCKET", "K_BUCKET"])
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    M, N, K,
+    M, N, K, M_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """a_ptr: [M, K], b_ptr: [K, N], c_ptr: [M, N], any strides; bias_ptr: [N] contiguous."""
+    """a_ptr: [M, K], b_ptr: [K, N], c_ptr: [M, N], any strides; bias_ptr: [N] contiguous.
+    M_BUCKET, K_BUCKET: ``size_bucket`` of M and K, the autotune key in place of the sizes that
+    carry the token count (M for Y = H W2^T and dX, K for dW1 and dW2); unused in the body."""
     pid = tl.program_id(0).to(tl.int64)
     tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,10 +129,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
     if bias is not None:
         bias = bias.contiguous()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _gemm_kernel[grid](
+    launch(_gemm_kernel, grid,
         a, b, out, bias if bias is not None else a,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        M, N, K,
+        M, N, K, size_bucket(M), size_bucket(K),
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, **dot_flags(a.dtype),
     )
     return out

@@ -1,0 +1,164 @@
+"""Autotune configs, pruning and tuning keys of the GEMM / FFN kernels (pure functions, CPU).
+
+The pruners are called as the autotuner calls them, on the GPU config lists (the interpreter
+shortcut switched off), with stand-in tensors that only answer ``element_size()``.
+tools/aot_compile.py checks the same selections against real sm_90 builds.
+"""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fused_ckpt.activations import get_activation
+from fused_ckpt.kernels import _common, matmul
+from fused_ckpt.kernels._common import SMEM_BYTES, autotune, select_tile_configs, size_bucket, tile_smem_bytes
+from fused_ckpt.kernels.ffn_bwd import _bwd_stage_bytes, _ffn_bwd_hidden_kernel, ffn_bwd_hidden
+from fused_ckpt.kernels.ffn_fwd import _ffn_up_kernel, _up_stage_bytes, ffn_up
+from fused_ckpt.kernels.matmul import _gemm_kernel, _gemm_stage_bytes, gemm
+
+
+class _Elem:
+    def __init__(self, size):
+        self.size = size
+
+    def element_size(self):
+        return self.size
+
+
+DTYPES = [("bf16", 2, None), ("fp16", 2, None), ("fp32-ieee", 4, "ieee"), ("fp32-tf32", 4, "tf32")]
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    """The config lists and pruners as on a GPU (no interpreter shortcut)."""
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(matmul, "INTERPRET", False)
+    return {"fused": _common.fused_tile_configs(), "gemm": matmul.gemm_configs()}
+
+
+def _variants():
+    for name, elem, prec in DTYPES:
+        dots = {"DOT_F32": False, "INPUT_PRECISION": prec}
+        for gated in (False, True):
+            yield name, elem, _ffn_up_kernel, "x_ptr", _up_stage_bytes, dict(GATED=gated, STORE_Z=True, **dots)
+            for recompute in (False, True):
+                yield (name, elem, _ffn_bwd_hidden_kernel, "dy_ptr", _bwd_stage_bytes,
+                       dict(GATED=gated, RECOMPUTE=recompute, STORE_H=True, **dots))
+        for acc in (False, True):
+            yield name, elem, _gemm_kernel, "a_ptr", _gemm_stage_bytes, dict(HAS_BIAS=False, ACCUMULATE=acc, **dots)
+
+
+def test_every_selectable_config_fits_shared_memory(gpu_configs):
+    """Issue 9 item 1: fp32 FFN backward (gated + recompute, and tf32 non-gated) fell back to a
+    tile needing 245-328 KB of shared memory (232,448 B on H100/H200)."""
+    seen = set()
+    for name, elem, kernel, ptr, stage_bytes, kw in _variants():
+        configs = gpu_configs["gemm" if kernel is _gemm_kernel else "fused"]
+        kept = kernel.early_config_prune(configs, {ptr: _Elem(elem)}, **kw)
+        assert kept, (name, kernel, kw)
+        for c in kept:
+            smem = tile_smem_bytes(c, stage_bytes, kw, elem)
+            assert smem <= SMEM_BYTES, f"{kernel.fn.__name__} {name} {kw}: {c} needs {smem} B"
+            # IEEE fp32 dots keep the operand tiles in registers: only BLOCK_K = 16 builds clean
+            assert (c.kwargs["BLOCK_K"] == _common.IEEE_BLOCK_K) == (kw["INPUT_PRECISION"] == "ieee"), (name, c)
+            seen.add((kernel.fn.__name__, name, str(c)))
+    assert len(seen) > 20
+
+
+def test_backward_without_recompute_keeps_128x128_tiles(gpu_configs):
+    """Issue 9 item 4d: without RECOMPUTE only dH is accumulated in the k-loop; G and U are
+    loaded in the epilogue, so the 128x128 tiles (158 registers, no spills on sm_90) stay."""
+    for gated in (False, True):
+        kw = dict(GATED=gated, RECOMPUTE=False, STORE_H=True, DOT_F32=False, INPUT_PRECISION=None)
+        kept = _ffn_bwd_hidden_kernel.early_config_prune(gpu_configs["fused"], {"dy_ptr": _Elem(2)}, **kw)
+        assert any(c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128 for c in kept), (gated, kept)
+        # recomputing G (and U) in the loop adds their accumulators: the 128x128 tiles go
+        kw["RECOMPUTE"] = True
+        kept = _ffn_bwd_hidden_kernel.early_config_prune(gpu_configs["fused"], {"dy_ptr": _Elem(2)}, **kw)
+        assert kept and not any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128 for c in kept)
+
+
+def test_no_config_fitting_is_a_clear_error():
+    big = [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8)]
+    with pytest.raises(ValueError, match="shared memory"):
+        select_tile_configs(big, lambda kw: 1, _gemm_stage_bytes, 4, {"INPUT_PRECISION": "ieee"}, 128, "gemm")
+
+
+def test_size_bucket():
+    assert [size_bucket(n) for n in (1, 2, 3, 4, 5, 1000, 1024, 1025)] == [1, 2, 4, 4, 8, 1024, 1024, 2048]
+
+
+def _recorded_keys(kernel, monkeypatch, launches):
+    """The autotune key (values of ``kernel.keys``) of each launch in ``launches``."""
+    keys = []
+    run = kernel.fn.run
+
+    def recording_run(*args, **kwargs):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        keys.append(tuple(named[k] for k in kernel.keys))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel.fn, "run", recording_run)
+    for f in launches:
+        f()
+    return keys
+
+
+@pytest.mark.parametrize("which", ["gemm_fc2", "gemm_dw", "ffn_up", "ffn_bwd"])
+def test_tuning_key_buckets_the_token_count(which, monkeypatch):
+    """Issue 9 item 4a: a new token count within the same power-of-two octave reuses the tuning
+    result (the key holds its bucket, not the count); another octave is a new key."""
+    torch.manual_seed(0)
+    d, f = 16, 24
+    act = get_activation("swiglu")
+    w1, w2 = torch.randn(2 * f, d), torch.randn(d, f)
+
+    def launch(T):
+        x, dy = torch.randn(T, d), torch.randn(T, d)
+        if which == "gemm_fc2":  # Y = H W2^T: tokens are M
+            return lambda: gemm(torch.randn(T, f), w2.t())
+        if which == "gemm_dw":  # dW2 = dY^T H: tokens are K
+            return lambda: gemm(dy.t(), torch.randn(T, f))
+        if which == "ffn_up":
+            return lambda: ffn_up(x, w1, None, act, False)
+        return lambda: ffn_bwd_hidden(x, None, dy, w1, None, w2, act, True)
+
+    kernel = {"gemm_fc2": _gemm_kernel, "gemm_dw": _gemm_kernel, "ffn_up": _ffn_up_kernel,
+              "ffn_bwd": _ffn_bwd_hidden_kernel}[which]
+    keys = _recorded_keys(kernel, monkeypatch, [launch(T) for T in (33, 40, 70)])
+    assert len(keys) == 3
+    assert keys[0] == keys[1], keys
+    assert keys[0] != keys[2], keys
+
+
+@triton.jit
+def _add_one_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+
+def _tuned_add_one(keep: int, calls: list):
+    """_add_one_kernel under our ``autotune`` with two configs, a pruner keeping ``keep`` of them
+    and a do_bench that records its calls."""
+
+    def fake_bench(kernel_call, quantiles=None, **kw):
+        kernel_call()
+        calls.append(1)
+        return [float(len(calls))] * 3
+
+    configs = [triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)]
+    return autotune(configs=configs, key=["n"], do_bench=fake_bench, reset_to_zero=["x_ptr"],
+                    prune_configs_by={"early_config_prune": lambda cfgs, nargs, **kw: cfgs[:keep]})(_add_one_kernel)
+
+
+def test_single_surviving_config_is_launched_without_benchmarking():
+    """Issue 9 item 4b: triton 3.6 benchmarks a lone surviving config (do_bench, L2-flush buffer)
+    for every new key; it is launched directly instead (triton 3.9 does the same natively)."""
+    for keep, benched in ((1, False), (2, True)):
+        calls = []
+        tuner = _tuned_add_one(keep, calls)
+        x = torch.zeros(40)
+        tuner[lambda meta: (triton.cdiv(40, meta["BLOCK"]),)](x, 40)
+        assert bool(calls) == benched, (keep, calls)
+        expected = torch.ones(40)  # one launch after tuning (the benchmark runs are zeroed away)
+        torch.testing.assert_close(x, expected, rtol=0, atol=0)
