@@ -183,14 +183,42 @@ def reference_dtype(device) -> torch.dtype:
     return torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
 
+def _tf32_switches() -> list:
+    """(object, attribute) pairs that hold PyTorch's TF32 settings for cuBLAS matmuls and cuDNN,
+    in the API the process is using. torch >= 2.9 has ``fp32_precision`` ("ieee" / "tf32") next
+    to the legacy ``allow_tf32`` booleans; once the new API has been used (e.g. transformers'
+    ``enable_tf32``) reading a legacy flag raises RuntimeError, and writing a legacy flag after
+    it would make that state mixed. So each setting is switched through the legacy flag while
+    that reads cleanly and no global ``torch.backends.fp32_precision`` is set (older torch, or a
+    process that only used the legacy API), and through the new one otherwise."""
+    cuda_mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    global_new = getattr(torch.backends, "fp32_precision", "none") != "none"
+    switches = []
+    for legacy, new in ((cuda_mm, (cuda_mm,)), (cudnn, (getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)))):
+        try:
+            legacy.allow_tf32
+            use_new = global_new
+        except RuntimeError:  # the new API is in use for this backend
+            use_new = True
+        if use_new:
+            switches.extend((obj, "fp32_precision") for obj in new if obj is not None)
+        else:
+            switches.append((legacy, "allow_tf32"))
+    return switches
+
+
 class no_tf32:
-    """Context manager: TF32 matmuls off (exact fp32 references on CUDA)."""
+    """Context manager: TF32 matmuls and convolutions off (exact fp32 references on CUDA);
+    every setting it changed is restored on exit, through the API it was changed with."""
+
+    _OFF = {"allow_tf32": False, "fp32_precision": "ieee"}
 
     def __enter__(self):
-        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        self._saved = [(obj, attr, getattr(obj, attr)) for obj, attr in _tf32_switches()]
+        for obj, attr, _ in self._saved:
+            setattr(obj, attr, self._OFF[attr])
         return self
 
     def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
+        for obj, attr, value in reversed(self._saved):
+            setattr(obj, attr, value)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, launch
 
 MAX_N = 16384  # widest row the kernels take: a whole row of the forward lives in registers
 # Rows of a tile are batched until the tile holds this many elements: narrow rows (N=128)
@@ -222,7 +222,7 @@ def norm_fwd(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, ep
         mean = None if rms else torch.empty((M,), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, mean, rstd
-    _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    launch(_norm_fwd_kernel, (triton.cdiv(M, block_m),),
         x, w if w is not None else x, b if b is not None else x, y,
         mean if mean is not None else rstd, rstd,
         x.stride(0), y.stride(0), M, N,
@@ -263,12 +263,12 @@ def norm_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, mean: to
                   IS_RMS=rms, HAS_W=w is not None)
     if need_dx or (fused and (need_dw or need_db)):
         P_dx, rows_dx = (P, rows) if fused else num_partials(M, block_m, warps, dev)
-        _norm_bwd_kernel[(P_dx, 1)](
+        launch(_norm_bwd_kernel, (P_dx, 1),
             ROWS_PER_PROG=rows_dx, NEED_DX=need_dx, NEED_DW=need_dw and fused,
             NEED_DB=need_db and fused, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
             num_stages=NUM_STAGES, **common)
     if not fused and (need_dw or need_db):
-        _norm_bwd_kernel[(P, triton.cdiv(N, DW_BLOCK_N))](
+        launch(_norm_bwd_kernel, (P, triton.cdiv(N, DW_BLOCK_N)),
             ROWS_PER_PROG=rows, NEED_DX=False, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=DW_BLOCK_M, BLOCK_N=DW_BLOCK_N, num_warps=DW_WARPS,
             num_stages=NUM_STAGES, **common)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, launch
 
 # Tokens per program: a [16, D/2] tile per head keeps 16-64 KiB of loads in flight at
 # D=64-256 while cos/sin are read once per token block and reused across all heads.
@@ -69,7 +69,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool =
     if x.numel() == 0:
         return x
     cb = cos.stride(0) if cos.shape[0] == B and B > 1 else 0
-    _rope_kernel[(triton.cdiv(S, ROPE_BLOCK_T), B)](
+    launch(_rope_kernel, (triton.cdiv(S, ROPE_BLOCK_T), B),
         x, cos, sin, x,
         *x.stride(), cb, cos.stride(1), cos.stride(2), *x.stride(),
         S, H,
