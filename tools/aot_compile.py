@@ -1,6 +1,6 @@
 """Compile every Triton kernel config for a GPU target on a machine without a GPU.
 
-    python tools/aot_compile.py [--arch 90] [--quick]
+    python tools/aot_compile.py [--arch 90] [--quick] [--only NAME] [--dtype DT] [--list]
 
 Triton compiles ahead of time for a named target (``GPUTarget``) without a device, so each
 kernel's autotune configs are lowered to PTX/cubin for Hopper (sm_90) here and in CI: a kernel
@@ -9,6 +9,12 @@ target's, is caught without a GPU. Signatures are derived from the project's arg
 (``*_ptr`` pointers, ``stride_*`` and sizes as integers, UPPERCASE constexprs).
 Prints one JSON line per compiled (kernel, config): shared memory bytes, whether wgmma
 (Hopper tensor-core MMA) instructions were emitted, and registers/spills from ptxas -v.
+
+Coverage: every kernel x input dtype (bf16, fp16, fp32 with IEEE dots, fp32 with TF32 dots) x
+variant that changes which configs a launch can select (FFN: GATED, RECOMPUTE; attention:
+HEAD_DIM 32-256, ATOMIC_DQ), each with every config its pruning returns, fallbacks included
+(the autotuner calls the same ``early_config_prune``). ``--quick`` (CI) compiles only the
+first selected config (what FUSED_CKPT_AUTOTUNE=0 launches) of a smaller set of variants.
 """
 from __future__ import annotations
 
@@ -82,18 +88,41 @@ def _jit_and_configs(kernel):
     return fn, configs
 
 
+def selected_configs(kernel, dtype: str, constexprs: dict):
+    """The configs the autotuner may launch ``kernel`` with: its own pruning for a launch with
+    ``dtype`` inputs and these constexprs (None: a kernel without autotuning)."""
+    fn, configs = _jit_and_configs(kernel)
+    prune = getattr(kernel, "early_config_prune", None)
+    if configs and prune is not None:
+        elem = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+        named = {n: _Elem(elem) for n in fn.arg_names if n.endswith("_ptr")}
+        configs = prune(configs, named, **constexprs)
+    return configs
+
+
+def smem_estimate(kernel, dtype: str, constexprs: dict, cfg) -> int | None:
+    """The shared memory the pruning assumed for ``cfg`` (FFN and GEMM kernels), to compare
+    with the build's."""
+    from fused_ckpt.kernels._common import tile_smem_bytes
+    from fused_ckpt.kernels.ffn_bwd import _bwd_stage_bytes
+    from fused_ckpt.kernels.ffn_fwd import _up_stage_bytes
+    from fused_ckpt.kernels.matmul import _gemm_stage_bytes
+
+    stage = {"_gemm_kernel": _gemm_stage_bytes, "_ffn_up_kernel": _up_stage_bytes,
+             "_ffn_bwd_hidden_kernel": _bwd_stage_bytes}.get(_jit_and_configs(kernel)[0].__name__)
+    if stage is None or cfg is None:
+        return None
+    return tile_smem_bytes(cfg, stage, constexprs, {"bf16": 2, "fp16": 2, "fp32": 4}[dtype])
+
+
 def compile_kernel(kernel, dtype: str, constexprs: dict, ints: dict, arch: int,
                    max_configs: int | None):
     """Compile ``kernel`` as the runtime would for a launch with integer arguments ``ints``:
     Triton specializes an integer equal to 1 into a constant and marks integers divisible by
     16 (and 16-byte-aligned pointers) with a divisibility hint, which is what lets it vectorize
     loads and pipeline them. Without those hints the compiled code is not what runs."""
-    fn, configs = _jit_and_configs(kernel)
-    prune = getattr(kernel, "early_config_prune", None)
-    if configs and prune is not None:  # the same pruning the autotuner applies at launch
-        elem = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-        named = {n: _Elem(elem) for n in fn.arg_names if n.endswith("_ptr")}
-        configs = prune(configs, named, **constexprs)
+    fn = _jit_and_configs(kernel)[0]
+    configs = selected_configs(kernel, dtype, constexprs)  # the autotuner's own pruning
     results = []
     for cfg in (configs or [None])[:max_configs]:
         consts = dict(constexprs)
@@ -124,10 +153,12 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, ints: dict, arch: int,
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options=opts)
         results.append({
-            "kernel": fn.__name__, "dtype": dtype,
+            "kernel": fn.__name__, "dtype": dtype, "precision": constexprs.get("INPUT_PRECISION"),
+            "variant": {k: v for k, v in constexprs.items() if k not in ("DOT_F32", "INPUT_PRECISION")},
             "config": cfg.kwargs if cfg is not None else None,
             "num_warps": opts.get("num_warps"), "num_stages": opts.get("num_stages"),
             "shared_bytes": k.metadata.shared, "fits": k.metadata.shared <= SMEM_LIMIT.get(arch, 1 << 30),
+            "smem_estimate": smem_estimate(kernel, dtype, constexprs, cfg), "triton": triton.__version__,
             "wgmma": "wgmma" in k.asm.get("ptx", ""), "seconds": round(time.time() - t0, 2),
             **_ptxas_usage(k.asm["ptx"], arch),
         })
@@ -136,54 +167,82 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, ints: dict, arch: int,
 
 # A representative launch: T=8192 tokens, d_model=4096, d_ff=16384, contiguous tensors.
 T, D, F = 8192, 4096, 16384
-_GEMM_FC2 = dict(stride_am=F, stride_ak=1, stride_bk=1, stride_bn=F, stride_cm=D, stride_cn=1, M=T, N=D, K=F)
-_GEMM_DW = dict(stride_am=1, stride_ak=F, stride_bk=D, stride_bn=1, stride_cm=D, stride_cn=1, M=F, N=D, K=T)
+_GEMM_FC2 = dict(stride_am=F, stride_ak=1, stride_bk=1, stride_bn=F, stride_cm=D, stride_cn=1, M=T, N=D, K=F,
+                 M_BUCKET=T, K_BUCKET=F)
+_GEMM_DW = dict(stride_am=1, stride_ak=F, stride_bk=D, stride_bn=1, stride_cm=D, stride_cn=1, M=F, N=D, K=T,
+                M_BUCKET=F, K_BUCKET=T)
 _UP = dict(stride_xm=D, stride_xk=1, stride_wn=D, stride_wk=1, stride_hm=F, stride_hn=1,
-           stride_zm=F, stride_zn=1, M=T, N=F, K=D)
+           stride_zm=F, stride_zn=1, M=T, N=F, K=D, M_BUCKET=T)
 _BWD = dict(stride_xm=D, stride_xk=1, stride_w1n=D, stride_w1k=1, stride_zm=F, stride_zn=1,
             stride_dym=D, stride_dyk=1, stride_w2k=F, stride_w2n=1, stride_dzm=F, stride_dzn=1,
-            stride_hm=F, stride_hn=1, M=T, N=F, K=D)
+            stride_hm=F, stride_hn=1, M=T, N=F, K=D, M_BUCKET=T)
+
+# (dtype, constexprs of dot_flags) of the launches: what dot_flags returns on CUDA for bf16 and
+# fp16, and for fp32 with TF32 off (IEEE, torch's default) and on.
+DTYPES = (("bf16", {"DOT_F32": False, "INPUT_PRECISION": None}),
+          ("fp16", {"DOT_F32": False, "INPUT_PRECISION": None}),
+          ("fp32", {"DOT_F32": False, "INPUT_PRECISION": "ieee"}),
+          ("fp32", {"DOT_F32": False, "INPUT_PRECISION": "tf32"}))
 
 
-def kernel_specs():
-    """(kernel, dtype, constexprs, integer args) for every kernel the package launches on CUDA."""
+def kernel_specs(quick: bool = False):
+    """(kernel, dtype, constexprs, integer args) for every kernel the package launches on CUDA,
+    for every input dtype and every variant that changes the configs the pruning selects (the
+    activation, bias and store flags do not; the most expensive ones are compiled). quick: the
+    variants whose selection differs most (CI)."""
     from fused_ckpt.kernels.ffn_bwd import _ffn_bwd_hidden_kernel
     from fused_ckpt.kernels.ffn_fwd import _ffn_up_kernel
     from fused_ckpt.kernels.matmul import _gemm_kernel
 
-    dots = {"DOT_F32": False, "INPUT_PRECISION": None}
-    specs = [
-        (_gemm_kernel, "bf16", dict(HAS_BIAS=True, ACCUMULATE=False, **dots), _GEMM_FC2),
-        (_gemm_kernel, "bf16", dict(HAS_BIAS=False, ACCUMULATE=False, **dots), _GEMM_DW),
-        (_gemm_kernel, "fp32", dict(HAS_BIAS=False, ACCUMULATE=True, DOT_F32=False, INPUT_PRECISION="ieee"), _GEMM_DW),
-        (_ffn_up_kernel, "bf16", dict(ACT=1, GATED=False, HAS_BIAS=True, STORE_Z=False, **dots), _UP),
-        (_ffn_up_kernel, "bf16", dict(ACT=3, GATED=True, HAS_BIAS=False, STORE_Z=True, **dots), _UP),
-        (_ffn_bwd_hidden_kernel, "bf16", dict(ACT=1, GATED=False, HAS_BIAS=True, RECOMPUTE=True, STORE_H=True, **dots), _BWD),
-        (_ffn_bwd_hidden_kernel, "bf16", dict(ACT=3, GATED=True, HAS_BIAS=False, RECOMPUTE=True, STORE_H=True, **dots), _BWD),
-        (_ffn_bwd_hidden_kernel, "fp16", dict(ACT=2, GATED=True, HAS_BIAS=True, RECOMPUTE=False, STORE_H=False, **dots), _BWD),
-    ]
+    specs = []
+    for dtype, dots in DTYPES:
+        ffn = [(_gemm_kernel, dict(HAS_BIAS=True, ACCUMULATE=False), _GEMM_FC2),
+               (_gemm_kernel, dict(HAS_BIAS=False, ACCUMULATE=True), _GEMM_DW)]
+        for gated in (False, True):
+            act = 3 if gated else 2  # silu (swiglu) / tanh-GELU: the costlier epilogues
+            ffn.append((_ffn_up_kernel, dict(ACT=act, GATED=gated, HAS_BIAS=True, STORE_Z=True), _UP))
+            for recompute in (True, False):
+                ffn.append((_ffn_bwd_hidden_kernel, dict(ACT=act, GATED=gated, HAS_BIAS=True,
+                                                         RECOMPUTE=recompute, STORE_H=True), _BWD))
+        if quick:  # fp16 builds as bf16; the gated variants hold the most accumulators
+            if dtype == "fp16":
+                continue
+            ffn = [s for s in ffn if s[0] is _gemm_kernel and s[1]["ACCUMULATE"] or s[1].get("GATED")]
+        specs += [(k, dtype, dict(c, **dots), ints) for k, c, ints in ffn]
     for mod in ("norm", "rope", "flash_attn_fwd", "flash_attn_bwd"):  # other kernels list their own specs
         try:
             m = __import__(f"fused_ckpt.kernels.{mod}", fromlist=["x"])
         except ImportError:
             continue
-        specs += getattr(m, "aot_specs", lambda: [])()
+        specs += getattr(m, "aot_specs", lambda **kw: [])(**({"quick": True} if quick and mod.startswith("flash") else {}))
     return specs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--quick", action="store_true", help="only the first autotune config of each kernel")
+    p.add_argument("--quick", action="store_true",
+                   help="CI: fewer variants, and only the first selected config of each")
+    p.add_argument("--only", default=None, help="only kernels whose name contains this")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="only this input dtype")
+    p.add_argument("--list", action="store_true", help="print the selected configs without compiling")
     args = p.parse_args(argv)
     failures = 0
-    for kernel, dtype, consts, ints in kernel_specs():
+    for kernel, dtype, consts, ints in kernel_specs(args.quick):
+        name = _jit_and_configs(kernel)[0].__name__
+        if args.only and args.only not in name or args.dtype and args.dtype != dtype:
+            continue
+        if args.list:
+            cfgs = selected_configs(kernel, dtype, consts) or [None]
+            print(json.dumps({"kernel": name, "dtype": dtype, "variant": consts,
+                              "configs": [str(c) for c in cfgs]}), flush=True)
+            continue
         try:
             for r in compile_kernel(kernel, dtype, consts, ints, args.arch, 1 if args.quick else None):
                 print(json.dumps(r), flush=True)
         except Exception as e:  # report and keep going: one line per failure
             failures += 1
-            print(json.dumps({"kernel": getattr(kernel, "__name__", str(kernel)), "dtype": dtype,
+            print(json.dumps({"kernel": name, "dtype": dtype, "variant": consts,
                               "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
     return 1 if failures else 0
 

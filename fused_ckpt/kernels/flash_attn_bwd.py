@@ -449,18 +449,18 @@ def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq, dk, dv
 
 
-def aot_specs(B: int = 2, S: int = 4096, H: int = 32, H_kv: int = 8) -> list:
-    """Representative launches of the backward kernels for ``tools/aot_compile.py``."""
-    from .flash_attn_fwd import attn_ints
+def aot_specs(B: int = 2, S: int = 4096, H: int = 32, H_kv: int = 8, quick: bool = False) -> list:
+    """Representative launches of the backward kernels for ``tools/aot_compile.py``, for the
+    variants of ``flash_attn_fwd.aot_variants`` and both paths (ATOMIC_DQ)."""
+    from .flash_attn_fwd import aot_variants, attn_ints
 
     specs = []
-    for D in (64, 128):
+    for dtype, prec, D, causal, kpm in aot_variants(quick):
         ints = attn_ints(B, S, H, H_kv, D)
         pre = dict(ints, stride_deltab=H * S, stride_deltah=S, stride_deltas=1)
-        specs.append((_flash_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M), pre))
-        for causal, kpm in ((True, False), (False, True)):
-            consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, DOT_F32=False, INPUT_PRECISION=None)
-            for atomic in (False, True):  # deterministic two-kernel path; single pass
-                specs.append((_flash_bwd_dkdv_kernel, "bf16", dict(consts, ATOMIC_DQ=atomic), ints))
-            specs.append((_flash_bwd_dq_kernel, "bf16", consts, ints))
+        specs.append((_flash_bwd_preprocess_kernel, dtype, dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M), pre))
+        consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, DOT_F32=False, INPUT_PRECISION=prec)
+        for atomic in (False, True):  # deterministic two-kernel path; single pass
+            specs.append((_flash_bwd_dkdv_kernel, dtype, dict(consts, ATOMIC_DQ=atomic), ints))
+        specs.append((_flash_bwd_dq_kernel, dtype, consts, ints))
     return specs

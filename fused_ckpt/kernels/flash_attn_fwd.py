@@ -282,15 +282,27 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def aot_specs(B: int = 2, S: int = 4096, H: int = 32, H_kv: int = 8) -> list:
+AOT_DTYPES = (("bf16", None), ("fp16", None), ("fp32", "ieee"), ("fp32", "tf32"))
+
+
+def aot_variants(quick: bool = False):
+    """(dtype, INPUT_PRECISION, HEAD_DIM, CAUSAL, HAS_KPM) the attention kernels are compiled
+    for by ``tools/aot_compile.py``: every dtype and head dim (what the pruning selects by), with
+    the causal and padding masks both on (the most code); quick (CI): bf16 at 64 and 256, fp32
+    IEEE and TF32 at 64."""
+    if quick:
+        return [("bf16", None, 64, True, False), ("bf16", None, 256, False, True),
+                ("fp32", "ieee", 64, True, True), ("fp32", "tf32", 64, True, True)]
+    return [(dt, prec, D, True, True) for dt, prec in AOT_DTYPES for D in HEAD_DIMS]
+
+
+def aot_specs(B: int = 2, S: int = 4096, H: int = 32, H_kv: int = 8, quick: bool = False) -> list:
     """(kernel, dtype, constexprs, integer args) of representative launches, for
-    ``tools/aot_compile.py``: contiguous [B, S, H, D] tensors, GQA, causal and padded."""
+    ``tools/aot_compile.py``: contiguous [B, S, H, D] tensors, GQA (``aot_variants``)."""
     specs = []
-    for D in (64, 128):
-        ints = attn_ints(B, S, H, H_kv, D)
-        for causal, kpm in ((True, False), (False, True)):
-            consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, DOT_F32=False, INPUT_PRECISION=None)
-            specs.append((_flash_fwd_kernel, "bf16", consts, ints))
+    for dtype, prec, D, causal, kpm in aot_variants(quick):
+        consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, DOT_F32=False, INPUT_PRECISION=prec)
+        specs.append((_flash_fwd_kernel, dtype, consts, attn_ints(B, S, H, H_kv, D)))
     return specs
 
 
