@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 
@@ -111,19 +112,20 @@ def launch_device(kernel, args: tuple, kwargs: dict) -> torch.device | None:
     """The device of a launch's tensor arguments (None if it has none). Raises, naming the
     arguments, when they are not all on one device or when that device cannot run Triton
     (``check_device``)."""
-    tensors = [(i, a) for i, a in enumerate((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
-    if not tensors:
-        return None
-    i0, t0 = tensors[0]
-    for i, t in tensors[1:]:
-        if t.device != t0.device:
+    i0 = device = None
+    for i, t in enumerate(itertools.chain(args, kwargs.values())):  # one pass: this runs per launch
+        if not isinstance(t, torch.Tensor):
+            continue
+        if device is None:
+            i0, device = i, t.device
+            if device.type != "cuda":
+                check_device(t, f"{_kernel_name(kernel)}'s {_arg_name(kernel, len(args), kwargs, i)}")
+        elif t.device != device:
             raise RuntimeError(
                 f"{_kernel_name(kernel)}: {_arg_name(kernel, len(args), kwargs, i)} is on {t.device} but "
-                f"{_arg_name(kernel, len(args), kwargs, i0)} is on {t0.device}; all tensors of one "
+                f"{_arg_name(kernel, len(args), kwargs, i0)} is on {device}; all tensors of one "
                 "launch must be on the same device")
-    if t0.device.type != "cuda":
-        check_device(t0, f"{_kernel_name(kernel)}'s {_arg_name(kernel, len(args), kwargs, i0)}")
-    return t0.device
+    return device
 
 
 def device_context(device: torch.device | None):
