@@ -8,6 +8,8 @@ from .functional import fused_ffn
 from .functional_attention import flash_attention, fused_attention_block
 from .modules import (FusedCheckpointedAttention, FusedCheckpointedBlock, FusedCheckpointedFFN,
                       FusedLayerNorm, FusedRMSNorm)
+from .modules.linear_ce import FusedLinearCrossEntropy
+from .ops.linear_ce import LinearCrossEntropyOutput, fused_linear_cross_entropy
 from .ops.norm import layer_norm, rms_norm
 from .planner import plan
 from .policy import CheckpointPlan, EveryN, MemoryBudget, PerLayer, Selective, apply_checkpointing
@@ -16,8 +18,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "CheckpointPlan", "EveryN", "FusedCheckpointedAttention", "FusedCheckpointedBlock",
-    "FusedCheckpointedFFN", "FusedLayerNorm", "FusedRMSNorm", "MemoryBudget", "PerLayer", "Selective",
+    "FusedCheckpointedFFN", "FusedLayerNorm", "FusedLinearCrossEntropy", "FusedRMSNorm",
+    "LinearCrossEntropyOutput", "MemoryBudget", "PerLayer", "Selective",
     "__version__", "apply_checkpointing", "flash_attention", "fused_attention_block", "fused_ffn",
+    "fused_linear_cross_entropy",
     "layer_norm", "plan", "rms_norm",
 ]
 
