@@ -12,8 +12,9 @@ _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")
 
 
 def _check_float(t: Tensor, what: str) -> None:
-    if not t.dtype.is_floating_point or t.dtype not in _FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"{what} must be a floating-point tensor (float32/float16/bfloat16), got {t.dtype}")
+    if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{what} must be a floating-point tensor (float32/float16/bfloat16, or float64 on "
+                        f"the aten backend), got {t.dtype}")
 
 
 def check_ffn_inputs(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -27,6 +28,8 @@ def check_ffn_inputs(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: T
     if w1.dim() != 2 or w2.dim() != 2:
         raise ValueError(f"w1 and w2 must be 2-D, got w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)}")
     d_model = w1.shape[1]
+    if d_model == 0:
+        raise ValueError(f"the FFN has d_model=0 (fc1.weight {tuple(w1.shape)}); d_model must be positive")
     if x.shape[-1] != d_model:
         raise ValueError(f"last dimension of x is {x.shape[-1]} but the FFN has d_model={d_model} "
                          f"(x {tuple(x.shape)}, fc1.weight {tuple(w1.shape)})")
@@ -104,7 +107,7 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
     save = ffn_save_count(recompute)
     if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be a non-negative int (0 = automatic), got {chunk_tokens!r}")
-    be = resolve_backend(backend, x.device)
+    be = resolve_backend(backend, x.device, x.dtype)
     tensors = (x, w1, b1, w2, b2)
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     with torch.autocast(x.device.type, enabled=False):

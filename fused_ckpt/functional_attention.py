@@ -133,7 +133,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
 
     if isinstance(q, Tensor):
         q, k, v = _autocast(q, k, v, device_type=q.device.type)
-    be = resolve_backend(backend, q.device) if isinstance(q, Tensor) else backend
+    be = resolve_backend(backend, q.device, q.dtype) if isinstance(q, Tensor) else backend
     check_flash_inputs(q, k, v, key_padding_mask, be)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False, got {causal!r}")
@@ -178,7 +178,7 @@ def fused_attention_block(
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     x, wq, bq, wk, bk, wv, bv, wo, bo = _autocast(x, wq, bq, wk, bk, wv, bv, wo, bo, device_type=x.device.type)
-    be = resolve_backend(backend, x.device)
+    be = resolve_backend(backend, x.device, x.dtype)
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
     _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, be)
     head_dim = wq.shape[0] // n_heads

@@ -7,7 +7,8 @@
     mm(a, b, out, accumulate)          out (+)= a @ b         dW / dX GEMMs
 
 Triton: fused kernels (Z lives only in registers). Aten: torch GEMMs plus the csrc
-elementwise ops (Z is a temporary of the chunk being processed).
+elementwise ops (Z is a temporary of the chunk being processed); float64 off the CPU, which the
+csrc CUDA kernels do not take, uses the registry's PyTorch math instead.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class TritonFFN:
     @staticmethod
     def up(x, w1, b1, act: Activation, store_z: bool):
         from ..kernels.ffn_fwd import ffn_up
-        return ffn_up(x, w1, b1, act, store_z)
+        return ffn_up(x, w1, _unit_stride(b1), act, store_z)
 
     @staticmethod
     def down(h, w2, b2, out):
@@ -33,7 +34,7 @@ class TritonFFN:
     @staticmethod
     def hidden_grad(x, z, dy, w1, b1, w2, act: Activation, store_h: bool):
         from ..kernels.ffn_bwd import ffn_bwd_hidden
-        return ffn_bwd_hidden(x, z, dy, w1, b1, w2, act, store_h)
+        return ffn_bwd_hidden(x, z, dy, w1, _unit_stride(b1), w2, act, store_h)
 
     @staticmethod
     def mm(a, b, out, accumulate: bool):
@@ -48,7 +49,8 @@ class AtenFFN:
     def up(x, w1, b1, act: Activation, store_z: bool):
         from .. import _ext
         z = F.linear(x, w1, b1)
-        return _ext.act_forward(z, act.name), (z if store_z else None)
+        h = _ext.act_forward(z, act.name) if _ext_takes(z) else act.hidden(z)
+        return h, (z if store_z else None)
 
     @staticmethod
     def down(h, w2, b2, out):
@@ -63,7 +65,9 @@ class AtenFFN:
         if z is None:
             z = F.linear(x, w1, b1)
         dh = torch.mm(dy, w2)
-        return _ext.act_backward(z, dh, act.name, store_h)
+        if _ext_takes(z):
+            return _ext.act_backward(z, dh, act.name, store_h)
+        return _torch_act_backward(z, dh, act, store_h)
 
     @staticmethod
     def mm(a, b, out, accumulate: bool):
@@ -78,6 +82,29 @@ class AtenFFN:
                 out.add_(p)
             else:
                 out.copy_(p)
+
+
+def _unit_stride(b):
+    """The Triton kernels read fc1.bias as contiguous: a strided one is copied."""
+    return b if b is None or b.stride(-1) == 1 else b.contiguous()
+
+
+def _ext_takes(z) -> bool:
+    """Whether the csrc elementwise ops take z: everything but float64 off the CPU."""
+    return z.dtype != torch.float64 or z.device.type == "cpu"
+
+
+def _torch_act_backward(z, dh, act: Activation, store_h: bool):
+    """(dz, h or None) in PyTorch ops, in z's dtype (the float64 path of the csrc op)."""
+    if act.gated:
+        g, u = z.chunk(2, dim=-1)
+        a = act.base_fn(g)
+        dz = torch.cat([dh * u * act.base_grad(g), dh * a], -1)
+        h = a * u if store_h else None
+    else:
+        dz = dh * act.base_grad(z)
+        h = act.base_fn(z) if store_h else None
+    return dz, h
 
 
 _MM_OUT_DTYPE = [True]  # CUDA torch.mm(..., out_dtype=torch.float32) usable, until it refuses

@@ -48,6 +48,8 @@ from torch import Tensor
 from torch.torch_version import TorchVersion
 from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
+from ..backend import check_backend_dtype
+
 BLOCK_MODES = ("all", "qkv", "none")
 ATEN_CHUNK_ELEMS = 2**26  # the aten math path keeps [B, H, chunk, S_kv] scores under 256 MiB (fp32)
 
@@ -268,16 +270,19 @@ class TritonAttention:
     @staticmethod
     def forward(q, k, v, kpm, causal, scale):
         from ..kernels.flash_attn_fwd import flash_attn_fwd
+        check_backend_dtype("triton", q.dtype, "q")
         return flash_attn_fwd(q, k, v, kpm, causal, scale)
 
     @staticmethod
     def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv):
         from ..kernels.flash_attn_bwd import flash_attn_bwd
+        check_backend_dtype("triton", q.dtype, "q")
         return flash_attn_bwd(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv)
 
     @staticmethod
     def rope(x, cos, sin, inverse=False):
         from ..kernels.rope import rope_
+        check_backend_dtype("triton", x.dtype, "the rotary embedding's input")
         return rope_(x, cos, sin, inverse)  # x is always a fresh temporary here: in place
 
 
@@ -342,7 +347,8 @@ flash_attn_forward.register_autograd(_flash_backward, setup_context=_flash_setup
 
 # --------------------------------------------------------------------------- attention block op
 def _heads(x: Tensor, n: int) -> Tensor:
-    return x.view(x.shape[0], x.shape[1], n, -1)
+    """[B, S, n * D] -> [B, S, n, D] (sizes spelled out: with no tokens, -1 is ambiguous)."""
+    return x.view(x.shape[0], x.shape[1], n, x.shape[2] // n)
 
 
 def _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, tables):
@@ -377,7 +383,7 @@ def attn_block_forward(
     q, k, v = _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads,
                        _tables(x, wq, n_heads, position_ids, rope_theta))
     o, lse = be.forward(q, k, v, key_padding_mask, causal, scale)
-    o = o.view(B, S, -1)
+    o = o.view(B, S, wq.shape[0])
     y = F.linear(o, wo, bo)
     keep_qkv = mode == "none"
     if not keep_qkv:
@@ -418,7 +424,8 @@ def attn_block_backward(
     be = ATTN_BACKENDS[backend]
     B, S, d = x.shape
     x2 = x.reshape(B * S, d)
-    dy2 = dy.reshape(B * S, -1)
+    dy2 = dy.reshape(B * S, wo.shape[0])
+    acc = lse_dtype(dy.dtype)  # bias sums: fp32, fp64 for fp64
     tables = _tables(x, wq, n_heads, position_ids, rope_theta)
     need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv
     if q is None and (need_attn or (o is None and need_wo)):
@@ -427,11 +434,11 @@ def attn_block_backward(
         o = be.forward(q, k, v, key_padding_mask, causal, scale)[0]
     out: list[Optional[Tensor]] = [None] * _BLOCK_GRADS
     if need_wo:
-        out[7] = dy2.t().mm(o.reshape(B * S, -1))
+        out[7] = dy2.t().mm(o.reshape(B * S, wo.shape[1]))
     if need_bo:
-        out[8] = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+        out[8] = dy2.sum(0, dtype=acc).to(dy.dtype)
     if need_attn:
-        do = _heads(dy2.mm(wo).view(B, S, -1), n_heads)
+        do = _heads(dy2.mm(wo).view(B, S, wo.shape[1]), n_heads)
         dq, dk, dv = be.backward(do, q, k, v, o.view(do.shape), lse, key_padding_mask, causal, scale,
                                  True, True)
         del do
@@ -440,12 +447,12 @@ def attn_block_backward(
             dk = be.rope(dk, *tables, inverse=True)
         dx = None
         for i, g in ((1, dq), (3, dk), (5, dv)):
-            g2 = g.reshape(B * S, -1)
             w = (wq, wk, wv)[i // 2]
+            g2 = g.reshape(B * S, w.shape[0])
             if needs_grad[i]:
                 out[i] = g2.t().mm(x2)
             if needs_grad[i + 1]:
-                out[i + 1] = g2.sum(0, dtype=torch.float32).to(g.dtype)
+                out[i + 1] = g2.sum(0, dtype=acc).to(g.dtype)
             if need_x:
                 dx = g2.mm(w) if dx is None else dx.addmm_(g2, w)
         out[0] = dx.view(x.shape) if need_x else None

@@ -122,7 +122,7 @@ class BlockFullRecompute(torch.autograd.Function):
             xc, n1w, n1b, be_n = _prepare_norm(x, p["norm1_w"], p["norm1_b"], spec.backend)
             wq, bq, wk, bk, wv, bv, wo, bo = _autocast(p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"],
                                                        p["wo"], p["bo"], device_type=dev)
-        be_a = resolve_backend(spec.backend, x.device)
+        be_a = resolve_backend(spec.backend, x.device, wq.dtype)  # the dtype the forward's attention ran in
         B, S = x.shape[0], x.shape[1]
         pos = _check_positions(position_ids, B, S, x.device) if position_ids is not None else None
         scale = _check_scale(spec.scale, p["wq"].shape[0] // spec.n_heads)
@@ -142,7 +142,7 @@ class BlockFullRecompute(torch.autograd.Function):
             cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
             ffn_names = ("w1", "b1", "w2", "b2")
             ffn_needs = [True] + [needs[n] for n in ffn_names]
-            be = resolve_backend(spec.backend, x.device)
+            be = resolve_backend(spec.backend, x.device, ct)
             g_n2, *ffn_grads = ffn_backward(dy.to(ct), n2, None, None, cast(p["w1"]), cast(p["b1"]), cast(p["w2"]),
                                             spec.activation, ffn_needs, spec.chunk_tokens, be)
             grads = dict(zip(ffn_names, ffn_grads))

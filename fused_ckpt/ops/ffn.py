@@ -25,8 +25,9 @@ Backward, per chunk of ``chunk_tokens`` tokens (bounding the [tokens, d_ff] temp
 
     dZ, H = hidden_grad(x, dY)           one fused kernel: dH = dY W2 and Z = x W1^T + b1
                                          in the same pass over d_model, then dZ = dH act'(Z)
-    dW2 += dY^T H       dW1 += dZ^T x    fp32 accumulators when there is more than one chunk
-    db1 += sum(dZ)      dX = dZ W1       bias sums in fp32; db2 = sum(dY) once
+    dW2 += dY^T H       dW1 += dZ^T x    fp32 (fp64 for fp64) accumulators when there is more
+                                         than one chunk
+    db1 += sum(dZ)      dX = dZ W1       bias sums in fp32 (fp64 for fp64); db2 = sum(dY) once
 
 Gradients nobody asked for (frozen weights, LoRA base weights, inputs without grad) are
 neither computed nor allocated.
@@ -41,6 +42,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..activations import get_activation
+from ..backend import check_backend_dtype
 from ._autograd import guard_double_backward
 from ._ffn_backends import FFN_BACKENDS
 
@@ -80,6 +82,11 @@ def ffn_recompute_flops(tokens: int, d_model: int, d_ff: int, gated: bool, save:
     return 2 * tokens * d_model * fc1_rows if save == 0 else 0
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator dtype for sums over tokens: fp32 for the half types and fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _empty(ref: Tensor) -> Tensor:
     """Placeholder for an output that was not asked for (custom ops return tensors only)."""
     return ref.new_empty((0,))
@@ -94,6 +101,7 @@ def ffn_forward_impl(
     ``save >= 1``, h, the hidden activation [tokens, d_ff], when ``save == 2``; an empty
     placeholder otherwise."""
     act = get_activation(activation)
+    check_backend_dtype(backend, x.dtype, "x")
     be = FFN_BACKENDS[backend]
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
@@ -139,6 +147,7 @@ def ffn_backward_impl(
     ``h`` None: recompute it (from z) where dW2 needs it."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
     act = get_activation(activation)
+    check_backend_dtype(backend, x.dtype, "x")
     be = FFN_BACKENDS[backend]
     d = x.shape[-1]
     F1, f = w1.shape[0], w2.shape[1]
@@ -149,16 +158,17 @@ def ffn_backward_impl(
     M = x2.shape[0]
     chunk = chunk_tokens or default_chunk_tokens(d, F1, f, x.element_size())
     n_chunks = -(-M // chunk)
-    acc_dtype = torch.float32 if n_chunks > 1 else w1.dtype
+    acc = acc_dtype(w1.dtype)
+    dw_dtype = acc if n_chunks > 1 else w1.dtype
     dev = x.device
 
     dx = torch.empty(x.shape, device=dev, dtype=x.dtype) if need_x else None
     dx2 = dx.view(M, d) if need_x else None
     # the first chunk overwrites dW (accumulate=False); only an empty batch needs zeros
     new_dw = torch.zeros if M == 0 else torch.empty
-    dw1 = new_dw(w1.shape, device=dev, dtype=acc_dtype) if need_w1 else None
-    dw2 = new_dw(w2.shape, device=dev, dtype=acc_dtype) if need_w2 else None
-    db1 = torch.zeros((F1,), device=dev, dtype=torch.float32) if need_b1 else None
+    dw1 = new_dw(w1.shape, device=dev, dtype=dw_dtype) if need_w1 else None
+    dw2 = new_dw(w2.shape, device=dev, dtype=dw_dtype) if need_w2 else None
+    db1 = torch.zeros((F1,), device=dev, dtype=acc) if need_b1 else None
     need_dz = need_x or need_w1 or need_b1
 
     for i, start in enumerate(range(0, M, chunk)):
@@ -178,7 +188,7 @@ def ffn_backward_impl(
         if need_w1:
             be.mm(dz.t(), xc, dw1, accumulate=i > 0)
         if need_b1:
-            db1 += dz.sum(0, dtype=torch.float32)
+            db1 += dz.sum(0, dtype=acc)
         if need_x:
             be.mm(dz, w1, dx2[start:end], accumulate=False)
         del dz, hc
@@ -187,7 +197,7 @@ def ffn_backward_impl(
     out_dw1 = dw1.to(w1.dtype) if need_w1 else _empty(w1)
     out_db1 = db1.to(b1.dtype) if need_b1 else _empty(w1)
     out_dw2 = dw2.to(w2.dtype) if need_w2 else _empty(w2)
-    out_db2 = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b2 else _empty(w2)
+    out_db2 = dy2.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype) if need_b2 else _empty(w2)
     return out_dx, out_dw1, out_db1, out_dw2, out_db2
 
 

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import resolve_backend
+from ..backend import check_backend_dtype, resolve_backend
 from ._autograd import guard_double_backward
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -107,6 +107,11 @@ def _aten_bwd(dy2: Tensor, x2: Tensor, w: Optional[Tensor], mean: Optional[Tenso
 
 
 # --------------------------------------------------------------------------- shared impls
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The Triton kernels read weight and bias [N] as contiguous: a strided one is copied."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _fwd(x: Tensor, w, b, eps: float, rms: bool, backend: str, mean=None, rstd=None):
     """(y shaped like x, mean or None, rstd), statistics shaped ``x.shape[:-1]``."""
     N = x.shape[-1]
@@ -118,7 +123,8 @@ def _fwd(x: Tensor, w, b, eps: float, rms: bool, backend: str, mean=None, rstd=N
     if backend == "triton":
         from ..kernels.norm import norm_fwd
 
-        y, mean, rstd = norm_fwd(x2, w, b, eps, rms, mean, rstd)
+        check_backend_dtype(backend, x.dtype, "x")
+        y, mean, rstd = norm_fwd(x2, _unit_stride(w), _unit_stride(b), eps, rms, mean, rstd)
     else:
         y, mean, rstd = _aten_fwd(x2, w, b, eps, rms, mean, rstd)
     rows = x.shape[:-1]
@@ -136,7 +142,8 @@ def _bwd(dy: Tensor, x: Tensor, w, mean, rstd: Tensor, rms: bool, needs: list, b
     if backend == "triton":
         from ..kernels.norm import norm_bwd
 
-        dx, dw, db = norm_bwd(dy2, x2, w, mean, rstd, rms, need_dx, need_dw, need_db)
+        check_backend_dtype(backend, x.dtype, "x")
+        dx, dw, db = norm_bwd(dy2, x2, _unit_stride(w), mean, rstd, rms, need_dx, need_dw, need_db)
     else:
         dx, dw, db = _aten_bwd(dy2, x2, w, mean, rstd, rms, need_dx, need_dw, need_db)
     return (dx.view(x.shape) if dx is not None else _empty(x),
@@ -310,7 +317,8 @@ def check_norm_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension to normalize, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be a floating-point tensor (float32/float16/bfloat16), got {x.dtype}")
+        raise TypeError(f"x must be a floating-point tensor (float32/float16/bfloat16, or float64 on the "
+                        f"aten backend), got {x.dtype}")
     N = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
@@ -347,16 +355,14 @@ def _prepare(x: Tensor, weight, bias, backend: str, stats: tuple = ()):
         weight = weight.to(dt) if weight is not None else None
         bias = bias.to(dt) if bias is not None else None
     check_norm_inputs(x, weight, bias, stats)
-    be = resolve_backend(backend, x.device)
+    be = resolve_backend(backend, x.device, x.dtype)  # float64: "aten", or a TypeError for "triton"
     if be == "triton":
         from ..kernels.norm import MAX_N
 
-        too_wide = x.shape[-1] > MAX_N
-        if too_wide or x.dtype == torch.float64:
+        if x.shape[-1] > MAX_N:
             if backend == "triton":
-                why = (f"rows of width {x.shape[-1]} (the kernels take up to {MAX_N})" if too_wide
-                       else "float64 inputs")
-                raise ValueError(f"the Triton norm kernels do not support {why}; use backend='aten'")
+                raise ValueError(f"the Triton norm kernels do not support rows of width {x.shape[-1]} "
+                                 f"(the kernels take up to {MAX_N}); use backend='aten'")
             be = "aten"  # "auto" falls back to the plain-PyTorch backend
     return x, weight, bias, be
 
