@@ -11,13 +11,11 @@ import fused_ckpt as fc
 import fused_ckpt.ops.attention as attention_ops
 from fused_ckpt.ops.attention import flash_attn_backward, flash_attn_forward
 
-from .conftest import HAS_CUDA, INTERPRET
 from .helpers import assert_close_by_rule
 
-DEV = "cuda" if HAS_CUDA else "cpu"
-TRITON_OK = HAS_CUDA or INTERPRET
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
-BACKENDS = [pytest.param("triton", marks=needs_triton), "aten"]
+# Tests parametrized with backend="triton" (or marked triton) run on the GPU when there is one
+# (tests/conftest.py makes their tensors there), interpreted on CPU otherwise; the rest on CPU.
+BACKENDS = ["triton", "aten"]
 
 
 def last_dim_strided(t: torch.Tensor) -> torch.Tensor:
@@ -119,7 +117,7 @@ def test_aten_attention_backward_strided_saved_tensors():
 def test_norm_strided_weight_and_input(rms, backend):
     """The Triton norm kernels read weight and bias as contiguous: a strided one (a view into
     a larger buffer) used to be misread."""
-    x, w, b = torch.randn(3, 5, 32, device=DEV), torch.randn(32, device=DEV), torch.randn(32, device=DEV)
+    x, w, b = torch.randn(3, 5, 32), torch.randn(32), torch.randn(32)
     inputs = [x, w] if rms else [x, w, b]
     if rms:
         fn = lambda x, w: fc.rms_norm(x, w, 1e-6, backend=backend)  # noqa: E731
@@ -136,9 +134,9 @@ def test_ffn_strided_parameters(backend):
     fc1.bias as contiguous)."""
     from fused_ckpt.reference import ffn_reference
 
-    x = torch.randn(6, 16, device=DEV)
-    w1, b1 = torch.randn(48, 16, device=DEV) / 4, torch.randn(48, device=DEV)
-    w2, b2 = torch.randn(16, 24, device=DEV) / 5, torch.randn(16, device=DEV)
+    x = torch.randn(6, 16)
+    w1, b1 = torch.randn(48, 16) / 4, torch.randn(48)
+    w2, b2 = torch.randn(16, 24) / 5, torch.randn(16)
     check_by_rule(lambda *a: fc.fused_ffn(*a, activation="swiglu", backend=backend),
                   lambda *a: ffn_reference(*a, activation="swiglu"), [x, w1, b1, w2, b2], set(range(5)),
                   dout_strided=True)
@@ -178,19 +176,19 @@ def ref_attention_block(x, wq, bq, wk, bk, wv, bv, wo, bo, H, H_kv, theta):
 def _block_params(d=64, H=2, H_kv=1, dtype=torch.float64):
     D = d // H
     shapes = [(H * D, d), (H * D,), (H_kv * D, d), (H_kv * D,), (H_kv * D, d), (H_kv * D,), (d, H * D), (d,)]
-    return [torch.randn(s, dtype=dtype, device=DEV) / (math.sqrt(s[-1]) if len(s) == 2 else 1) for s in shapes]
+    return [torch.randn(s, dtype=dtype) / (math.sqrt(s[-1]) if len(s) == 2 else 1) for s in shapes]
 
 
 def _ffn_params(d=16, f=24, dtype=torch.float64):
-    return [torch.randn(2 * f, d, dtype=dtype, device=DEV) / 4, torch.randn(2 * f, dtype=dtype, device=DEV),
-            torch.randn(d, f, dtype=dtype, device=DEV) / 5, torch.randn(d, dtype=dtype, device=DEV)]
+    return [torch.randn(2 * f, d, dtype=dtype) / 4, torch.randn(2 * f, dtype=dtype),
+            torch.randn(d, f, dtype=dtype) / 5, torch.randn(d, dtype=dtype)]
 
 
 def _fp64_cases():
     """(name, fused fn, reference fn, inputs) for every op, all float64."""
     from fused_ckpt.reference import ffn_reference
 
-    f64 = dict(dtype=torch.float64, device=DEV)
+    f64 = dict(dtype=torch.float64)
     x2 = torch.randn(6, 16, **f64)
     x3 = torch.randn(2, 4, 64, **f64)
     qkv = [torch.randn(1, 5, 2, 32, **f64) for _ in range(3)]
@@ -213,7 +211,7 @@ def _fp64_cases():
 FP64_OPS = ["ffn", "flash_attention", "attention_block", "rms_norm", "layer_norm"]
 
 
-@needs_triton
+@pytest.mark.triton
 @pytest.mark.parametrize("op", FP64_OPS + ["block", "ffn_module", "attention_module", "norm_module"])
 def test_triton_refuses_float64(op):
     """The Triton kernels accumulate in fp32 and store fp64 outputs they were not compiled
@@ -225,8 +223,8 @@ def test_triton_refuses_float64(op):
         mod = {"block": lambda: fc.FusedCheckpointedBlock(64, 2, 32, 1, bias=True, backend="triton"),
                "ffn_module": lambda: fc.FusedCheckpointedFFN(64, 32, "gelu", backend="triton"),
                "attention_module": lambda: fc.FusedCheckpointedAttention(64, 2, rope_theta=1e4, backend="triton"),
-               "norm_module": lambda: fc.FusedRMSNorm(64, backend="triton")}[op]().to(device=DEV, dtype=torch.float64)
-        call = lambda: mod(torch.randn(1, 3, 64, dtype=torch.float64, device=DEV, requires_grad=True))  # noqa: E731
+               "norm_module": lambda: fc.FusedRMSNorm(64, backend="triton")}[op]().to(dtype=torch.float64)
+        call = lambda: mod(torch.randn(1, 3, 64, dtype=torch.float64, requires_grad=True))  # noqa: E731
     with pytest.raises(TypeError, match=r"float64.*backend='aten'"):
         call()
 
@@ -253,8 +251,8 @@ def test_float64_exact(op, backend):
 def test_float64_block(backend):
     """The whole-block path in float64 equals the submodule path (each checked above) and is
     float64 through and through."""
-    blk = fc.FusedCheckpointedBlock(64, 2, 32, 1, bias=True, backend=backend).to(device=DEV, dtype=torch.float64)
-    x = torch.randn(2, 4, 64, dtype=torch.float64, device=DEV, requires_grad=True)
+    blk = fc.FusedCheckpointedBlock(64, 2, 32, 1, bias=True, backend=backend).to(dtype=torch.float64)
+    x = torch.randn(2, 4, 64, dtype=torch.float64, requires_grad=True)
     y = blk(x)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *blk.parameters()], g)
@@ -312,8 +310,8 @@ EMPTY_SHAPES = [(0, 3), (2, 0)]
 @pytest.mark.parametrize("B,S", EMPTY_SHAPES)
 def test_attention_module_empty(B, S, recompute, backend):
     m = fc.FusedCheckpointedAttention(64, 2, 1, bias=True, rope_theta=1e4, recompute=recompute,
-                                      backend=backend).to(DEV)
-    x = torch.randn(B, S, 64, device=DEV, requires_grad=True)
+                                      backend=backend)
+    x = torch.randn(B, S, 64, requires_grad=True)
     y = m(x)
     assert y.shape == (B, S, 64)
     _check_empty_grads(x, y, m.named_parameters())
@@ -325,8 +323,8 @@ def test_attention_module_empty(B, S, recompute, backend):
 @pytest.mark.parametrize("B,S", EMPTY_SHAPES)
 def test_block_empty(B, S, norm, recompute, backend):
     blk = fc.FusedCheckpointedBlock(64, 2, 32, 1, norm=norm, bias=True, recompute=recompute,
-                                    backend=backend).to(DEV)
-    x = torch.randn(B, S, 64, device=DEV, requires_grad=True)
+                                    backend=backend)
+    x = torch.randn(B, S, 64, requires_grad=True)
     y = blk(x)
     assert y.shape == (B, S, 64)
     _check_empty_grads(x, y, blk.named_parameters())
@@ -335,9 +333,9 @@ def test_block_empty(B, S, norm, recompute, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,S_q,S_kv", [(0, 3, 3), (1, 0, 3), (1, 3, 0), (1, 0, 0)])
 def test_flash_attention_empty(B, S_q, S_kv, backend):
-    q = torch.randn(B, S_q, 2, 32, device=DEV, requires_grad=True)
-    k = torch.randn(B, S_kv, 2, 32, device=DEV, requires_grad=True)
-    v = torch.randn(B, S_kv, 2, 32, device=DEV, requires_grad=True)
+    q = torch.randn(B, S_q, 2, 32, requires_grad=True)
+    k = torch.randn(B, S_kv, 2, 32, requires_grad=True)
+    v = torch.randn(B, S_kv, 2, 32, requires_grad=True)
     o = fc.flash_attention(q, k, v, backend=backend)
     assert o.shape == q.shape and (o == 0).all()
     o.backward(torch.randn_like(o))
@@ -348,8 +346,8 @@ def test_flash_attention_empty(B, S_q, S_kv, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("recompute", [True, False, "none"])
 def test_ffn_empty_tokens(recompute, backend):
-    m = fc.FusedCheckpointedFFN(16, 24, "swiglu", recompute=recompute, backend=backend).to(DEV)
-    x = torch.randn(0, 5, 16, device=DEV, requires_grad=True)
+    m = fc.FusedCheckpointedFFN(16, 24, "swiglu", recompute=recompute, backend=backend)
+    x = torch.randn(0, 5, 16, requires_grad=True)
     y = m(x)
     assert y.shape == (0, 5, 16)
     _check_empty_grads(x, y, m.named_parameters())
@@ -357,8 +355,8 @@ def test_ffn_empty_tokens(recompute, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ffn_zero_width_is_refused(backend):
-    x = torch.randn(3, 0, device=DEV)
-    w1, w2 = torch.randn(8, 0, device=DEV), torch.randn(0, 8, device=DEV)
+    x = torch.randn(3, 0)
+    w1, w2 = torch.randn(8, 0), torch.randn(0, 8)
     with pytest.raises(ValueError, match="d_model=0"):
         fc.fused_ffn(x, w1, None, w2, None, backend=backend)
 
@@ -366,8 +364,8 @@ def test_ffn_zero_width_is_refused(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("Norm", [fc.FusedRMSNorm, fc.FusedLayerNorm])
 def test_norm_empty_rows(Norm, backend):
-    m = Norm(32, backend=backend).to(DEV)
-    x = torch.randn(2, 0, 32, device=DEV, requires_grad=True)
+    m = Norm(32, backend=backend)
+    x = torch.randn(2, 0, 32, requires_grad=True)
     y = m(x)
     assert y.shape == x.shape
     _check_empty_grads(x, y, m.named_parameters())
