@@ -162,3 +162,36 @@ def test_single_surviving_config_is_launched_without_benchmarking():
         assert bool(calls) == benched, (keep, calls)
         expected = torch.ones(40)  # one launch after tuning (the benchmark runs are zeroed away)
         torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+def test_fp32_gated_backward_without_recompute_counts_loaded_tiles(gpu_configs):
+    """sm_90 TF32 build of the 128x64 tile on 8 warps: 255 registers and a 24 B spill."""
+    kw = dict(GATED=True, RECOMPUTE=False, STORE_H=True, DOT_F32=False, INPUT_PRECISION="tf32")
+    kept = _ffn_bwd_hidden_kernel.early_config_prune(gpu_configs["fused"], {"dy_ptr": _Elem(4)}, **kw)
+    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // c.num_warps <= 64 * 64 // 8 for c in kept), kept
+
+
+def test_attention_selects_spill_free_tiles_that_fit(monkeypatch):
+    """Issue 9 item 8: at head_dim 256 (bf16, sm_90) the forward's 128x32 tile spilled 3.3 KB,
+    64x64 spilled and with 4 stages overflowed shared memory; the deterministic dK/dV 16x128 tile
+    spilled 3 KB and 32x64 264 B. The spill-free ones are selected (tools/aot_compile.py)."""
+    from fused_ckpt.kernels import flash_attn_bwd as fb
+    from fused_ckpt.kernels import flash_attn_fwd as ff
+
+    monkeypatch.setattr(ff, "INTERPRET", False)
+    monkeypatch.setattr(fb, "INTERPRET", False)
+    tiles = lambda cfgs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps) for c in cfgs}
+    q = {"q_ptr": _Elem(2)}
+    masks = dict(CAUSAL=True, HAS_KPM=False, DOT_F32=False, INPUT_PRECISION=None)
+    fwd = ff._flash_fwd_kernel.early_config_prune(ff.fwd_configs(), q, HEAD_DIM=256, **masks)
+    assert tiles(fwd) == {(64, 32, 2, 4), (32, 32, 2, 4)}
+    for atomic in (False, True):
+        dkdv = fb._flash_bwd_dkdv_kernel.early_config_prune(fb.dkdv_configs(), q, HEAD_DIM=256, ATOMIC_DQ=atomic, **masks)
+        assert tiles(dkdv) == {(32, 32, 3, 8)}, atomic
+    for elem in (2, 4):  # every head dim and dtype: the forward fits shared memory
+        for hd in ff.HEAD_DIMS:
+            fwd = ff._flash_fwd_kernel.early_config_prune(ff.fwd_configs(), {"q_ptr": _Elem(elem)}, HEAD_DIM=hd, **masks)
+            assert fwd and all(ff.fwd_smem_bytes(c, hd, elem) <= SMEM_BYTES for c in fwd), (elem, hd)
+    # head dims up to 128 keep their larger tiles
+    fwd = ff._flash_fwd_kernel.early_config_prune(ff.fwd_configs(), q, HEAD_DIM=128, **masks)
+    assert (128, 64, 3, 8) in tiles(fwd)

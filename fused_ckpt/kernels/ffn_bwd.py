@@ -29,8 +29,12 @@ from .matmul import grouped_tile
 def _bwd_acc_tiles(kw) -> int:
     """fp32 accumulators of the k-loop: dH, plus G (and U, gated) when RECOMPUTE. Without
     RECOMPUTE, G and U are loaded in the epilogue, which works through them element-wise (sm_90:
-    a 128x128 gated tile on 8 warps builds at 158 registers without spills)."""
-    return 1 + ((2 if kw.get("GATED") else 1) if kw.get("RECOMPUTE") else 0)
+    a 128x128 gated tile on 8 warps builds at 158 registers without spills), except gated with
+    fp32 inputs (INPUT_PRECISION is set only for those on GPU), where the loaded fp32 G and U
+    count as one more tile (TF32, 128x64 on 8 warps: 255 registers and a 24 B spill)."""
+    if kw.get("RECOMPUTE"):
+        return 3 if kw.get("GATED") else 2
+    return 2 if kw.get("GATED") and kw.get("INPUT_PRECISION") in ("ieee", "tf32") else 1
 
 
 def _bwd_stage_bytes(cfg, kw, elem) -> int:  # dY and W2 tiles, plus x and W1 tiles when recomputing

@@ -134,13 +134,17 @@ def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool) -> bo
       * 4 warps holding 128 fp32 registers of dK and dV per thread (32x64 tiles at head_dim
         128) sit at the 255-register limit: triton 3.6 spills (both paths);
       * 32x32 tiles on 8 warps are kept for head_dim 256 only, where they are the one tile
-        that builds without spills (both paths); at smaller head dims ptxas gives some of
+        that builds without spills (both paths; triton 3.9, bf16: 180 registers deterministic,
+        250 single pass; 16x128 spills 3 KB and 32x64 264 B) and so the only one kept there;
+        their 32-row dots use mma.sync, not wgmma. At smaller head dims ptxas gives some of
         those builds too few registers, and they spill a few bytes;
       * the single pass (ATOMIC_DQ) keeps configs within ATOMIC_DQ_REGS."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.num_warps == 4 and 2 * bn * head_dim // (32 * cfg.num_warps) >= 128:
         return False
     if cfg.num_warps == 8 and bm * bn <= 32 * 32 and head_dim < 256:
+        return False
+    if head_dim >= 256 and bm * bn > 32 * 32:  # 16x128: 3 KB of spills, 32x64: 264 B (deterministic)
         return False
     return not atomic or _atomic_dq_regs(cfg, head_dim, elem) <= ATOMIC_DQ_REGS
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, autotune_candidates, dot_flags, launch
+from ._common import INTERPRET, SMEM_BYTES, autotune, autotune_candidates, dot_flags, launch
 
 # Globals read inside @triton.jit code must be tl.constexpr (plain floats fail to compile).
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e)), exp2 is the fast op
@@ -38,8 +38,10 @@ def fwd_configs() -> list[triton.Config]:
     """Autotune space (pruned by head dim below). Under the interpreter one 32x32 tile: big
     enough to be fast in numpy, small enough that the tests' short sequences still cross
     several blocks, so the unmasked, diagonal and tail stages all run. On GPU: 128/64-row
-    query tiles with 2-4 stages; compiled for sm_90 (triton 3.6), all fit shared memory for
-    16-bit inputs at head_dim 64/128 and only the 4-warp 128x64 tile spills (at 128)."""
+    query tiles with 2-4 stages. At head_dim 256 (16-bit, sm_90, triton 3.9) 128x32 spills
+    3.3 KB, 64x64 72-92 B and 64x64 with 4 stages overflows shared memory (295,936 B), so the
+    pruning keeps 64x32 (wgmma, 255 registers, no spills) and 32x32 (mma.sync, 168 registers)
+    there; tools/aot_compile.py has the numbers for every head dim and dtype."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
     return [
@@ -56,27 +58,42 @@ def fwd_configs() -> list[triton.Config]:
     ]
 
 
-def tiles_within(configs, named_args, max_tile_elems: int, **kwargs) -> list:
+def tiles_within(configs, named_args, max_tile_elems: int, max_tile_elems_256: int | None = None,
+                 smem_bytes=None, **kwargs) -> list:
     """The configs whose BLOCK_M*BLOCK_N*HEAD_DIM working set fits: ``max_tile_elems`` bounds
     BLOCK_M * BLOCK_N for 16-bit inputs at head_dim 64; larger head dims and fp32 inputs scale it
-    down (checked by compiling every config for sm_90 with triton 3.6; a config that still does
-    not fit raises OutOfResources, which the autotuner skips). The smallest tile if none fits."""
+    down; ``max_tile_elems_256`` replaces the scaled bound at head_dim 256 where the register
+    file, not the tile, is the limit (measured with tools/aot_compile.py). ``smem_bytes(cfg,
+    head_dim, elem)``: the config's shared memory, kept within SMEM_BYTES. The smallest tile if
+    none fits."""
     hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
     q = named_args.get("q_ptr")
     esize = q.element_size() if hasattr(q, "element_size") else 2
-    limit = max_tile_elems * 64 // hd * 2 // esize
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    if hd >= 256 and max_tile_elems_256 is not None:
+        limit = max_tile_elems_256 * 2 // esize
+    else:
+        limit = max_tile_elems * 64 // hd * 2 // esize
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit
+            and (smem_bytes is None or smem_bytes(c, hd, esize) <= SMEM_BYTES)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def prune_by_head_dim(max_tile_elems: int):
+def prune_by_head_dim(max_tile_elems: int, max_tile_elems_256: int | None = None, smem_bytes=None):
     """early_config_prune factory over :func:`tiles_within` (drops tiles that would spill or
     overflow shared memory)."""
 
     def prune(configs, named_args, **kwargs):
-        return autotune_candidates(tiles_within(configs, named_args, max_tile_elems, **kwargs))
+        return autotune_candidates(tiles_within(configs, named_args, max_tile_elems, max_tile_elems_256,
+                                                smem_bytes, **kwargs))
 
     return prune
+
+
+def fwd_smem_bytes(cfg, head_dim: int, elem: int) -> int:
+    """Shared memory of a forward build: ``num_stages`` K and V tiles, the Q tile and about
+    1 KB of row statistics (sm_90 builds: 64x64 / 4 stages at head_dim 256 needs 295,936 B)."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return (cfg.num_stages * 2 * bn + bm) * head_dim * elem + 1024
 
 
 def seq_bucket(n: int) -> int:
@@ -192,7 +209,7 @@ def _fwd_inner(
 
 # --------------------------------------------------------------------------- forward kernel
 @autotune(configs=fwd_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 128)})
+          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 128, 64 * 32, fwd_smem_bytes)})
 @triton.jit
 def _flash_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, o_ptr, lse_ptr,
