@@ -15,7 +15,7 @@
 #   build           120   the csrc extension for this GPU (skipped when it          build.log
 #                         already imports with CUDA kernels; a failure only
 #                         skips the aten rows)
-#   tests           200   FUSED_CKPT_AUTOTUNE=0 pytest -m gpu tests: every          pytest_gpu.{log,xml}
+#   tests           240   FUSED_CKPT_AUTOTUNE=0 pytest -m gpu tests: every          pytest_gpu.{log,xml}
 #                         Triton test compiled on CUDA tensors + the gpu tests
 #   ffn_core        100   ffn suite, one full-size shape per activation family      ffn_core/results.{json,md}
 #                         (gelu, swiglu), one torch.compile budget
@@ -170,13 +170,13 @@ run_step() {
 
 BENCH=("$PY" -u -m fused_ckpt.bench --device cuda --no-progress)
 run_step info 20 440 TERM info.log "" bash "$SELF" __info
-run_step build 120 250 TERM build.log "" bash "$SELF" __build
+run_step build 120 280 TERM build.log "" bash "$SELF" __build
 # FUSED_CKPT_AUTOTUNE=0: one config per kernel variant, so each compiles once, not once per
 # autotune candidate. -m gpu selects every Triton test on a CUDA machine (tests/conftest.py).
-run_step tests 200 100 INT pytest_gpu.log pytest_gpu.xml env FUSED_CKPT_AUTOTUNE=0 \
+run_step tests 240 90 INT pytest_gpu.log pytest_gpu.xml env FUSED_CKPT_AUTOTUNE=0 \
   "$PY" -m pytest -q -rfE -m gpu tests -p no:cacheprovider --durations=10 --junitxml="$OUT/pytest_gpu.xml"
 # shellcheck disable=SC2086  # BENCH_FFN_ARGS / BENCH_ARGS are lists of options
-run_step ffn_core 100 40 TERM ffn_core.log ffn_core/ "${BENCH[@]}" --suite ffn \
+run_step ffn_core 100 30 TERM ffn_core.log ffn_core/ "${BENCH[@]}" --suite ffn \
   --ffn-shapes 8192x4096x16384:gelu,8192x4096x14336:swiglu --compile-budgets 0.5 --out "$OUT/ffn_core" \
   ${BENCH_FFN_ARGS:-}
 # shellcheck disable=SC2086
