@@ -1,14 +1,23 @@
 """Build and install fused_ckpt.
 
-    pip install -e . --no-build-isolation      # or: make install
+Install torch and triton first (see README "Install"), then either
+
+    pip install -e .                            # plain: csrc is compiled on first use
+    pip install -e . --no-build-isolation       # or: make install; compiles csrc now
 
 The compiled extension ``fused_ckpt._C`` (csrc/) registers the ``torch.ops.fused_ckpt_ext``
 elementwise ops used by the "aten" FFN backend.  CPU kernels are always built; CUDA kernels
 are added when the installed torch has CUDA and nvcc is found (CUDA_HOME).  The Triton
-kernels need no build step.  ``--no-build-isolation`` makes the build use the torch already
-installed (the extension must match it).
+kernels need no build step.
 
-Environment knobs:
+With ``--no-build-isolation`` this script sees the torch already installed and builds the
+extension against it.  With pip's default build isolation it runs in a throwaway environment
+without torch (pyproject.toml deliberately does not list torch: an unpinned torch there would
+download a multi-GB CUDA build that need not match yours), so it installs the Python package
+and the csrc sources only; ``fused_ckpt._ext`` then compiles the extension with ninja on first
+use, against the torch you run, into a per-user cache (FUSED_CKPT_BUILD_DIR).
+
+Environment knobs (both build paths):
   MAX_JOBS=N                 parallel compile jobs for ninja (default 2)
   FUSED_CKPT_NO_CUDA=1       build the CPU kernels only, even with CUDA torch and nvcc
   TORCH_CUDA_ARCH_LIST=...   override the default CUDA targets (sm_80, sm_90 + compute_90 PTX)
@@ -19,101 +28,76 @@ Environment knobs:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-import platform
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-CPU_SOURCES = ["csrc/act_ops.cpp", "csrc/act_cpu.cpp"]
-CUDA_SOURCES = ["csrc/act_cuda.cu"]
-# sm_80 (A100), sm_90 (H100/H200) SASS, plus compute_90 PTX so newer GPUs can JIT it.
-CUDA_GENCODE = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90,code=sm_90",
-    "-gencode=arch=compute_90,code=compute_90",
-]
+CSRC = os.path.join(ROOT, "csrc")
 
 
-def _cpu_flags() -> set[str]:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _load_build_flags():
+    """fused_ckpt/_build_flags.py by path: no torch, no fused_ckpt import at build time."""
+    path = os.path.join(ROOT, "fused_ckpt", "_build_flags.py")
+    spec = importlib.util.spec_from_file_location("_fused_ckpt_build_flags", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-# The compiler flags and macros ATen itself uses for its AVX2 / AVX512 kernel builds.
-_SIMD = {
-    "avx512": (
-        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-         "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
-    ),
-    "avx2": (
-        {"avx2", "fma", "f16c"},
-        ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
-    ),
-}
+flags = _load_build_flags()
 
 
-def _cpu_simd_flags() -> list[str]:
-    mode = os.environ.get("FUSED_CKPT_CPU_SIMD", "auto").lower()
-    if mode not in ("auto", "avx512", "avx2", "none"):
-        raise SystemExit(f"FUSED_CKPT_CPU_SIMD={mode!r}: expected auto, avx512, avx2 or none")
-    if mode == "none":
-        return []
-    if mode != "auto":
-        return _SIMD[mode][1]
-    have = _cpu_flags()
-    for required, flags in _SIMD.values():  # widest first
-        if required <= have:
-            return flags
-    return []
+class BuildPyWithSources(build_py):
+    """Also copy csrc/ into the installed package as fused_ckpt/_csrc, so a non-editable
+    install without the prebuilt extension can still compile it on first use."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # editable installs use the checkout's csrc/ directly
+        dest = os.path.join(self.build_lib, "fused_ckpt", "_csrc")
+        os.makedirs(dest, exist_ok=True)
+        for name in flags.csrc_files(CSRC):
+            shutil.copy2(os.path.join(CSRC, name), os.path.join(dest, name))
 
 
 def _extensions():
-    """(ext_modules, cmdclass); empty when torch is not importable (e.g. metadata-only runs)."""
+    """(ext_modules, cmdclass entries); no extension when torch is not importable."""
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("fused_ckpt setup: torch is not importable, skipping the csrc extension "
-              "(install torch first, then `pip install -e . --no-build-isolation`)")
+        print("fused_ckpt setup: torch is not importable here (pip's build isolation, or torch not "
+              "installed yet): installing without the prebuilt csrc extension; fused_ckpt compiles "
+              "it on first use (needs ninja and a C++ compiler). To build it now instead: install "
+              "torch, then `pip install -e . --no-build-isolation`.")
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", "2")
-    with_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and os.environ.get("FUSED_CKPT_NO_CUDA", "0") != "1"
-    )
-    # -ffp-contract=off: no compiler-chosen FMA contraction, so a value is bit-identical whichever
-    # kernel variant computes it (e.g. h from act_forward and from act_backward(need_h=True)).
-    cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"] + _cpu_simd_flags()
+    with_cuda = flags.want_cuda(torch.version.cuda, CUDA_HOME)
+    try:
+        cxx_flags = flags.cxx_flags()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     macros = [("FUSED_CKPT_WITH_CUDA", "1" if with_cuda else "0")]
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    include_dirs = [CSRC]
+    cpu_sources = [os.path.join("csrc", s) for s in flags.CPU_SOURCES]
     if with_cuda:
-        nvcc_flags = ["-O3"]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            nvcc_flags += CUDA_GENCODE
         ext = CUDAExtension(
             "fused_ckpt._C",
-            CPU_SOURCES + CUDA_SOURCES,
+            cpu_sources + [os.path.join("csrc", s) for s in flags.CUDA_SOURCES],
             include_dirs=include_dirs,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": flags.nvcc_flags()},
         )
     else:
         ext = CppExtension(
             "fused_ckpt._C",
-            CPU_SOURCES,
+            cpu_sources,
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
@@ -124,6 +108,7 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = BuildPyWithSources
 
 setup(
     name="fused_ckpt",
@@ -131,8 +116,10 @@ setup(
     description="Fused activation-recompute (checkpointing) kernels for PyTorch",
     packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "benchmarks.*")),
     python_requires=">=3.10",
+    # Install torch (and triton) yourself first, as README "Install" says: left to pip, this
+    # requirement pulls the default PyPI torch (the CUDA build) into an empty environment.
     install_requires=["torch>=2.4", "triton>=3.0"],
-    extras_require={"test": ["pytest", "numpy", "transformers", "matplotlib"]},
+    extras_require={"test": ["pytest", "numpy", "ninja", "transformers>=4.45", "matplotlib"]},
     entry_points={"console_scripts": ["fused-ckpt = fused_ckpt.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

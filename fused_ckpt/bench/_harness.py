@@ -120,7 +120,8 @@ class Context:
         else:
             out.append(("triton", "CUDA only"))
         if not _ext.available():
-            out.append(("aten", "fused_ckpt._C not built (pip install -e .)"))
+            out.append(("aten", "fused_ckpt._C could not be loaded or compiled (`python -c "
+                                "\"from fused_ckpt import _ext; _ext.load()\"` says why and what to install)"))
         elif self.dev == "cuda" and not _ext.has_cuda_kernels():
             out.append(("aten", "fused_ckpt._C built without CUDA kernels"))
         else:
