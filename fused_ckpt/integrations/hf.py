@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..modules.attention import FusedCheckpointedAttention
@@ -94,10 +95,10 @@ class FusedHFAttention(FusedCheckpointedAttention):
     @classmethod
     def from_hf(cls, attn: nn.Module, recompute="qkv", **kwargs) -> "FusedHFAttention":
         new = cls.from_module(attn, recompute=recompute, **kwargs)
-        for name in ("config", "layer_idx", "num_key_value_groups", "scaling", "attention_dropout", "is_causal",
-                     "sliding_window"):
-            if hasattr(attn, name):
-                new.__dict__[name] = getattr(attn, name)
+        for k, v in attn.__dict__.items():  # config, layer_idx, scaling, ... (read by Hugging Face's forward)
+            if not k.startswith("_") and k != "training" and k not in new.__dict__ \
+                    and not isinstance(v, (nn.Module, torch.Tensor)):
+                new.__dict__[k] = v
         new.__dict__["_hf_forward"] = type(attn).forward
         new.__dict__["_hf_cache_kw"] = _cache_kw(type(attn).forward)
         return new
@@ -120,7 +121,78 @@ class FusedHFAttention(FusedCheckpointedAttention):
             _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
                   "(as with Hugging Face checkpointing); pass use_cache=False")
         pos = _positions(position_ids, B, S)
-        return super().forward(hidden_states, position_ids=pos, key_padding_mask=kpm), None
+        y = super().forward(hidden_states, position_ids=pos, key_padding_mask=kpm)
+        dead = self.eager_dead_rows(kpm)
+        if dead is not None:
+            y = self._eager_fixup(y, hidden_states, dead, attention_mask, position_embeddings, pos)
+        return y, None
+
+    # ------------------------------------------------------------ rows that see no key
+    def eager_dead_rows(self, kpm) -> Optional[list]:
+        """``[(batch index, n)]``: the batch rows whose first ``n`` query rows see no key (left
+        padding), when the configured implementation is eager; None when there are none or the
+        implementation is another one.
+
+        Hugging Face's eager attention adds a large finite negative to every masked score, so in
+        such a row every score becomes the same number and the softmax gives weight ``1/S`` to
+        every key (padding and future keys included), with gradients flowing to q and k as
+        through any softmax. SDPA (torch >= 2.5) and the fused kernels give such a row zero
+        output; under eager the fused output is corrected for those rows (:meth:`_eager_fixup`).
+        """
+        if kpm is None or getattr(getattr(self, "config", None), "_attn_implementation", None) not in (None, "eager"):
+            return None
+        ref = _dead_cache[0]
+        if ref is not None and ref() is kpm:
+            return _dead_cache[1]
+        seen = kpm.to(torch.uint8).cummax(dim=1).values  # 1 from the first visible key on (causal)
+        counts = (seen == 0).sum(dim=1).tolist()
+        out = [(b, n) for b, n in enumerate(counts) if n] or None
+        _dead_cache[0], _dead_cache[1] = weakref.ref(kpm), out
+        return out
+
+    def _eager_fixup(self, y, x, dead, attention_mask, position_embeddings, pos):
+        """Add Hugging Face eager's output for the query rows that see no key (the fused output
+        there is ``o_proj`` of zero, i.e. its bias): the same operations as Hugging Face's eager
+        attention for those rows only (scores + the mask's rows, fp32 softmax, weights in the
+        model dtype), recomputed in backward from x (checkpointed) so nothing else is kept."""
+        B, S = x.shape[0], x.shape[1]
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+        elif self.rope_theta is not None:
+            cos, sin = _rope_tables(self.rope_theta, self.head_dim, pos, S, x)
+        else:
+            cos = sin = None
+        mask = attention_mask
+        if mask.dtype == torch.bool:  # as Hugging Face's eager mask: 0 where visible, dtype min elsewhere
+            mask = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+
+        def rows(x, cos, sin):
+            H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+            scale = self.scale if self.scale is not None else D ** -0.5
+            outs = []
+            for b, n in dead:
+                xb = x[b]
+                q = nn.functional.linear(xb[:n], self.q_proj.weight, self.q_proj.bias).view(n, H, D).transpose(0, 1)
+                k = nn.functional.linear(xb, self.k_proj.weight, self.k_proj.bias).view(S, Hkv, D).transpose(0, 1)
+                v = nn.functional.linear(xb, self.v_proj.weight, self.v_proj.bias).view(S, Hkv, D).transpose(0, 1)
+                if cos is not None:
+                    c, s_ = cos[b if cos.shape[0] > 1 else 0], sin[b if sin.shape[0] > 1 else 0]
+                    q = q * c[:n] + _rotate_half(q) * s_[:n]
+                    k = k * c + _rotate_half(k) * s_
+                k, v = k.repeat_interleave(H // Hkv, dim=0), v.repeat_interleave(H // Hkv, dim=0)
+                scores = torch.matmul(q, k.transpose(1, 2)) * scale + mask[b if mask.shape[0] > 1 else 0, 0, :n]
+                p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                a = torch.matmul(p, v).transpose(0, 1).reshape(n, H * D)
+                outs.append(nn.functional.linear(a, self.o_proj.weight))
+            return torch.cat(outs)
+
+        if torch.is_grad_enabled():
+            fix = torch.utils.checkpoint.checkpoint(rows, x, cos, sin, use_reentrant=False)
+        else:
+            fix = rows(x, cos, sin)
+        b_idx = torch.tensor([b for b, n in dead for _ in range(n)], device=x.device)
+        i_idx = torch.tensor([i for _, n in dead for i in range(n)], device=x.device)
+        return y.index_put((b_idx, i_idx), fix.to(y.dtype), accumulate=True)
 
     def window_exceeded(self, seqlen: int) -> bool:
         """Whether a sliding window changes attention at this length: up to ``window`` tokens
@@ -179,6 +251,9 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
                 return None, f"{name} is a {type(parts[name]).__name__}, not a {kind.__name__}"
         if layer._parameters or layer._buffers:
             return None, "the layer holds its own parameters or buffers"
+        why = _config_refusal(getattr(parts["self_attn"], "config", None), layer, _L, _own_classes(layer))
+        if why is not None:
+            return None, why
         n1, n2 = parts["input_layernorm"], parts["post_attention_layernorm"]
         if n1.eps != n2.eps:
             return None, f"the two norms' eps differ ({n1.eps} vs {n2.eps})"
@@ -210,7 +285,9 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
                 and not self.self_attn.window_exceeded(hidden_states.shape[1]):
             B, S = hidden_states.shape[0], hidden_states.shape[1]
             kpm = _key_padding(attention_mask, B, S)
-            if kpm is not _UNSUPPORTED:
+            # eager rows that see no key need the attention's fix-up, which the block cannot
+            # apply inside itself: the layer's own forward runs on the fused parts
+            if kpm is not _UNSUPPORTED and self.self_attn.eager_dead_rows(kpm) is None:
                 if cache is not None:
                     _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
                           "(as with Hugging Face checkpointing); pass use_cache=False")
@@ -256,6 +333,7 @@ def _cache_kw(forward) -> str:
 
 _UNSUPPORTED = object()
 _mask_cache: list = [None, None]      # (weakref to the last mask, its key-padding mask)
+_dead_cache: list = [None, None]      # (weakref to the last key-padding mask, its rows that see no key)
 _pos_cache: list = [None, None]
 
 
@@ -280,6 +358,20 @@ def _key_padding(mask, B: int, S: int):
             out = None if bool(keys.all()) else keys.contiguous()
     _mask_cache[0], _mask_cache[1] = weakref.ref(mask) if isinstance(mask, torch.Tensor) else None, out
     return out
+
+
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    h = t.shape[-1] // 2
+    return torch.cat((-t[..., h:], t[..., :h]), dim=-1)
+
+
+def _rope_tables(theta: float, D: int, pos, S: int, x: torch.Tensor):
+    """(cos, sin) ``(batch or 1, S, D)`` as Hugging Face's default rotary embedding computes them
+    (fp32 angles, then the input dtype)."""
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float, device=x.device) / D))
+    p = torch.arange(S, device=x.device)[None] if pos is None else (pos if pos.dim() == 2 else pos[None])
+    emb = (p[..., None].float() * inv).repeat(1, 1, 2)
+    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
 def _positions(position_ids, B: int, S: int):
@@ -322,25 +414,211 @@ def _is_attention(m: nn.Module) -> bool:
 
 
 def _sliding_window(attn: nn.Module, cfg) -> Optional[int]:
-    """The attention's sliding window (keys within ``window`` positions of the query), or None."""
-    window = getattr(attn, "sliding_window", None)
-    if window is None and (getattr(cfg, "model_type", None) == "mistral" or getattr(cfg, "use_sliding_window", False)):
+    """The attention's sliding window (keys within ``window`` positions of the query), or None.
+    The attention's own ``sliding_window`` attribute when it has one (None: a full-attention
+    layer); otherwise the config's ``sliding_window`` (Mistral, Starcoder2 read it in forward):
+    the fused path runs only up to it, where attention is exactly causal."""
+    if hasattr(attn, "sliding_window"):
+        window = attn.sliding_window
+    else:
         window = getattr(cfg, "sliding_window", None)
     return int(window) if window else None
 
 
-def _attention_refusal(attn: nn.Module, cfg) -> Optional[str]:
+# ============================================================================ config fields
+_NONE_OR_ZERO = (None, 0, 0.0, False)
+
+
+@dataclass(frozen=True)
+class _Field:
+    """How one config field enters the math of what :func:`patch_hf_model` replaces.
+
+    ``scope``: "attention" (the field gates the fused attention), "layer" (it gates the
+    whole-layer block), "checked" (the math is read from the module and checked by evaluation
+    when converting it), "model" (applied by Hugging Face's code outside the replaced modules,
+    which keeps running). ``exact``: the values the fused path computes exactly (a tuple of
+    values, a predicate ``(value, module) -> bool``, or None for every value). ``math``: what the
+    field does, for the refusal reason.
+    """
+
+    scope: str
+    math: str
+    exact: object = None
+
+    def accepts(self, value, module) -> bool:
+        if self.exact is None:
+            return True
+        if callable(self.exact):
+            return bool(self.exact(value, module))
+        return any(value is v or (type(value) is not bool and value == v) for v in self.exact)
+
+
+def _default_rope(value, attn) -> bool:
+    """``rope_parameters`` (5.x) / ``rope_scaling`` (4.x): the default rotary embedding over the
+    whole head (no scaling type, no partial factor inside the dict)."""
+    if not value:
+        return True
+    if not isinstance(value, dict):
+        return False
+    if "rope_theta" not in value and not any(k in value for k in ("rope_type", "type")):
+        return False  # per-layer-type parameters
+    return value.get("rope_type", value.get("type", "default")) == "default" and \
+        value.get("partial_rotary_factor", 1.0) in (None, 1, 1.0)
+
+
+_A, _L, _C, _M = "attention", "layer", "checked", "model"
+_SHAPE = "read from the projections' weights"
+_BIAS = "each projection's bias is copied as is"
+_SCALING = "enters through the attention's `scaling`, which the fused attention uses"
+_WINDOW = "the attention's window is honoured: fused up to it, Hugging Face's attention beyond"
+_NORM = "norms are replaced only when evaluating them matches (eps read from the module)"
+_ACT = "the MLP is replaced only when the activation it computes matches the config's"
+_OUTSIDE = "applied by Hugging Face's model code outside the replaced modules"
+
+# Every config field the attention, rotary-embedding and decoder-layer code of a family reads
+# must be a row here; a field read but not listed makes that part be left alone (see
+# _config_refusal), so a new transformers field is never silently ignored.
+_FIELDS = {
+    # --- attention: shapes, biases, scaling
+    "hidden_size": _Field(_A, _SHAPE), "num_attention_heads": _Field(_A, _SHAPE),
+    "num_key_value_heads": _Field(_A, _SHAPE), "head_dim": _Field(_A, _SHAPE),
+    "attention_bias": _Field(_A, _BIAS), "qkv_bias": _Field(_A, _BIAS), "use_qkv_bias": _Field(_A, _BIAS),
+    "use_bias": _Field(_A, _BIAS), "attention_out_bias": _Field(_A, _BIAS),
+    "attention_multiplier": _Field(_A, _SCALING), "query_pre_attn_scalar": _Field(_A, _SCALING),
+    # --- attention: rotary embedding
+    "rope_parameters": _Field(_A, "a rotary embedding other than the default full one", _default_rope),
+    "rope_scaling": _Field(_A, "a rotary embedding other than the default full one", _default_rope),
+    "rope_theta": _Field(_A, "the rotary base, read by the fused attention"),
+    "partial_rotary_factor": _Field(_A, "partial rotary embedding", (None, 1.0)),
+    "rotary_pct": _Field(_A, "partial rotary embedding", (None, 1.0)),
+    "rotary_dim": _Field(_A, "partial rotary embedding",
+                         lambda v, m: v is None or v == getattr(m, "head_dim", None)),
+    "no_rope_layers": _Field(_A, "layers without rotary embedding", lambda v, m: v is None or all(v)),
+    "max_position_embeddings": _Field(_A, "read only by rope scaling types, which are refused"),
+    # --- attention: math the fused kernels do not have
+    "clip_qkv": _Field(_A, "clamping of q, k and v to [-clip_qkv, clip_qkv]", (None,)),
+    "attn_logit_softcapping": _Field(_A, "tanh soft-capping of the attention logits", (None, 0, 0.0)),
+    "use_qk_norm": _Field(_A, "QK-norm", (None, False)),
+    "qk_layernorm": _Field(_A, "QK-norm", (None, False)),
+    "attention_dropout": _Field(_A, "dropout on the attention probabilities", _NONE_OR_ZERO),
+    "attn_pdrop": _Field(_A, "dropout on the attention probabilities", _NONE_OR_ZERO),
+    "residual_dropout": _Field(_A, "dropout on the attention output", _NONE_OR_ZERO),
+    "use_bidirectional_attention": _Field(_A, "bidirectional (non-causal) attention", (None, False)),
+    "_attn_implementation": _Field(_A, "this attention implementation",
+                                   (None, "eager", "sdpa", "flash_attention_2")),
+    # --- attention: sliding windows
+    "sliding_window": _Field(_A, _WINDOW), "use_sliding_window": _Field(_A, _WINDOW),
+    "max_window_layers": _Field(_A, _WINDOW), "sliding_window_pattern": _Field(_A, _WINDOW),
+    "layer_types": _Field(_A, "layer types other than full and sliding-window attention",
+                          lambda v, m: v is None or set(v) <= {"full_attention", "sliding_attention"}),
+    # --- decoder layer (whole-layer blocks; the layer's own code runs otherwise)
+    "residual_multiplier": _Field(_L, "scaling of the residual branches", (None, 1.0)),
+    "hidden_dropout": _Field(_L, "dropout on the residual branches", _NONE_OR_ZERO),
+    "resid_pdrop": _Field(_L, "dropout on the residual branches", _NONE_OR_ZERO),
+    "use_parallel_residual": _Field(_L, "a parallel attention/MLP residual", (None, False)),
+    "intermediate_size": _Field(_L, "read from the MLP's weights"), "n_inner": _Field(_L, "read from the MLP's weights"),
+    # --- checked by evaluation when converting norms and MLPs
+    "rms_norm_eps": _Field(_C, _NORM), "layer_norm_eps": _Field(_C, _NORM), "norm_eps": _Field(_C, _NORM),
+    "norm_epsilon": _Field(_C, _NORM), "layer_norm_epsilon": _Field(_C, _NORM),
+    "hidden_act": _Field(_C, _ACT), "hidden_activation": _Field(_C, _ACT), "activation_function": _Field(_C, _ACT),
+    "mlp_bias": _Field(_C, "the MLP's biases are read from its modules"),
+    # --- outside the replaced modules
+    "embedding_multiplier": _Field(_M, _OUTSIDE), "logits_scaling": _Field(_M, _OUTSIDE),
+    "final_logit_softcapping": _Field(_M, _OUTSIDE), "logit_scale": _Field(_M, _OUTSIDE),
+    "tie_word_embeddings": _Field(_M, _OUTSIDE), "vocab_size": _Field(_M, _OUTSIDE),
+}
+
+_CONFIG_READ = __import__("re").compile(r"config\.(\w+)|getattr\(\s*(?:self\.)?config\s*,\s*[\"'](\w+)")
+_read_cache: dict = {}
+
+
+def _fields_read(cls) -> Optional[frozenset]:
+    """The config fields a class's source reads (``config.x``, ``getattr(config, "x", ...)``), or
+    None when its source cannot be read."""
+    if cls not in _read_cache:
+        try:
+            src = inspect.getsource(cls)
+        except (OSError, TypeError):
+            _read_cache[cls] = None
+        else:
+            _read_cache[cls] = frozenset(a or b for a, b in _CONFIG_READ.findall(src))
+    return _read_cache[cls]
+
+
+def _own_classes(module: nn.Module) -> list:
+    """The classes of ``module``'s MRO whose code can read a config (not torch's, not ours)."""
+    return [c for c in type(module).__mro__
+            if c.__module__.split(".")[0] not in ("torch", "builtins", "fused_ckpt", "typing")]
+
+
+def _config_refusal(cfg, module: nn.Module, scope: str, classes: list) -> Optional[str]:
+    """Why the fused replacement of ``module`` (scope "attention" or "layer") would not compute
+    what ``cfg`` asks for, or None. A known field with a value outside what the fused path
+    computes exactly, or a field that ``classes``' code reads and the table does not know,
+    are refused, naming the field."""
+    if cfg is None:
+        return None
+    for name, rule in _FIELDS.items():
+        if rule.scope == scope and rule.exact is not None and hasattr(cfg, name):
+            value = getattr(cfg, name)
+            if not rule.accepts(value, module):
+                return f"config {name}={value!r}: {rule.math} is not computed by the fused path"
+    for cls in classes:
+        read = _fields_read(cls)
+        if read is None:
+            return f"the source of {cls.__name__} cannot be read to list the config fields it uses"
+        unknown = sorted(n for n in read if n not in _FIELDS and not callable(getattr(cfg, n, None)))
+        if unknown:
+            return (f"config field(s) {', '.join(unknown)} read by {cls.__name__} are not in fused_ckpt's "
+                    "table of fields (integrations/hf.py _FIELDS): left alone rather than ignored")
+    return None
+
+
+def _attention_refusal(attn: nn.Module, cfg, rotaries=()) -> Optional[str]:
     if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         packed = next((n for n in ("qkv_proj", "c_attn", "Wqkv", "query_key_value") if hasattr(attn, n)), None)
         return (f"packed {packed} projection: no exact fused mapping" if packed
                 else "no q_proj/k_proj/v_proj/o_proj Linear projections")
     if getattr(attn, "config", None) is None:
         return "no config on the attention module"
-    for key in ("attn_logit_softcapping", "query_pre_attn_scalar"):
-        if getattr(cfg, key, None):
-            return f"{key}={getattr(cfg, key)} is not supported by the fused attention"
-    if getattr(cfg, "_attn_implementation", None) not in (None, "eager", "sdpa", "flash_attention_2"):
-        return f"attention implementation {cfg._attn_implementation!r}"
+    classes = _own_classes(attn) + [c for r in rotaries for c in _own_classes(r)]
+    return _config_refusal(attn.config, attn, _A, classes)
+
+
+def _probe_attention(attn: nn.Module, rotaries: list) -> Optional[str]:
+    """None when the fused attention built from ``attn`` computes what ``attn`` computes on a
+    probe (float64 copies, causal mask, shifted positions, the model's rotary embedding, Hugging
+    Face's eager implementation), else the reason. Catches what no config field says (an
+    interleaved rotary convention, a forward that rescales its output, ...)."""
+    import copy
+
+    w = attn.q_proj.weight
+    if w.is_meta:
+        return None  # nothing to evaluate: the config table alone decides
+    if len(rotaries) != 1:
+        return f"{len(rotaries)} rotary embedding modules in the model: cannot tell which feeds this attention"
+    try:
+        ref = copy.deepcopy(attn).double()
+        ref.config._attn_implementation = "eager"  # the copy's own config
+        new = FusedHFAttention.from_hf(ref, backend="aten")
+        S = 5
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, S, w.shape[1], generator=gen, dtype=torch.float64).to(w.device)
+        pos = (torch.arange(S) + 3)[None].to(w.device)
+        mask = torch.full((S, S), torch.finfo(torch.float64).min, dtype=torch.float64, device=w.device)
+        mask = mask.triu(1)[None, None]
+        with torch.no_grad():
+            pe = rotaries[0](x, pos)
+            want = type(attn).forward(ref, x, position_embeddings=pe, attention_mask=mask,
+                                      **{_cache_kw(type(attn).forward): None})
+            want = want[0] if isinstance(want, tuple) else want
+            got = FusedCheckpointedAttention.forward(new, x, position_ids=pos)
+    except Exception as e:  # the probe call does not fit this attention
+        return f"its forward could not be checked against the fused attention ({type(e).__name__}: {e})"
+    err = (got - want).abs().max().item()
+    if not err <= 1e-6 * max(want.abs().max().item(), 1.0):
+        return (f"Hugging Face's forward and the fused attention differ on a float64 probe (max error {err:.2e}): "
+                "the module computes something the config does not describe")
     return None
 
 
@@ -428,6 +706,7 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
     names = {id(m): n for n, m in model.named_modules()}
     report = PatchReport()
     cfg_act = _config_activation(cfg) if cfg is not None else None
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     for layer in layers:
         lname = names[id(layer)]
         patched = False
@@ -446,7 +725,7 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
                 if not attention:
                     report.left_alone.append((q, type(child).__name__, "attention=False"))
                     continue
-                new, why = _convert_attention(child, cfg, backend)
+                new, why = _convert_attention(child, cfg, backend, rotaries)
             else:
                 continue
             if new is None:
@@ -516,14 +795,17 @@ def _convert_mlp(child, layout, cfg_act, backend):
     return new, f"activation {new.activation}, layout {layout}"
 
 
-def _convert_attention(child, cfg, backend):
-    why = _attention_refusal(child, cfg)
+def _convert_attention(child, cfg, backend, rotaries=()):
+    why = _attention_refusal(child, cfg, rotaries)
     if why is not None:
         return None, why
     try:
         new = FusedHFAttention.from_hf(child, backend=backend)
     except ValueError as e:
         return None, str(e)
+    why = _probe_attention(child, list(rotaries))
+    if why is not None:
+        return None, why
     window = _sliding_window(child, cfg)
     new.__dict__["_fused_window"] = window
     return new, (f"heads {new.n_heads}/{new.n_kv_heads}, head_dim {new.head_dim}, rope_theta {new.rope_theta}"
