@@ -27,14 +27,14 @@ from .matmul import grouped_tile
 
 
 def _bwd_acc_tiles(kw) -> int:
-    """fp32 accumulators of the k-loop: dH, plus G (and U, gated) when RECOMPUTE. Without
-    RECOMPUTE, G and U are loaded in the epilogue, which works through them element-wise (sm_90:
-    a 128x128 gated tile on 8 warps builds at 158 registers without spills), except gated with
-    fp32 inputs (INPUT_PRECISION is set only for those on GPU), where the loaded fp32 G and U
-    count as one more tile (TF32, 128x64 on 8 warps: 255 registers and a 24 B spill)."""
+    """fp32 tiles the register budget counts: the k-loop's accumulators, dH plus G (and U,
+    gated) when RECOMPUTE. Without RECOMPUTE, Z is loaded in the epilogue: ungated, the loaded
+    G is worked through element-wise and only dH counts (sm_90 builds keep the 128x128 tiles);
+    gated, the loaded G and U count as one more tile (triton 3.9: bf16 128x128 on 8 warps
+    spills 1 KB, fp32 TF32 128x64 on 8 warps 24 B)."""
     if kw.get("RECOMPUTE"):
         return 3 if kw.get("GATED") else 2
-    return 2 if kw.get("GATED") and kw.get("INPUT_PRECISION") in ("ieee", "tf32") else 1
+    return 2 if kw.get("GATED") else 1
 
 
 def _bwd_stage_bytes(cfg, kw, elem) -> int:  # dY and W2 tiles, plus x and W1 tiles when recomputing
