@@ -8,8 +8,9 @@
   the same weights, after checking that the activation the module computes (identified by
   evaluating it) is the one the config names (``hidden_act`` / ``hidden_activation`` /
   ``activation_function``);
-* replaces each Llama-style attention (``q_proj/k_proj/v_proj/o_proj`` + config, default rotary
-  embedding, no soft-capping, no dropout) by :class:`FusedHFAttention`, a
+* replaces each Llama-style attention (``q_proj/k_proj/v_proj/o_proj`` + config, default full
+  rotary embedding, no soft-capping, clipping, QK-norm or dropout: see "Config fields" below)
+  by :class:`FusedHFAttention`, a
   :class:`FusedCheckpointedAttention` that accepts the Hugging Face call and keeps Hugging Face's
   parameter names (its state dict loads into the original attention as is);
 * replaces each Llama-style RMSNorm (identified by evaluating it: ``w * x * rsqrt(mean(x^2) + eps)``;
@@ -50,7 +51,20 @@ cache runs Hugging Face's own code path on the same weights, so generation works
 Attention masks: ``None`` (causal) and 4-D masks that are exactly causal + key padding are
 supported (the padding becomes the fused key-padding mask). Anything else (packed sequences,
 custom masks) runs Hugging Face's path for that call, with a warning. Query rows that see no key
-(left padding) give zero output in the fused path; such positions carry no loss.
+(left padding) follow the configured implementation, and such rows do carry loss (with Hugging
+Face's shifted labels the last pad position predicts the first real token): SDPA (torch >= 2.5)
+outputs zero there, as the fused kernels do; eager adds a large finite negative to every masked
+score, so such a row weighs every key (pad and future keys too) by 1/S, with gradients to q and
+k. Under eager the fused attention adds exactly that for those rows (Hugging Face's eager
+operations on those rows only, recomputed in backward), and a whole-layer block hands such calls
+to the layer's own forward on the fused parts.
+
+Config fields: every field that the attention, rotary-embedding or decoder-layer code of a
+model reads is a row of ``_FIELDS`` (computed exactly, refused unless it has a neutral value,
+checked by evaluation, or applied outside the replaced modules); a part whose code reads a
+field missing from the table is left alone, naming the field. Each fused attention is also
+compared with Hugging Face's forward on a float64 probe before it replaces it (catches what no
+field says, e.g. Cohere's interleaved rotary convention).
 """
 from __future__ import annotations
 
