@@ -32,7 +32,7 @@ import importlib.util
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -114,7 +114,9 @@ setup(
     name="fused_ckpt",
     version="0.1.0",
     description="Fused activation-recompute (checkpointing) kernels for PyTorch",
-    packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "benchmarks.*")),
+    # Namespace-style: fused_ckpt.ops and fused_ckpt.kernels have no __init__.py, and
+    # find_packages() would silently leave them out of a non-editable install.
+    packages=find_namespace_packages(include=["fused_ckpt", "fused_ckpt.*"], exclude=["*.__pycache__"]),
     python_requires=">=3.10",
     # Install torch (and triton) yourself first, as README "Install" says: left to pip, this
     # requirement pulls the default PyPI torch (the CUDA build) into an empty environment.

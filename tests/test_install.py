@@ -107,6 +107,13 @@ def test_installed_package_carries_csrc(tmp_path, monkeypatch):
     assert shipped == sorted(n for n in os.listdir(os.path.join(REPO, "csrc"))
                              if n.endswith((".cpp", ".cu", ".h", ".cuh")))
     assert "act_ops.cpp" in shipped and "act_cuda.cu" in shipped
+    # every module of the package is installed (namespace subpackages like ops/ included)
+    src_root = os.path.join(REPO, "fused_ckpt")
+    want = sorted(os.path.relpath(os.path.join(d, n), src_root) for d, _, names in os.walk(src_root)
+                  for n in names if n.endswith(".py"))
+    have = sorted(os.path.relpath(os.path.join(d, n), lib / "fused_ckpt") for d, _, names in os.walk(lib / "fused_ckpt")
+                  for n in names if n.endswith(".py"))
+    assert have == want, f"missing from the install: {sorted(set(want) - set(have))}"
     monkeypatch.setattr(_ext, "__file__", str(lib / "fused_ckpt" / "_ext.py"))
     assert _ext.csrc_dir() == str(lib / "fused_ckpt" / "_csrc")
 
