@@ -230,3 +230,80 @@ def lce_dlogits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target
         **dot_flags(x.dtype),
     )
     return out
+
+
+# ----------------------------------------------------------------------------- rows of stored logits
+# recompute=False keeps no logits: its forward computes one [chunk, V] fp32 logits chunk with a
+# GEMM, then this kernel turns each row into its statistics and its gradient, so the chunk's
+# dX and dW follow from 3 GEMMs in all (no second logits GEMM).
+ROW_BLOCK_N = 1024 if not INTERPRET else 128
+
+
+@triton.jit
+def _lce_rows_kernel(
+    z_ptr, t_ptr, coef_ptr, dz_ptr, lse_ptr, tgt_ptr, sum_ptr,
+    stride_zm, stride_zn, stride_dzm, stride_dzn,
+    N, one_minus_eps, eps_over_v, two_z_loss, softcap,
+    SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per row. z_ptr: [M, N] fp32 logits (bias included), any strides; t_ptr: [M]
+    int64, coef_ptr: [M] fp32, contiguous; dz_ptr: [M, N] (any strides) receives dLoss/dz
+    scaled by coef; lse_ptr, tgt_ptr, sum_ptr: [M] fp32 (sum_ptr written only when NEED_SUM)."""
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(t_ptr + row)
+    coef = tl.load(coef_ptr + row)
+    z_row = z_ptr + row * stride_zm
+    m_i = float("-inf")
+    l_i = 0.0
+    t_i = 0.0
+    s_i = 0.0
+    for n0 in range(0, N, BLOCK_N):  # pass 1: online log-sum-exp, target logit, sum
+        offs = n0 + tl.arange(0, BLOCK_N)
+        mask = offs < N
+        s, _ = _capped(tl.load(z_row + offs * stride_zn, mask=mask, other=0.0), softcap, SOFTCAP)
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new), 0)
+        m_i = m_new
+        t_i += tl.sum(tl.where(offs == tgt, s, 0.0), 0)
+        if NEED_SUM:
+            s_i += tl.sum(tl.where(mask, s, 0.0), 0)
+    lse = m_i + tl.log(l_i)
+    tl.store(lse_ptr + row, lse)
+    tl.store(tgt_ptr + row, t_i)
+    if NEED_SUM:
+        tl.store(sum_ptr + row, s_i)
+    for n0 in range(0, N, BLOCK_N):  # pass 2: the gradient row
+        offs = n0 + tl.arange(0, BLOCK_N)
+        mask = offs < N
+        s, ds = _capped(tl.load(z_row + offs * stride_zn, mask=mask, other=0.0), softcap, SOFTCAP)
+        g = tl.exp(s - lse) * (1.0 + two_z_loss * lse) - eps_over_v
+        g -= tl.where(offs == tgt, one_minus_eps, 0.0)
+        g = g * ds * coef
+        tl.store(dz_ptr + row * stride_dzm + offs * stride_dzn, g.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def lce_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target: torch.Tensor,
+             coef: torch.Tensor, out: torch.Tensor, *, label_smoothing: float, z_loss: float,
+             softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Logits of x against the whole vocabulary w ([M, V] fp32, one GEMM), then per row the
+    statistics (lse, target logit, sum of logits when smoothing) and dLoss/dz * coef into
+    out [M, V]. The [M, V] fp32 logits are the chunk's temporary: callers bound M."""
+    from .matmul import gemm
+
+    M, V = x.shape[0], w.shape[0]
+    dev = x.device
+    lse = torch.empty((M,), device=dev, dtype=torch.float32)
+    tgt = torch.empty_like(lse)
+    tot = torch.empty_like(lse) if label_smoothing else None
+    if M == 0:
+        return lse, tgt, tot
+    z = gemm(x, w.t(), b, out_dtype=torch.float32)
+    launch(
+        _lce_rows_kernel, (M,), z, target, coef, out, lse, tgt, tot if tot is not None else lse,
+        z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+        V, 1.0 - label_smoothing, label_smoothing / V, 2.0 * z_loss, float(softcap or 1.0),
+        SOFTCAP=bool(softcap), NEED_SUM=bool(label_smoothing), BLOCK_N=ROW_BLOCK_N,
+        num_warps=8 if not INTERPRET else 1,
+    )
+    return lse, tgt, tot

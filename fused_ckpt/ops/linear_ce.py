@@ -25,8 +25,10 @@ epilogue; aten: per [tokens, vocab] chunk), the target logit and, for label smoo
 of logits on the way, so no ``[tokens, V]`` tensor exists. Gradients are formed per chunk of
 ``chunk_tokens`` x ``chunk_vocab`` logits: the dz chunk (x's dtype) and its GEMMs into dX
 (fp32 accumulator when the vocabulary takes several chunks) and dW (fp32 accumulator when the
-tokens take several chunks). save=1 runs the same gradient pass in the forward (4 GEMMs there,
-none in backward; Liger's design, which keeps the logits chunk from the loss pass, does 3).
+tokens take several chunks). save=1 (Liger's design) instead computes, per chunk of tokens, one
+[chunk, V] fp32 logits chunk with a GEMM, derives the rows' log-sum-exp and gradient from it and
+runs the dX and dW GEMMs in the forward: 3 GEMMs in all against save=0's 4, for holding dX and
+dW (and db) from forward to backward.
 """
 from __future__ import annotations
 
@@ -73,9 +75,9 @@ def linear_ce_saved_bytes(tokens: int, d_model: int, vocab: int, recompute: bool
 
 
 def linear_ce_recompute_flops(tokens: int, d_model: int, vocab: int, recompute: bool) -> int:
-    """GEMM FLOPs spent recomputing logits in backward (save=0) or in the forward's second pass
-    (save=1): one logits GEMM either way."""
-    return 2 * tokens * d_model * vocab
+    """GEMM FLOPs spent recomputing the logits in backward: one logits GEMM with recompute=True,
+    none with recompute=False."""
+    return 2 * tokens * d_model * vocab if recompute else 0
 
 
 def _empty(ref: Tensor) -> Tensor:
@@ -103,6 +105,11 @@ class _TritonLCE:
     def dlogits(x, w, b, t, lse, coef, out, **kw):
         from ..kernels.linear_ce import lce_dlogits
         return lce_dlogits(x, w, b, t, lse, coef, out, **kw)
+
+    @staticmethod
+    def rows(x, w, b, t, coef, out, **kw):
+        from ..kernels.linear_ce import lce_rows
+        return lce_rows(x, w, b, t, coef, out, **kw)
 
 
 class _AtenLCE:
@@ -134,14 +141,29 @@ class _AtenLCE:
         return lse, tgt, tot
 
     @staticmethod
+    def rows(x, w, b, t, coef, out, *, label_smoothing, z_loss, softcap):
+        """One fp32 logits GEMM against the whole vocabulary, then statistics and gradient."""
+        s, ds = _softcapped(_AtenLCE._logits(x, w, b), softcap)
+        lse = torch.logsumexp(s, 1)
+        V = w.shape[0]
+        tgt = s.gather(1, t.clamp(0, V - 1)[:, None])[:, 0]
+        tot = s.sum(1) if label_smoothing else None
+        _AtenLCE._grad_from_logits(s, ds, t, lse, coef, out, 0, label_smoothing, V, z_loss)
+        return lse, tgt, tot
+
+    @staticmethod
     def dlogits(x, w, b, t, lse, coef, out, *, t_offset, label_smoothing, vocab, z_loss, softcap):
         s, ds = _softcapped(_AtenLCE._logits(x, w, b), softcap)
+        return _AtenLCE._grad_from_logits(s, ds, t, lse, coef, out, t_offset, label_smoothing, vocab, z_loss)
+
+    @staticmethod
+    def _grad_from_logits(s, ds, t, lse, coef, out, t_offset, label_smoothing, vocab, z_loss):
         g = torch.exp(s - lse[:, None])
         if z_loss:
             g *= (1.0 + 2.0 * z_loss * lse)[:, None]
         if label_smoothing:
             g -= label_smoothing / vocab
-        n = w.shape[0]
+        n = s.shape[1]
         idx = t - t_offset
         inside = (idx >= 0) & (idx < n)
         g.scatter_add_(1, idx.clamp(0, max(n - 1, 0))[:, None],
@@ -206,6 +228,52 @@ def _grads(x2: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, lse: Tensor, c
     return dx, (dw.to(w.dtype) if need_w else None), db
 
 
+def _grads_in_forward(x2: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, coef: Tensor, needs: list,
+                      eps: float, softcap: float, z_loss: float, chunk_tokens: int, be):
+    """recompute=False: per token chunk, one [chunk, V] fp32 logits GEMM, the rows' statistics and
+    gradient from it, then dX and dW: 3 GEMMs. Returns (lse, target logit, sum of logits or None,
+    dX, dW, db), the gradients for upstream weights ``coef``; None where ``needs`` says no."""
+    need_x, need_w, need_b = needs
+    T, d = x2.shape
+    V = w.shape[0]
+    dev = x2.device
+    C = chunk_tokens or grads_in_forward_chunk(V, x2.element_size())
+    C = max(1, min(C, T))
+    n_tc = -(-T // C)
+    lse = torch.empty((T,), device=dev, dtype=torch.float32)
+    tgt = torch.empty_like(lse)
+    tot = torch.empty_like(lse) if eps else None
+    dx = torch.empty((T, d), device=dev, dtype=x2.dtype) if need_x else None
+    new_dw = torch.zeros if T == 0 else torch.empty  # the first token chunk overwrites dW
+    dw = new_dw((V, d), device=dev, dtype=torch.float32 if n_tc > 1 else w.dtype) if need_w else None
+    db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
+    if T == 0:
+        return lse, tgt, tot, dx, dw, db
+    dz_buf = torch.empty((C, V), device=dev, dtype=x2.dtype)
+    for ti, t0 in enumerate(range(0, T, C)):
+        t1 = min(t0 + C, T)
+        xc, dz = x2[t0:t1], dz_buf[: t1 - t0]
+        lc, tg, sm = be.rows(xc, w, b, t[t0:t1], coef[t0:t1], dz, label_smoothing=eps, z_loss=z_loss,
+                             softcap=softcap)
+        lse[t0:t1], tgt[t0:t1] = lc, tg
+        if eps:
+            tot[t0:t1] = sm
+        if need_x:
+            be.mm(dz, w, dx[t0:t1], accumulate=False)
+        if need_w:
+            be.mm(dz.t(), xc, dw, accumulate=ti > 0)
+        if need_b:
+            db += dz.sum(0, dtype=torch.float32)
+    return lse, tgt, tot, dx, (dw.to(w.dtype) if need_w else None), db
+
+
+def grads_in_forward_chunk(vocab: int, elem_size: int) -> int:
+    """Tokens per chunk of the recompute=False forward: its [chunk, V] fp32 logits plus the
+    gradient chunk in x's dtype stay under CHUNK_TEMP_BYTES (whole 128-row tiles when possible)."""
+    c = CHUNK_TEMP_BYTES // max(vocab * (4 + elem_size), 1)
+    return max(1, c // CHUNK_ROUND * CHUNK_ROUND if c >= CHUNK_ROUND else c)
+
+
 def _coef(valid: Tensor, grad_losses: Optional[Tensor], grad_loss: Optional[Tensor], reduction: int,
           scale: float) -> Tensor:
     """Per-token upstream weight of dLoss_i: the per-token gradient plus the reduced loss's
@@ -238,17 +306,25 @@ def linear_ce_forward_impl(
     t = target.reshape(-1).to(torch.int64)
     _check_targets(t, V, ignore_index)
     eps = label_smoothing
-    C, Vc = chunk_sizes(T, V, chunk_tokens, chunk_vocab)
-    lse = torch.empty((T,), device=x.device, dtype=torch.float32)
-    tgt = torch.empty_like(lse)
-    tot = torch.empty_like(lse) if eps else None
-    for t0 in range(0, T, C):
-        t1 = min(t0 + C, T)
-        lc, tg, sm = be.stats(x2[t0:t1], weight, bias, t[t0:t1], softcap, bool(eps), Vc)
-        lse[t0:t1], tgt[t0:t1] = lc, tg
-        if eps:
-            tot[t0:t1] = sm
     valid = t != ignore_index
+    dx = dw = db = None
+    if save == 1 and any(needs_grad):
+        coef = _coef(valid, None, torch.ones((), device=x.device), reduction, scale)
+        lse, tgt, tot, dx, dw, db = _grads_in_forward(x2, weight, bias, t, coef, needs_grad, eps, softcap,
+                                                      z_loss, chunk_tokens, be)
+        dx = dx.view(x.shape) if dx is not None else None
+        db = db.to(bias.dtype) if db is not None else None
+    else:
+        C, Vc = chunk_sizes(T, V, chunk_tokens, chunk_vocab)
+        lse = torch.empty((T,), device=x.device, dtype=torch.float32)
+        tgt = torch.empty_like(lse)
+        tot = torch.empty_like(lse) if eps else None
+        for t0 in range(0, T, C):
+            t1 = min(t0 + C, T)
+            lc, tg, sm = be.stats(x2[t0:t1], weight, bias, t[t0:t1], softcap, bool(eps), Vc)
+            lse[t0:t1], tgt[t0:t1] = lc, tg
+            if eps:
+                tot[t0:t1] = sm
     z_term = torch.where(valid, z_loss * lse * lse, 0.0)
     per = lse - (1.0 - eps) * tgt + z_term
     if eps:
@@ -261,13 +337,6 @@ def linear_ce_forward_impl(
     else:
         count = valid.sum()
         loss, z_out = per.sum() / count, z_term.sum() / count
-    dx = dw = db = None
-    if save == 1 and any(needs_grad):
-        coef = _coef(valid, None, torch.ones((), device=x.device), reduction, scale)
-        dx, dw, db = _grads(x2, weight, bias, t, lse, coef, needs_grad, eps, softcap, z_loss,
-                            chunk_tokens, chunk_vocab, be)
-        dx = dx.view(x.shape) if dx is not None else None
-        db = db.to(bias.dtype) if db is not None else None
     return (loss, per.view(target.shape), z_out, lse if save == 0 else _empty(lse),
             dx if dx is not None else _empty(x), dw if dw is not None else _empty(weight),
             db if db is not None else _empty(weight))
@@ -370,7 +439,7 @@ def _forward_flops(x_shape, w_shape, b_shape, t_shape, ignore_index, eps, softca
     unit = 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]
     flops = unit  # logits for the log-sum-exp
     if save == 1 and any(needs_grad):
-        flops += unit * (1 + needs_grad[0] + needs_grad[1])  # logits again, dX, dW
+        flops += unit * (needs_grad[0] + needs_grad[1])  # dX, dW from the stored logits chunk
     return flops
 
 
