@@ -327,6 +327,8 @@ def test_flop_formula_matches_counted_gemms(recompute, frozen_w, units):
         return counter.get_total_flops()
 
     assert flops(True) == flops(False) == units * 2 * T * d * V
+    m = FusedLinearCrossEntropy(d, V, recompute=recompute)
+    assert m.recompute_flops(T) == (2 * T * d * V if recompute else 0)  # what the planner will read
 
 
 def test_double_backward_raises():

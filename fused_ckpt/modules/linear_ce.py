@@ -92,6 +92,14 @@ class FusedLinearCrossEntropy(nn.Module):
                                      torch.empty((), dtype=dtype).element_size(),
                                      torch.empty((), dtype=target_dtype).element_size(), needs)
 
+    def recompute_flops(self, tokens: int, recompute=None) -> int:
+        """Extra GEMM FLOPs its backward spends recomputing logits (recompute=True: one logits
+        GEMM; recompute=False: none, its forward does 3 GEMMs instead of 1)."""
+        from ..ops.linear_ce import linear_ce_recompute_flops
+
+        rc = self.recompute if recompute is None else recompute
+        return linear_ce_recompute_flops(tokens, self.d_model, self.vocab_size, rc)
+
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={getattr(self, k)!r}" for k in ("softcap", "z_loss", "label_smoothing")
                          if getattr(self, k))
