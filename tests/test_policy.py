@@ -356,6 +356,7 @@ def test_checkpoint_site_bytes_known_with_a_config():
     _run_and_check(net, plan, _x())
 
 
+@pytest.mark.triton
 def test_triton_backend_follows_the_dials():
     """The dials reach the Triton kernels (interpreter on CPU): measured bytes equal predicted."""
     torch.manual_seed(0)
