@@ -12,16 +12,15 @@ from torch import nn
 from fused_ckpt.modules.attention import FusedCheckpointedAttention
 from fused_ckpt.ops.attention import attn_block_backward, attn_block_forward
 
-from .conftest import HAS_CUDA, INTERPRET
+from .conftest import DEVICE
 from .helpers import SavedTensors, assert_close_by_rule, deterministic
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding  # noqa: E402
 
-TRITON_OK = HAS_CUDA or INTERPRET
-DEV = "cuda" if HAS_CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = DEVICE
+needs_triton = pytest.mark.triton  # conftest: on CUDA tensors with a GPU, skipped without GPU or interpreter
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

@@ -89,6 +89,7 @@ def test_block_matches_float64(norm, activation, recompute, backend):
     check_block(_make(norm, activation, recompute, backend=backend), torch.float32)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 def test_block_full_low_precision(dtype):
     check_block(_make(recompute="full", dtype=dtype, backend="triton"), dtype)

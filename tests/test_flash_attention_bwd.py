@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from .conftest import HAS_CUDA, INTERPRET
+from .conftest import DEVICE, INTERPRET, TRITON_OK
 from .helpers import assert_close_by_rule
 
-pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
-DEV = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.triton  # conftest: on CUDA tensors with a GPU, skipped without GPU or interpreter
+DEV = DEVICE
 
-if HAS_CUDA or INTERPRET:
+if TRITON_OK:
     import fused_ckpt.kernels.flash_attn_bwd as bwd
     from fused_ckpt.kernels.flash_attn_fwd import flash_attn_fwd
 

@@ -96,6 +96,7 @@ def test_elementwise_affine_optional(kind, affine, backend):
     check_norm(kind, x, w, b, 1e-5, backend)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("kind,dtype,width", [("rms", torch.float32, 9000), ("ln", torch.bfloat16, 16384)])
 def test_wide_rows_split_backward(kind, dtype, width):
     """Rows wider than the fused backward takes: dx and dw/db are two launches."""
@@ -272,6 +273,7 @@ def test_autocast_casts_to_autocast_dtype():
     assert w.grad is not None and w.grad.dtype == torch.float32
 
 
+@pytest.mark.triton  # backend='triton' calls: on CUDA they need CUDA tensors
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(4, 33)
     with pytest.raises(ValueError, match="last dimension is 33"):
