@@ -208,6 +208,26 @@ def test_non_contiguous_inputs(backend):
     check(xs, ws, b, t, backend=backend, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_float64_on_aten_is_float64(recompute):
+    """float64 runs on the aten backend in float64 (statistics, loss and accumulators too): it
+    matches the float64 reference to float64 rounding; the Triton backend refuses it by name."""
+    x, w, b, t = _data((6,), 24, 37, torch.float64, ignore=(2,))
+    leaves = [p.clone().requires_grad_() for p in (x, w, b)]
+    loss = fused_linear_cross_entropy(*leaves[:2], t, leaves[2], recompute=recompute, chunk_tokens=4,
+                                      chunk_vocab=16, **OPTIONS["all"])  # auto picks aten
+    loss.backward()
+    ref, _, rl = _reference(x, w, b, t, torch.float64, **OPTIONS["all"])
+    ref.backward()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    for p, r in zip(leaves, rl):
+        assert p.grad.dtype == torch.float64
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="backend='triton' does not support .*float64"):
+        fused_linear_cross_entropy(x, w, t, backend="triton")
+
+
 def test_return_details_and_pytorch_mean_definition():
     x, w, b, t = _data((10,), 24, 37, torch.float32, ignore=(3,))
     out = fused_linear_cross_entropy(x, w, t, b, backend="aten", label_smoothing=0.1, z_loss=0.1,

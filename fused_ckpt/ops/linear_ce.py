@@ -80,6 +80,12 @@ def linear_ce_recompute_flops(tokens: int, d_model: int, vocab: int, recompute: 
     return 2 * tokens * d_model * vocab if recompute else 0
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the statistics, losses and accumulators: fp32, or fp64 for float64 inputs
+    (aten backend only; it computes float64 in float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _empty(ref: Tensor) -> Tensor:
     """Placeholder for an output that was not asked for (custom ops return tensors only)."""
     return ref.new_empty((0,))
@@ -117,6 +123,8 @@ class _AtenLCE:
 
     @staticmethod
     def _logits(x, w, b):
+        if x.dtype == torch.float64:
+            return F.linear(x, w, b)
         z = _mm_fp32(x, w.t())
         return z + b.float() if b is not None else z
 
@@ -124,9 +132,10 @@ class _AtenLCE:
     def stats(x, w, b, t, softcap, need_sum, chunk_vocab):
         """Online log-sum-exp over [tokens, chunk_vocab] fp32 logits chunks."""
         M, V = x.shape[0], w.shape[0]
-        lse = torch.full((M,), float("-inf"), device=x.device, dtype=torch.float32)
-        tgt = torch.zeros((M,), device=x.device, dtype=torch.float32)
-        tot = torch.zeros((M,), device=x.device, dtype=torch.float32) if need_sum else None
+        acc = acc_dtype(x.dtype)
+        lse = torch.full((M,), float("-inf"), device=x.device, dtype=acc)
+        tgt = torch.zeros((M,), device=x.device, dtype=acc)
+        tot = torch.zeros((M,), device=x.device, dtype=acc) if need_sum else None
         for v0 in range(0, V, chunk_vocab):
             v1 = min(v0 + chunk_vocab, V)
             s, _ = _softcapped(_AtenLCE._logits(x, w[v0:v1], b[v0:v1] if b is not None else None), softcap)
@@ -167,7 +176,7 @@ class _AtenLCE:
         idx = t - t_offset
         inside = (idx >= 0) & (idx < n)
         g.scatter_add_(1, idx.clamp(0, max(n - 1, 0))[:, None],
-                       torch.where(inside, label_smoothing - 1.0, 0.0)[:, None])
+                       inside.to(g.dtype)[:, None] * (label_smoothing - 1.0))
         if ds is not None:
             g *= ds
         g *= coef[:, None]
@@ -198,10 +207,11 @@ def _grads(x2: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, lse: Tensor, c
     C, Vc = chunk_sizes(T, V, chunk_tokens, chunk_vocab)
     n_tc, n_vc = -(-T // C), -(-V // Vc)
     dx = torch.empty((T, d), device=dev, dtype=x2.dtype) if need_x else None
-    dx_acc = torch.empty((C, d), device=dev, dtype=torch.float32) if need_x and n_vc > 1 else None
+    acc = acc_dtype(x2.dtype)
+    dx_acc = torch.empty((C, d), device=dev, dtype=acc) if need_x and n_vc > 1 else None
     new_dw = torch.zeros if T == 0 else torch.empty  # the first token chunk overwrites dW
-    dw = new_dw((V, d), device=dev, dtype=torch.float32 if n_tc > 1 else w.dtype) if need_w else None
-    db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
+    dw = new_dw((V, d), device=dev, dtype=acc if n_tc > 1 else w.dtype) if need_w else None
+    db = torch.zeros((V,), device=dev, dtype=acc) if need_b else None
     if T == 0 or not (need_x or need_w or need_b):
         return dx, dw, db
     dz_buf = torch.empty((C, Vc), device=dev, dtype=x2.dtype)
@@ -222,7 +232,7 @@ def _grads(x2: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, lse: Tensor, c
             if need_w:
                 be.mm(dz.t(), xc, dw[v0:v1], accumulate=ti > 0)
             if need_b:
-                db[v0:v1] += dz.sum(0, dtype=torch.float32)
+                db[v0:v1] += dz.sum(0, dtype=acc)
         if need_x and n_vc > 1:
             dx[t0:t1].copy_(dx_acc[: t1 - t0])
     return dx, (dw.to(w.dtype) if need_w else None), db
@@ -240,13 +250,14 @@ def _grads_in_forward(x2: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, coe
     C = chunk_tokens or grads_in_forward_chunk(V, x2.element_size())
     C = max(1, min(C, T))
     n_tc = -(-T // C)
-    lse = torch.empty((T,), device=dev, dtype=torch.float32)
+    acc = acc_dtype(x2.dtype)
+    lse = torch.empty((T,), device=dev, dtype=acc)
     tgt = torch.empty_like(lse)
     tot = torch.empty_like(lse) if eps else None
     dx = torch.empty((T, d), device=dev, dtype=x2.dtype) if need_x else None
     new_dw = torch.zeros if T == 0 else torch.empty  # the first token chunk overwrites dW
-    dw = new_dw((V, d), device=dev, dtype=torch.float32 if n_tc > 1 else w.dtype) if need_w else None
-    db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
+    dw = new_dw((V, d), device=dev, dtype=acc if n_tc > 1 else w.dtype) if need_w else None
+    db = torch.zeros((V,), device=dev, dtype=acc) if need_b else None
     if T == 0:
         return lse, tgt, tot, dx, dw, db
     dz_buf = torch.empty((C, V), device=dev, dtype=x2.dtype)
@@ -263,7 +274,7 @@ def _grads_in_forward(x2: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, coe
         if need_w:
             be.mm(dz.t(), xc, dw, accumulate=ti > 0)
         if need_b:
-            db += dz.sum(0, dtype=torch.float32)
+            db += dz.sum(0, dtype=acc)
     return lse, tgt, tot, dx, (dw.to(w.dtype) if need_w else None), db
 
 
@@ -275,15 +286,15 @@ def grads_in_forward_chunk(vocab: int, elem_size: int) -> int:
 
 
 def _coef(valid: Tensor, grad_losses: Optional[Tensor], grad_loss: Optional[Tensor], reduction: int,
-          scale: float) -> Tensor:
+          scale: float, dtype: torch.dtype = torch.float32) -> Tensor:
     """Per-token upstream weight of dLoss_i: the per-token gradient plus the reduced loss's
     gradient times d(reduced)/d(loss_i); 0 on ignored tokens."""
-    coef = torch.zeros(valid.shape, device=valid.device, dtype=torch.float32)
+    coef = torch.zeros(valid.shape, device=valid.device, dtype=dtype)
     if grad_losses is not None and grad_losses.numel() == valid.numel():
-        coef += grad_losses.reshape(-1).float()
+        coef += grad_losses.reshape(-1).to(dtype)
     if reduction != 0 and grad_loss is not None and grad_loss.numel() == 1:
-        unit = scale if reduction == 1 else 1.0 / valid.sum().clamp(min=1).float()
-        coef += grad_loss.reshape(()).float() * unit
+        unit = scale if reduction == 1 else 1.0 / valid.sum().clamp(min=1).to(dtype)
+        coef += grad_loss.reshape(()).to(dtype) * unit
     return torch.where(valid, coef, 0.0)
 
 
@@ -309,14 +320,14 @@ def linear_ce_forward_impl(
     valid = t != ignore_index
     dx = dw = db = None
     if save == 1 and any(needs_grad):
-        coef = _coef(valid, None, torch.ones((), device=x.device), reduction, scale)
+        coef = _coef(valid, None, torch.ones((), device=x.device), reduction, scale, acc_dtype(x.dtype))
         lse, tgt, tot, dx, dw, db = _grads_in_forward(x2, weight, bias, t, coef, needs_grad, eps, softcap,
                                                       z_loss, chunk_tokens, be)
         dx = dx.view(x.shape) if dx is not None else None
         db = db.to(bias.dtype) if db is not None else None
     else:
         C, Vc = chunk_sizes(T, V, chunk_tokens, chunk_vocab)
-        lse = torch.empty((T,), device=x.device, dtype=torch.float32)
+        lse = torch.empty((T,), device=x.device, dtype=acc_dtype(x.dtype))
         tgt = torch.empty_like(lse)
         tot = torch.empty_like(lse) if eps else None
         for t0 in range(0, T, C):
@@ -349,7 +360,7 @@ linear_ce_forward = torch.library.custom_op("fused_ckpt::linear_ce_forward", mut
 @linear_ce_forward.register_fake
 def _(x, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss, reduction, scale, save,
       needs_grad, chunk_tokens, chunk_vocab, backend):
-    f32 = dict(dtype=torch.float32)
+    f32 = dict(dtype=acc_dtype(x.dtype))
     tokens = target.numel()
     grads = save == 1 and any(needs_grad)
     need_x, need_w, need_b = needs_grad
@@ -374,7 +385,7 @@ def linear_ce_backward_impl(
     """(dx, dw, db) with the logits recomputed from x; unflagged ones are empty placeholders."""
     d = x.shape[-1]
     t = target.reshape(-1).to(torch.int64)
-    coef = _coef(t != ignore_index, grad_losses, grad_loss, reduction, scale)
+    coef = _coef(t != ignore_index, grad_losses, grad_loss, reduction, scale, acc_dtype(x.dtype))
     dx, dw, db = _grads(x.reshape(-1, d), weight, bias, t, lse, coef, needs_grad, label_smoothing,
                         softcap, z_loss, chunk_tokens, chunk_vocab, _BACKENDS[backend])
     return (dx.view(x.shape) if dx is not None else _empty(x),
@@ -541,7 +552,7 @@ def fused_linear_cross_entropy(
         chunk_tokens, chunk_vocab: chunk sizes (0: automatic, :func:`chunk_sizes`).
         backend: "auto", "triton" or "aten".
 
-    The loss is fp32 whatever x's dtype.
+    The loss is fp32 whatever x's dtype (float64 inputs: float64, on the aten backend).
 
     Equivalent PyTorch::
 
@@ -564,7 +575,7 @@ def fused_linear_cross_entropy(
     for n, v in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{n} must be a non-negative int (0 = automatic), got {v!r}")
-    be = resolve_backend(backend, x.device)
+    be = resolve_backend(backend, x.device, x.dtype)
     red = REDUCTIONS[reduction]
     scale = 1.0 / float(num_items) if num_items is not None and not isinstance(num_items, Tensor) else 1.0
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
