@@ -4,7 +4,7 @@ The interpreter runs kernels as numpy and accepts code the GPU compiler rejects 
 plain-float globals read inside @jit functions), so CI also lowers each kernel to PTX/cubin for
 sm_90 through tools/aot_compile.py, in a subprocess with TRITON_INTERPRET=0. CI runs its
 ``--quick`` mode (the first config each launch selects, for bf16 and fp32 with IEEE and TF32
-dots, gated FFN variants, attention at head dims 64 and 256); ``python tools/aot_compile.py``
+dots, gated FFN variants; attention in bf16 at head dims 64 and 256 and in fp32 TF32 at 64); ``python tools/aot_compile.py``
 covers every dtype, variant and selectable config. Checked here:
   * every build fits shared memory, and the FFN/GEMM pruning's shared-memory estimate is not
     below the build's (so the CPU-tested pruning, tests/test_autotune_configs.py, is safe);
