@@ -145,7 +145,7 @@ def _build_on_first_use(why: str) -> ModuleType:
     if not cached:
         print(f"fused_ckpt: {why}.\nfused_ckpt: compiling the csrc extension with ninja "
               f"({'CPU + CUDA' if with_cuda else 'CPU'} kernels, MAX_JOBS={os.environ.get('MAX_JOBS', '2')}) "
-              f"into {directory}; once per torch version, about a minute on two cores (longer with "
+              f"into {directory}; once per torch version, 1-2 minutes on two cores (longer with "
               f"CUDA). To compile at install time instead: "
               f"`pip install -e . --no-build-isolation`.", file=sys.stderr, flush=True)
     extra_path = [d for d in _ninja_path_dirs() if d not in os.environ.get("PATH", "").split(os.pathsep)]
