@@ -307,3 +307,36 @@ def lce_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target: t
         num_warps=8 if not INTERPRET else 1,
     )
     return lse, tgt, tot
+
+
+# ----------------------------------------------------------------------------- AOT compile specs
+class _RowLaunch:
+    """The row kernel at its one launch configuration, in the form ``tools/aot_compile.py``
+    reads (``fn`` plus a one-entry ``configs``)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.configs = [triton.Config({"BLOCK_N": 1024}, num_warps=8, num_stages=1)]
+
+
+def aot_specs(T: int = 8192, D: int = 4096, V: int = 151936, quick: bool = False) -> list:
+    """(kernel, dtype, constexprs, integer args) of representative launches for
+    ``tools/aot_compile.py`` (Qwen2's vocabulary, 8192 tokens, d=4096, contiguous). The tool
+    types every ``*_ptr`` with the spec's dtype, so the int64 targets and fp32 statistics are
+    typed like the inputs there (same tiles and register shape)."""
+    stats = dict(stride_xm=D, stride_xk=1, stride_wn=D, stride_wk=1, stride_ps=T, M=T, N=V, K=D,
+                 SPLITS=2, softcap=30.0)
+    dlog = dict(stride_xm=D, stride_xk=1, stride_wn=D, stride_wk=1, stride_dzm=V, stride_dzn=1,
+                M=T, N=V, K=D, t_offset=0, one_minus_eps=0.9, eps_over_v=1e-6, two_z_loss=2e-4, softcap=30.0)
+    rows = dict(stride_zm=V, stride_zn=1, stride_dzm=V, stride_dzn=1, N=V, one_minus_eps=0.9,
+                eps_over_v=1e-6, two_z_loss=2e-4, softcap=30.0)
+    dtypes = (("bf16", {"DOT_F32": False, "INPUT_PRECISION": None}),
+              ("fp32", {"DOT_F32": False, "INPUT_PRECISION": "ieee"}),
+              ("fp32", {"DOT_F32": False, "INPUT_PRECISION": "tf32"}))
+    specs = []
+    for dtype, dots in (dtypes[:1] + dtypes[2:] if quick else dtypes):
+        specs.append((_lce_stats_kernel, dtype, dict(HAS_BIAS=True, SOFTCAP=True, NEED_SUM=True, **dots), stats))
+        specs.append((_lce_dlogits_kernel, dtype, dict(HAS_BIAS=True, SOFTCAP=True, **dots), dlog))
+    specs.append((_RowLaunch(_lce_rows_kernel), "fp32", dict(SOFTCAP=True, NEED_SUM=True), rows))
+    return specs
