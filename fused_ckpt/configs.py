@@ -6,6 +6,7 @@ downloaded. The built-in values are the published shapes of these models.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional
@@ -49,6 +50,13 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         elif not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim <= 0:
             raise ValueError(f"config {self.name!r}: head_dim must be a positive int, got {self.head_dim!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or isinstance(self.sliding_window, bool) or self.sliding_window <= 0):
+            raise ValueError(f"config {self.name!r}: sliding_window must be a positive int or None, "
+                             f"got {self.sliding_window!r}")
+        if (not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool)
+                or not math.isfinite(self.rope_theta) or self.rope_theta <= 0):
+            raise ValueError(f"config {self.name!r}: rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.activation != "swiglu":
             raise ValueError(f"config {self.name!r}: activation {self.activation!r} is not supported (swiglu only)")
 
@@ -75,20 +83,25 @@ BUILTIN_CONFIGS = {
 
 
 def _get(d: Mapping[str, Any], key: str, source: str, default=..., kind=int):
+    """``d[key]`` checked: ``kind`` int (a positive integer), bool, or float (a positive finite
+    number); a missing or null key is ``default`` (required when not given)."""
     if key not in d or d[key] is None:
         if default is ...:
             raise ValueError(f"{source}: missing required key {key!r}")
         return default
     v = d[key]
-    if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
-        raise ValueError(f"{source}: {key} must be an integer, got {v!r}")
+    if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        raise ValueError(f"{source}: {key} must be a positive integer, got {v!r}")
     if kind is bool and not isinstance(v, bool):
         raise ValueError(f"{source}: {key} must be true or false, got {v!r}")
+    if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0):
+        raise ValueError(f"{source}: {key} must be a positive number, got {v!r}")
     return v
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "config") -> ModelConfig:
-    """A :class:`ModelConfig` from a Hugging Face config dict (llama, mistral or qwen2)."""
+    """A :class:`ModelConfig` from a Hugging Face config dict (llama, mistral or qwen2). Every
+    value the planner uses is checked; errors name ``source`` (e.g. the file) and the key."""
     if not isinstance(d, Mapping):
         raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
     mt = d.get("model_type")
@@ -98,13 +111,16 @@ def config_from_dict(d: Mapping[str, Any], source: str = "config") -> ModelConfi
     if act not in ("silu", "swish"):
         raise ValueError(f"{source}: hidden_act {act!r} is not supported (the planner models SwiGLU MLPs)")
     heads = _get(d, "num_attention_heads", source)
-    rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), Mapping) else {}
-    theta = rope.get("rope_theta") or d.get("rope_theta") or 10000.0
-    window = None
-    if mt == "mistral" or d.get("use_sliding_window"):
-        window = d.get("sliding_window")
-    return ModelConfig(
-        name=d.get("_name_or_path") or source,
+    rope = d.get("rope_parameters")
+    if isinstance(rope, Mapping) and rope.get("rope_theta") is not None:
+        theta = _get(rope, "rope_theta", f"{source}: rope_parameters", kind=float)
+    else:
+        theta = _get(d, "rope_theta", source, 10000.0, float)
+    window = _get(d, "sliding_window", source, None)  # checked whenever given, used when enabled
+    if not (mt == "mistral" or _get(d, "use_sliding_window", source, False, bool)):
+        window = None
+    cfg = ModelConfig(
+        name=source,
         hidden_size=_get(d, "hidden_size", source),
         intermediate_size=_get(d, "intermediate_size", source),
         num_layers=_get(d, "num_hidden_layers", source),
@@ -120,6 +136,8 @@ def config_from_dict(d: Mapping[str, Any], source: str = "config") -> ModelConfi
         sliding_window=window,
         model_type=mt,
     )
+    name = d.get("_name_or_path")
+    return replace(cfg, name=name) if isinstance(name, str) and name else cfg
 
 
 def load_config(spec) -> ModelConfig:
@@ -146,6 +164,8 @@ def load_config(spec) -> ModelConfig:
                 d = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: malformed JSON ({e})") from None
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
         cfg = config_from_dict(d, path)
         return cfg if d.get("_name_or_path") else replace(cfg, name=path)
     raise ValueError(f"cannot read a model config from {type(spec).__name__}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -55,15 +56,24 @@ def build_variants(layers, d_model, d_ff, activation, device, dtype):
     return variants
 
 
+def _say(log, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
 def run(layers=8, tokens=512, d_model=256, d_ff=1024, activation="gelu", steps=6, device=None,
-        dtype=torch.float32, lr=1e-2):
+        dtype=torch.float32, lr=1e-2, log=None):
+    """Train the four variants; returns (device, rows). ``log``: called with one progress line
+    as each variant starts and finishes (``main`` prints them on stderr)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variants = build_variants(layers, d_model, d_ff, activation, device, dtype)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(tokens, d_model, generator=g).to(device, dtype),
                 torch.randn(tokens, d_model, generator=g).to(device, dtype)) for _ in range(steps)]
     rows, ref = [], None
-    for name, model in variants.items():
+    for k, (name, model) in enumerate(variants.items(), 1):
+        _say(log, f"[{k}/{len(variants)}] {name}: warm-up, one counted pass, {steps} training steps ...")
+        t_variant = time.perf_counter()
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         params = list(model.parameters())
         x0, y0 = batches[0]
@@ -105,6 +115,8 @@ def run(layers=8, tokens=512, d_model=256, d_ff=1024, activation="gelu", steps=6
         rows.append(dict(variant=name, saved_bytes=saved, peak_bytes=peak,
                          step_ms=1e3 * statistics.median(times), gflops=flops / 1e9,
                          loss_diff=loss_diff, grad_diff=grad_diff, final_loss=losses[-1]))
+        _say(log, f"[{k}/{len(variants)}] {name}: done in {time.perf_counter() - t_variant:.1f} s "
+                  f"(median step {rows[-1]['step_ms']:.1f} ms)")
     return device, rows
 
 
@@ -128,25 +140,70 @@ def format_table(device, rows, layers, tokens, d_model, d_ff, activation, dtype)
     return "\n".join(lines)
 
 
+def _resolve_device(text):
+    """The --device value as a torch.device, or an argparse-style error message."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"argument --device: unknown device {text!r} (use cpu or cuda)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"argument --device: {text!r} is not supported (use cpu or cuda)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"argument --device: {text!r} but CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"argument --device: {text!r} but only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def build_parser():
+    from .activations import ACTIVATIONS
+    from .cli import _Parser, _positive_int
+
+    p = _Parser(prog="python -m fused_ckpt.demo", description="The memory/compute trade-off on this machine: a stack of residual MLP "
+                            "blocks trained eagerly, with torch.utils.checkpoint (non-reentrant, reentrant) and "
+                            "with FusedCheckpointedFFN; one table of saved bytes, memory, time, FLOPs and "
+                            "differences against eager.",
+                epilog="Progress lines go to stderr, the table to stdout. Defaults: on CUDA 8192 tokens, "
+                       "d_model 2048, bf16; on CPU 512 tokens, d_model 256, fp32.")
+    p.add_argument("--layers", type=_positive_int, default=8, help="residual MLP blocks in the stack (default 8)")
+    p.add_argument("--tokens", type=_positive_int, default=None,
+                   help="tokens per batch (default 8192 on CUDA, 512 on CPU)")
+    p.add_argument("--d-model", type=_positive_int, default=None,
+                   help="model width (default 2048 on CUDA, 256 on CPU)")
+    p.add_argument("--d-ff", type=_positive_int, default=None, help="MLP hidden width (default 4 x d-model)")
+    p.add_argument("--activation", default="gelu", choices=sorted(ACTIVATIONS),
+                   help="MLP activation (default gelu)")
+    p.add_argument("--steps", type=_positive_int, default=6,
+                   help="training steps per variant; the step time is their median (default 6)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--d-model", type=int, default=None)
-    p.add_argument("--d-ff", type=int, default=None)
-    p.add_argument("--activation", default="gelu")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--device", default=None)
+    p = build_parser()
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = _resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     big = device.type == "cuda"
     tokens = args.tokens or (8192 if big else 512)
     d_model = args.d_model or (2048 if big else 256)
     d_ff = args.d_ff or (4 * d_model)
     dtype = torch.bfloat16 if big else torch.float32
-    dev, rows = run(args.layers, tokens, d_model, d_ff, args.activation, args.steps, device, dtype)
+    log = None if args.quiet else (lambda msg: print(f"demo: {msg}", file=sys.stderr, flush=True))
+    if log is not None:
+        log(f"{args.layers} residual MLP blocks, {tokens} tokens, d_model={d_model}, d_ff={d_ff}, "
+            f"{args.activation}, {str(dtype).replace('torch.', '')} on {device}; 4 variants")
+    dev, rows = run(args.layers, tokens, d_model, d_ff, args.activation, args.steps, device, dtype, log=log)
     print(format_table(dev, rows, args.layers, tokens, d_model, d_ff, args.activation, dtype))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,7 +29,9 @@ Backward-time temporaries (gradients in flight, recompute buffers) and the logit
 (alive only during the forward) are not counted. Static memory, when ``optimizer`` is given:
 weights, gradients (both in ``dtype``) and optimizer states as ``torch.optim`` keeps them, in the
 parameters' dtype: AdamW 2 per parameter, SGD none ("sgd"), SGD with momentum 1
-("sgd-momentum"). Without ``optimizer`` the budget is for activations alone.
+("sgd-momentum"). Without ``optimizer`` the budget is for activations alone. ``fused-ckpt plan``
+counts AdamW by default (its budget is a device budget); ``--optimizer none`` counts activations
+only. The plan's first lines say which.
 
 FLOPs: the model's forward + backward = GEMMs (forward 2 T x parameters of each matrix, backward
 twice that) plus attention (forward 4 B H S^2 D, half when causal; backward 2.5x forward); the
@@ -49,7 +51,7 @@ from torch import nn
 from .configs import ModelConfig, load_config
 from .policy import (ATTENTION_DIALS, FFN_DIALS, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
                      PerLayer, PlanRow, Site, _layer_frontier, attention_forward_flops, attention_recompute_flops,
-                     attention_saved_bytes, block_full_option, build_layers, format_bytes, parse_bytes,
+                     attention_saved_bytes, block_full_option, build_layers, format_bytes, parse_budget,
                      solve_budget)
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
@@ -216,22 +218,37 @@ class Plan:
             "model_flops": self.model_flops, "overhead_pct": self.overhead_pct, "verdict": self.verdict,
         }
 
+    def counted(self) -> str:
+        """What the budget has to hold, in words (printed under the header)."""
+        dt = str(self.dtype).replace("torch.", "")
+        if self.optimizer is None:
+            return ("activations only (no optimizer given: weights, gradients and optimizer states are not "
+                    "counted)")
+        n = OPTIMIZER_STATES[self.optimizer]
+        states = (f"{self.optimizer} states ({n} per parameter, {dt} like the parameters, as torch.optim keeps "
+                  "them)") if n else f"no {self.optimizer} states"
+        return f"weights and gradients ({dt}), {states}, and activations"
+
     def __str__(self) -> str:
         lines = [f"model {self.model}: batch {self.batch}, seq {self.seq}, {str(self.dtype).replace('torch.', '')}, "
-                 f"budget {format_bytes(self.budget)}", str(self.checkpoint), "totals:"]
+                 f"budget {format_bytes(self.budget)}", f"counted against the budget: {self.counted()}",
+                 str(self.checkpoint), "totals:"]
+
+        def row(label, n, tail=""):
+            lines.append(f"  {label:<22} {format_bytes(n):>12}{tail}")
+
         act = self.activation_bytes
-        lines.append(f"  activations          {format_bytes(act):>12}  ({act} bytes; range "
-                     f"{format_bytes(self.min_activation_bytes)} .. {format_bytes(self.max_activation_bytes)})")
+        row("activations", act, f"  ({act} bytes; range {format_bytes(self.min_activation_bytes)} .. "
+                                f"{format_bytes(self.max_activation_bytes)})")
         if self.optimizer is not None:
-            lines.append(f"  weights              {format_bytes(self.weight_bytes):>12}")
-            lines.append(f"  gradients            {format_bytes(self.grad_bytes):>12}")
-            lines.append(f"  optimizer ({self.optimizer:<12}) {format_bytes(self.optimizer_bytes):>10}")
+            row("weights", self.weight_bytes)
+            row("gradients", self.grad_bytes)
+            row(f"optimizer ({self.optimizer})", self.optimizer_bytes)
         else:
-            lines.append(f"  weights              {format_bytes(self.weight_bytes):>12}  (not counted: no --optimizer)")
-        lines.append(f"  total                {format_bytes(self.total_bytes):>12}  ({self.total_bytes} bytes) "
-                     f"of budget {format_bytes(self.budget)}")
+            row("weights", self.weight_bytes, "  (not counted: no optimizer given)")
+        row("total", self.total_bytes, f"  ({self.total_bytes} bytes) of budget {format_bytes(self.budget)}")
         if self.model_flops:
-            lines.append(f"  recompute            {self.recompute_flops / 1e12:>10.3f} TFLOP = "
+            lines.append(f"  {'recompute':<22} {self.recompute_flops / 1e12:>8.3f} TFLOP = "
                          f"{self.overhead_pct:.2f}% of the step's {self.model_flops / 1e12:.3f} TFLOP (fwd+bwd)")
         lines.append(f"verdict: {self.verdict}")
         lines += [f"note: {n}" for n in self.notes]
@@ -242,26 +259,17 @@ def _same(a, b) -> bool:
     return a is b or (isinstance(a, str) and isinstance(b, str) and a == b)
 
 
-def _budget_value(budget) -> int:
-    if isinstance(budget, (int, str)) and not isinstance(budget, bool):
-        b = parse_bytes(budget)
-    elif isinstance(budget, float):
-        b = parse_bytes(str(budget))
-    else:
-        raise ValueError(f"malformed budget {budget!r}")
-    if b <= 0:
-        raise ValueError(f"budget must be positive, got {budget!r}")
-    return b
-
-
 def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int, str] = "80GiB",
          optimizer: Optional[str] = None, *, include_loss: bool = True) -> Plan:
     """Choose recompute dials for ``batch`` x ``seq`` tokens under ``budget`` (bytes or "24GiB").
 
     ``model_or_config``: "llama-7b", "llama3-8b", "mistral-7b", "qwen2-7b", a path to a Hugging
     Face ``config.json``, a dict / ``PretrainedConfig`` / :class:`ModelConfig`, a Hugging Face
-    model (its config), or any ``nn.Module`` with fused modules. ``optimizer``: None (budget for
-    activations only), "adamw", "sgd" or "sgd-momentum". The dials are :class:`MemoryBudget`'s
+    model (its config), or any ``nn.Module`` with fused modules. ``budget``: bytes (an int or an
+    integral float such as 1.5e11) or a string ("24GiB", "80 GB", "1.5e11"), see
+    :func:`fused_ckpt.policy.parse_budget`. ``optimizer``: None or "none" (the budget is for
+    activations only), or "adamw"/"adam", "sgd", "sgd-momentum": weights, gradients and those
+    optimizer states count against the budget too (the ``fused-ckpt plan`` default is "adamw"). The dials are :class:`MemoryBudget`'s
     exact optimum for the bytes the budget leaves. Verdict: "memory sufficient: skip
     checkpointing" when nothing needs recomputing, "near OOM: full recompute" when only full
     recompute fits, "between: selective (MemoryBudget)" otherwise. Raises
@@ -271,7 +279,9 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
     _positive("seq", seq)
     dt = parse_dtype(dtype)
     e = torch.empty((), dtype=dt).element_size()
-    b = _budget_value(budget)
+    b = parse_budget(budget)
+    if optimizer == "none":
+        optimizer = None
     if optimizer is not None and optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZER_STATES)} or None")
     T = batch * seq

@@ -234,3 +234,63 @@ def test_step_target_counts_only_rows_at_the_same_peak():
         "status": "ok", "saved_bytes": 10, "tokens_per_s_vs_hf_ckpt": 0.9}}
     t = step._target(ctx, by, "aten").to_json()
     assert t["status"] == "not measured" and t["info_value"] == 0.9
+
+
+def test_progress_total_is_fixed_and_reaches_100_percent_once():
+    """The bar's total is the whole run from the start; it only moves forward and is full only
+    after the last suite, however the steps are announced (parts, extensions, an undeclared
+    extra part)."""
+    from fused_ckpt.bench._report import Progress
+
+    p = Progress([("ffn", 2), ("attention", 2), ("block", 1)], enabled=False)
+    total, seen = p.total, []
+
+    def steps(n, announce=None):
+        p.add_total(announce or n)
+        for _ in range(n):
+            p.update(1, "x")
+            seen.append(p.n)
+
+    p.begin_suite("ffn")
+    steps(5)
+    steps(3, 2)           # announced 2 ...
+    p.add_total(1)        # ... and one more while the part runs (the compile timing group)
+    p.update(1)
+    seen.append(p.n)
+    p.end_suite()
+    seen.append(p.n)
+    after_ffn = p.n
+    p.begin_suite("attention")
+    steps(4)
+    steps(4)
+    steps(4)              # a third part the suite did not declare
+    p.end_suite()
+    seen.append(p.n)
+    p.begin_suite("block")
+    steps(6)
+    assert p.total == total
+    assert seen == sorted(seen) and all(n < total for n in seen[:-1]), seen  # full at the last step only
+    p.end_suite()
+    assert p.n == total
+    assert after_ffn == total // 3 and seen[-2] >= total * 2 // 3  # equal shares per suite
+
+
+def test_one_colour_per_method_in_every_plot():
+    from fused_ckpt.bench._report import METHOD_STYLES, method_style
+
+    styles = {g: method_style(g) for g in METHOD_STYLES}
+    assert len({c for c, _ in styles.values()}) == len(styles)  # distinct methods, distinct colours
+    assert method_style("hf") == method_style("eager")            # the step suite's group names
+    assert method_style("hf checkpoint") == method_style("checkpoint")
+    assert method_style("something new") == method_style("something new")
+
+
+def test_bench_says_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    from fused_ckpt.bench import block
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(block, "run", lambda ctx: None)
+    assert main(["--suite", "block", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    notes = [ln for ln in out.splitlines() if "pip install matplotlib" in ln]
+    assert notes and "no plots" in notes[0], out

@@ -22,3 +22,18 @@ def test_demo_main_prints(capsys):
     demo.main(["--layers", "2", "--tokens", "16", "--d-model", "16", "--d-ff", "32", "--steps", "2"])
     out = capsys.readouterr().out
     assert "| eager |" in out and "| FusedCheckpointedFFN |" in out
+
+
+def test_demo_reports_progress_per_variant(capsys):
+    """``make demo`` takes a while: one line on stderr as each variant starts and finishes."""
+    demo.main(["--layers", "1", "--tokens", "8", "--d-model", "8", "--d-ff", "16", "--steps", "1"])
+    out, err = capsys.readouterr()
+    names = ["eager", "checkpoint (non-reentrant)", "checkpoint (reentrant)", "FusedCheckpointedFFN"]
+    lines = err.splitlines()
+    for k, name in enumerate(names, 1):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith(f"demo: [{k}/4] {name}: warm-up"))
+        done = next(i for i, ln in enumerate(lines) if ln.startswith(f"demo: [{k}/4] {name}: done in"))
+        assert start < done
+    assert "| FusedCheckpointedFFN |" in out and "done in" not in out
+    demo.main(["--layers", "1", "--tokens", "8", "--d-model", "8", "--d-ff", "16", "--steps", "1", "--quiet"])
+    assert capsys.readouterr().err == ""

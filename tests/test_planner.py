@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -173,9 +174,9 @@ def test_config_json_path_and_folder(tmp_path):
     ('{"model_type": "gpt2", "n_embd": 64}', "model_type 'gpt2' is not supported"),
     ('{"model_type": "llama", "hidden_size": 64}', "missing required key '"),
     ('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 0, '
-     '"num_attention_heads": 2, "vocab_size": 10}', "num_layers must be a positive int"),
+     '"num_attention_heads": 2, "vocab_size": 10}', "num_hidden_layers must be a positive integer"),
     ('{"model_type": "llama", "hidden_size": "64", "intermediate_size": 96, "num_hidden_layers": 2, '
-     '"num_attention_heads": 2, "vocab_size": 10}', "hidden_size must be an integer"),
+     '"num_attention_heads": 2, "vocab_size": 10}', "hidden_size must be a positive integer"),
     ('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, '
      '"num_attention_heads": 2, "vocab_size": 10, "hidden_act": "gelu"}', "hidden_act 'gelu'"),
     ("[1, 2]", "expected a JSON object"),
@@ -211,7 +212,7 @@ BUDGETS = {"12.5GiB": VERDICT_FULL, "100GiB": VERDICT_SELECTIVE, "200GiB": VERDI
 @pytest.mark.parametrize("budget", list(BUDGETS))
 def test_cli_plan_llama_7b(budget, capsys):
     rc = main(["plan", "--model", "llama-7b", "--batch", "8", "--seq", "4096", "--dtype", "bf16",
-               "--budget", budget, "--json"])
+               "--budget", budget, "--optimizer", "none", "--json"])
     out, err = capsys.readouterr()
     assert rc == 0 and err == ""
     lines = out.splitlines()
@@ -243,6 +244,39 @@ def test_cli_optimizer_rows(capsys):
     assert "optimizer (adamw" in out and "gradients" in out
 
 
+def test_cli_budget_is_a_device_budget_by_default(capsys):
+    """Without --optimizer the plan counts weights, gradients and AdamW states (and says so):
+    llama-7b does not "fit" in 1 GiB; --optimizer none plans activations alone."""
+    argv = ["plan", "--model", "llama-7b", "--batch", "1", "--seq", "512", "--budget"]
+    assert main(argv + ["1GiB"]) == 2
+    out, err = capsys.readouterr()
+    p = plan("llama-7b", 1, 512, "bf16", "80GiB", optimizer="adamw")
+    assert out == "" and "static + activations" in err and "--optimizer none" in err
+    assert f"({p.minimum_bytes} bytes)" in err
+    assert main(argv + ["80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "counted against the budget: weights and gradients (bfloat16), adamw states (2 per parameter" in out
+    assert "note: --optimizer not given: assumed adamw" in out
+    assert f"({p.total_bytes} bytes) of budget" in out
+    # the totals rows: label, then the size; no padding inside the parentheses
+    rows = {ln[2:].split("  ")[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert set(rows) >= {"activations", "weights", "gradients", "optimizer (adamw)", "total"}, rows
+    assert re.search(r"^  optimizer \(adamw\) +\d+\.\d\d GiB$", rows["optimizer (adamw)"])
+    assert main(argv + ["1GiB", "--optimizer", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "counted against the budget: activations only" in out and "assumed" not in out
+    assert plan("llama-7b", 1, 512, "bf16", "1GiB", optimizer="none").static_bytes == 0
+
+
+@pytest.mark.parametrize("budget", [150_000_000_000, 1.5e11, "1.5e11", "150GB", "150 GB", "0.15TB"])
+def test_plan_accepts_the_budget_forms_of_memory_budget(budget):
+    from fused_ckpt import MemoryBudget
+
+    want = 150_000_000_000
+    assert plan("llama-7b", 1, 512, "bf16", budget).budget == want
+    assert MemoryBudget(budget).budget == want
+
+
 @pytest.mark.parametrize("args,match", [
     (["--model", "llama-9000"], "unknown model 'llama-9000'"),
     (["--model", "{BAD}"], "malformed JSON"),
@@ -257,7 +291,7 @@ def test_cli_optimizer_rows(capsys):
 def test_cli_bad_input(args, match, capsys, tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("{oops")
-    base = {"--model": "llama-7b", "--batch": "8", "--seq": "4096", "--budget": "100GiB"}
+    base = {"--model": "llama-7b", "--batch": "8", "--seq": "4096", "--budget": "100GiB", "--optimizer": "none"}
     argv = ["plan"]
     given = dict(zip(args[::2], args[1::2]))
     for k, v in {**base, **given}.items():

@@ -484,3 +484,35 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(text):
     with pytest.raises(ValueError):
         parse_bytes(text)
+
+
+@pytest.mark.parametrize("budget", [24 * 2**30, float(24 * 2**30), "24GiB", "24 GiB", "25769803776", "2.5769803776e10"])
+def test_memory_budget_accepts_ints_integral_floats_and_strings(budget):
+    """One parser (parse_budget) for MemoryBudget, plan() and the command line."""
+    assert MemoryBudget(budget).budget == 24 * 2**30
+    assert MemoryBudget(1.5e11).budget == 150_000_000_000
+
+
+@pytest.mark.parametrize("budget,match", [
+    (0, "must be positive"), (-1, "must be positive"), ("-1GiB", "must be"), ("0GiB", "must be positive"),
+    (1.5, "not a whole number of bytes"), ("1.5", "not a whole number of bytes"), (float("nan"), "finite"),
+    (float("inf"), "finite"), ("lots", "malformed byte size 'lots'"), (None, "malformed byte size None"),
+    (True, "malformed byte size True"), ([24], "malformed byte size"),
+])
+def test_memory_budget_rejects_bad_budgets(budget, match):
+    with pytest.raises(ValueError, match=f"MemoryBudget budget.*{match}"):
+        MemoryBudget(budget)
+    from fused_ckpt.planner import plan
+
+    with pytest.raises(ValueError, match=match):
+        plan("llama-7b", 1, 16, "bf16", budget)
+
+
+def test_parse_budget_requires_a_unit_when_asked():
+    from fused_ckpt.policy import parse_budget
+
+    assert parse_budget("24") == 24
+    with pytest.raises(ValueError, match="'24' has no unit .*24 bytes.*24GiB"):
+        parse_budget("24", None, require_unit=True)
+    assert parse_budget("24B", None, require_unit=True) == 24
+    assert parse_budget("1.5e11B", None, require_unit=True) == 150_000_000_000

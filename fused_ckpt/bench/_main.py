@@ -34,15 +34,9 @@ def _suites(text: str) -> list:
 
 
 def _memory_cap(text: str) -> int:
-    from ..policy import parse_bytes
+    from ..cli import byte_size
 
-    try:
-        v = parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return v
+    return byte_size(text)
 
 
 def _budgets(text: str) -> list:
@@ -81,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch._functorch activation_memory_budget values of the compile rows "
                         "(default 1.0,0.5; --quick 0.5)")
     p.add_argument("--memory-cap", type=_memory_cap, default=None, metavar="SIZE",
-                   help=f"step suite: device memory for the largest-batch column, e.g. 24GiB, 80GB "
-                        f"(default {DEFAULT_MEMORY_CAP})")
+                   help=f"step suite: device memory for the largest-batch column, with a unit: 24GiB, 80GB, "
+                        f"1.5e10B (default {DEFAULT_MEMORY_CAP})")
     p.add_argument("--reps", type=_positive_int, default=None, help="CPU: timed round-robin rounds (default 7; --quick 3)")
     p.add_argument("--warmup", type=_nonneg_int, default=None, help="CPU: warmup calls per variant (default 1)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -101,7 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "python -m fused_ckpt.bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+    from ..cli import _Parser
+
+    p = _Parser(prog=prog, description=__doc__.split("\n")[0],
                                 epilog="Writes results.json, results.md and PNG plots into --out.")
     add_arguments(p)
     return p
@@ -110,6 +106,17 @@ def build_parser(prog: str = "python -m fused_ckpt.bench") -> argparse.ArgumentP
 # ------------------------------------------------------------------------------ running
 def _suite_module(name: str):
     return importlib.import_module(f"{__package__}.{name}")
+
+
+def _suite_parts(name: str, args, dev: str) -> int:
+    """How many shapes a suite measures (one measure_variants call each), for the progress bar:
+    ffn one per shape, attention the kernel and the block, the others one."""
+    if name == "ffn":
+        if args.ffn_shapes:
+            return len([s for s in args.ffn_shapes.split(",") if s.strip()])
+        mod = _suite_module("ffn")
+        return len((mod.QUICK_SHAPES if args.quick else mod.DEFAULT_SHAPES).get(dev, ())) or 1
+    return 2 if name == "attention" else 1
 
 
 def _default_out() -> str:
@@ -168,6 +175,15 @@ def run_from_args(args, prog: str = "fused-ckpt bench") -> int:
         except ValueError as e:
             return _error(prog, f"--ffn-shapes: {e}")
     dtype = T.dtype_from_name(args.dtype or ("bf16" if dev == "cuda" else "fp32"))
+    # the output folder before any benchmark: an unusable --out fails now, not after the run
+    out = os.path.abspath(args.out) if args.out else _default_out()
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        return _error(prog, f"--out {args.out or out}: cannot create the folder ({e.strerror or e})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        return _error(prog, f"--out {args.out or out}: the folder is not writable")
+    args._out_dir = out
     threads = args.threads or (1 if (args.quick and dev == "cpu") else None)
     prev_threads = torch.get_num_threads()
     if threads:
@@ -181,7 +197,8 @@ def run_from_args(args, prog: str = "fused-ckpt bench") -> int:
 def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
     from . import _timing as T
     from ._harness import Context
-    from ._report import Progress, exit_cleanly_on_sigterm, machine_info, versions, write_results
+    from ._report import (NO_MATPLOTLIB, Progress, exit_cleanly_on_sigterm, machine_info, matplotlib_available,
+                          versions, write_results)
 
     budgets = args.compile_budgets or ([0.5] if args.quick else [1.0, 0.5])
     memory_cap = args.memory_cap
@@ -189,11 +206,11 @@ def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
         from ..policy import parse_bytes
 
         memory_cap = parse_bytes(DEFAULT_MEMORY_CAP)
-    out = os.path.abspath(args.out) if args.out else _default_out()
-    os.makedirs(out, exist_ok=True)
+    out = args._out_dir
     exit_cleanly_on_sigterm()
 
-    progress = Progress(0, enabled=not args.no_progress, desc="fused-ckpt bench")
+    progress = Progress([(name, _suite_parts(name, args, dev)) for name in args.suite],
+                        enabled=not args.no_progress, desc="fused-ckpt bench")
     options = {k: v for k, v in vars(args).items() if k != "compare"}
     options.update(ffn_shapes=ffn_shapes, memory_cap=memory_cap, compile_budgets=budgets)
     ctx = Context(device=dev, dtype=dtype, quick=args.quick,
@@ -235,6 +252,9 @@ def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
     progress.log(f"fused-ckpt bench: suites {', '.join(args.suite)} on {dev} {T.dtype_name(dtype)}"
                  f"{' (quick)' if args.quick else ''}; torch {payload['versions']['torch']}, "
                  f"triton {payload['versions'].get('triton')}; out={out}")
+    plots_ok = matplotlib_available()
+    if not plots_ok:
+        progress.log(f"fused-ckpt bench: {NO_MATPLOTLIB}")
     t_start = time.perf_counter()
     failed = []
     try:
@@ -242,6 +262,7 @@ def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
             mod = _suite_module(name)
             info = ctx.suites.setdefault(name, {"description": mod.DESCRIPTION})
             info["status"] = "running"
+            progress.begin_suite(name)
             t0 = time.perf_counter()
             try:
                 mod.run(ctx)
@@ -256,6 +277,7 @@ def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
                 if args.verbose:
                     traceback.print_exc()
             info["elapsed_s"] = round(time.perf_counter() - t0, 2)
+            progress.end_suite()
             snapshot()
         payload["status"] = "complete" if not failed else f"complete, suites failed: {', '.join(failed)}"
     finally:
@@ -268,7 +290,8 @@ def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
         snapshot()
     print(render_summary(payload))
     print(f"results: {out}  (results.json, results.md"
-          + (", " + ", ".join(payload["plots"]) if payload["plots"] else "") + ")")
+          + (", " + ", ".join(payload["plots"]) if payload["plots"] else "") + ")"
+          + ("" if plots_ok else f"; {NO_MATPLOTLIB}"))
     return 1 if failed else 0
 
 

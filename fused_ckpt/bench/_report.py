@@ -175,48 +175,119 @@ def exit_cleanly_on_sigterm() -> None:
 
 # ------------------------------------------------------------------------------ progress
 class Progress:
-    """A plain-text progress bar on stderr: tqdm when installed, else one line per step.
+    """The run's progress on stderr: tqdm when installed, else one line per completed step.
 
+    The bar's total is the whole run, fixed up front: ``suites`` is ``[(name, parts), ...]``
+    and every suite gets an equal share of the bar, split equally between its ``parts`` (the
+    shapes it measures). Within a part the bar follows the steps the harness announces
+    (:meth:`add_total`) and completes (:meth:`update`); steps announced while a part runs
+    spread over what is left of it, a part the suite did not declare takes half of what is
+    left of the suite. The bar only moves forward and reaches 100% when the last suite ends.
     ``log`` prints above the bar (tqdm.write), so messages and the bar do not garble."""
 
-    def __init__(self, total: int = 0, enabled: bool = True, desc: str = "bench"):
-        self.total, self.n, self.enabled, self.desc = total, 0, enabled, desc
+    SCALE = 1000  # bar units of the whole run
+
+    def __init__(self, suites: Sequence = (), enabled: bool = True, desc: str = "bench"):
+        self.suites = [(s, 1) if isinstance(s, str) else (s[0], max(1, int(s[1]))) for s in suites]
+        self.enabled, self.desc = enabled, desc
+        self.total = self.SCALE
+        self.n = 0                     # bar units shown
+        self._k = -1                   # current suite
+        self._part = -1                # current part of it
+        self._done = self._known = 0   # steps of the current part
+        self._start = self._end = 0.0  # the current part's span of the bar, in units
+        self._what = ""
         self._bar = None
 
+    # ---- bar geometry
+    def _suite_span(self, k: int) -> tuple:
+        share = self.SCALE / max(1, len(self.suites))
+        return k * share, (k + 1) * share
+
+    def _pos(self) -> float:
+        frac = min(1.0, self._done / self._known) if self._known else 0.0
+        return self._start + (self._end - self._start) * frac
+
+    def _show(self, pos: float) -> None:
+        new = max(self.n, min(self.SCALE, int(pos)))
+        if not self.enabled:
+            self.n = new
+            return
+        self._ensure_bar()
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._label(), refresh=False)
+            self._bar.update(new - self.n)
+        self.n = new
+
+    def _label(self) -> str:
+        what = self._what
+        if 0 <= self._k < len(self.suites):
+            name = self.suites[self._k][0]
+            head = f"suite {self._k + 1}/{len(self.suites)} {name}"
+            what = what[len(name) + 2:] if what.startswith(f"{name}: ") else what
+        else:
+            head = ""
+        return (head + (": " + what if what else ""))[:80]
+
     def _ensure_bar(self) -> None:
-        if self._bar is None and self.enabled and self.total > 0:
+        if self._bar is None and self.enabled:
             try:
                 from tqdm import tqdm
             except ImportError:
                 return
-            self._bar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, ascii=True, dynamic_ncols=True,
-                             initial=self.n, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                                        "[{elapsed}<{remaining}] {postfix}")
+            self._bar = tqdm(total=self.SCALE, desc=self.desc, file=sys.stderr, ascii=True, dynamic_ncols=True,
+                             initial=self.n, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
+
+    # ---- what the runner and the harness call
+    def begin_suite(self, name: str) -> None:
+        names = [s for s, _ in self.suites]
+        if name in names:
+            self._k = names.index(name)
+        else:  # not declared: squeeze it after the others
+            self.suites.append((name, 1))
+            self._k = len(self.suites) - 1
+        self._part, self._done, self._known = -1, 0, 0
+        self._start = self._end = max(float(self.n), self._suite_span(self._k)[0])
+        self._what = ""
+        self._show(self._start)
+
+    def end_suite(self) -> None:
+        if self._k >= 0:
+            self._show(self._suite_span(self._k)[1])
+        self._part, self._done, self._known = -1, 0, 0
 
     def add_total(self, n: int) -> None:
-        self.total += n
-        if self._bar is not None:
-            self._bar.total = self.total
-            self._bar.refresh()
+        if n <= 0:
+            return
+        pos = self._pos()
+        if self._known and self._done < self._known:  # more steps in the running part: spread over its rest
+            self._start, self._known, self._done = pos, self._known - self._done + n, 0
+            return
+        # a new part of the current suite
+        self._part += 1
+        k = max(self._k, 0)
+        s0, s1 = self._suite_span(k)
+        parts = self.suites[k][1] if self._k >= 0 else 1
+        self._start = max(pos, float(self.n), s0)
+        if self._part < parts:
+            self._end = max(self._start, s0 + (s1 - s0) * (self._part + 1) / parts)
         else:
-            self._ensure_bar()
+            self._end = self._start + (s1 - self._start) / 2
+        self._done, self._known = 0, n
 
     def update(self, n: int = 1, what: str = "") -> None:
-        self.n += n
-        if not self.enabled:
-            return
-        self._ensure_bar()
-        if self._bar is not None:
-            if what:
-                self._bar.set_postfix_str(what[:60], refresh=False)
-            self._bar.update(n)
-        else:
-            if n == 0:
-                return  # the line-per-step fallback prints completed steps only
+        if what:
+            self._what = what
+        self._done += n
+        before = self.n
+        self._show(self._pos())
+        if self.enabled and self._bar is None and n:  # no tqdm: one line per completed step
             width = 30
-            frac = min(1.0, self.n / max(1, self.total))
-            bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-            print(f"{self.desc}: [{bar}] {self.n}/{self.total} {what}", file=sys.stderr, flush=True)
+            filled = int(width * self.n / self.SCALE)
+            print(f"{self.desc}: [{'#' * filled}{'-' * (width - filled)}] {100 * self.n / self.SCALE:3.0f}% "
+                  f"{self._label()}", file=sys.stderr, flush=True)
+        elif self._bar is not None and n == 0 and before == self.n:
+            self._bar.set_postfix_str(self._label())
 
     def log(self, msg: str) -> None:
         if self._bar is not None:
@@ -228,6 +299,17 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except Exception:  # noqa: BLE001 - broken installs count as missing
+        return False
+    return True
+
+
+NO_MATPLOTLIB = "no plots: matplotlib is not installed (pip install matplotlib)"
 
 
 # ------------------------------------------------------------------------------ plots
@@ -293,6 +375,43 @@ def _place_labels(fig, ax, pts) -> None:
         placed.append(box)
 
 
+# One colour and marker per method, the same in every plot. A suite's variant group names the
+# method; Hugging Face's eager model and its gradient checkpointing (the step suite's "hf",
+# "hf checkpoint") are the eager and checkpointing methods.
+METHOD_STYLES = {
+    "eager": ("#555555", "o"),         # nothing recomputed
+    "checkpoint": ("#1f77b4", "s"),    # torch.utils.checkpoint
+    "compile": ("#9467bd", "D"),       # torch.compile with activation_memory_budget
+    "sdpa": ("#17becf", "v"),          # PyTorch's scaled_dot_product_attention
+    "fused": ("#d62728", "^"),         # fused_ckpt's fused modules / patched models
+    "fused block": ("#ff7f0e", "P"),   # FusedCheckpointedBlock
+    "floor": ("#8c564b", "X"),         # bare GEMMs
+}
+METHOD_ALIASES = {"hf": "eager", "hf eager": "eager", "hf checkpoint": "checkpoint"}
+_LEGEND = {"hf": "eager (Hugging Face)", "hf eager": "eager (Hugging Face)",
+           "hf checkpoint": "checkpoint (Hugging Face)"}
+_SPARE_STYLES = [("#2ca02c", "*"), ("#e377c2", "h"), ("#bcbd22", "<"), ("#7f7f7f", ">")]
+
+
+def method_of(group: str) -> str:
+    return METHOD_ALIASES.get(group, group)
+
+
+def _method_order(group: str) -> int:
+    names = list(METHOD_STYLES)
+    m = method_of(group)
+    return names.index(m) if m in names else len(names)
+
+
+def method_style(group: str) -> tuple:
+    """(colour, marker) of a variant group: fixed per method; an unknown group gets a spare
+    style chosen from its name, so it too is the same in every plot."""
+    m = method_of(group)
+    if m in METHOD_STYLES:
+        return METHOD_STYLES[m]
+    return _SPARE_STYLES[sum(map(ord, m)) % len(_SPARE_STYLES)]
+
+
 def plot_tradeoff(path: str, points: list, *, title: str, xlabel: str, ylabel: str,
                   note: str = "") -> Optional[str]:
     """Scatter plot of ``(x, y, label, group)`` points with their labels and the Pareto front
@@ -309,15 +428,13 @@ def plot_tradeoff(path: str, points: list, *, title: str, xlabel: str, ylabel: s
         import matplotlib.pyplot as plt
     except Exception:  # noqa: BLE001 - plots are optional
         return None
-    groups = sorted({p[3] for p in pts})
-    markers = dict(zip(groups, "osD^vP*Xh<>"))
-    cmap = plt.get_cmap("tab10")
-    colours = {g: cmap(i % 10) for i, g in enumerate(groups)}
+    groups = sorted({p[3] for p in pts}, key=lambda g: (_method_order(g), g))
     fig, ax = plt.subplots(figsize=(11, 6.5), dpi=110)
     for g in groups:
         sel = [p for p in pts if p[3] == g]
-        ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=60, marker=markers[g], color=colours[g],
-                   label=g, zorder=3, edgecolor="black", linewidth=0.5)
+        colour, marker = method_style(g)
+        ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=60, marker=marker, color=colour,
+                   label=_LEGEND.get(g, g), zorder=3, edgecolor="black", linewidth=0.5)
     front = _pareto_front([(p[0], p[1]) for p in pts])
     if len(front) > 1:
         fx = [pts[i][0] for i in front]
