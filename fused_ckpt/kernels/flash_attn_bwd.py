@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, autotune, autotune_candidates, dot_flags, launch
-from .flash_attn_fwd import (LOG2E, _kv_stages, _tile_offsets, _visible, check_head_dim, kpm_arg,
-                             prune_by_head_dim, seq_bucket, tile_safe, tiles_within)
+from .flash_attn_fwd import (LOG2E, MAX_ROWS_256, _kv_stages, _tile_offsets, _visible, check_head_dim,
+                             kpm_arg, prune_by_head_dim, seq_bucket, tile_safe, tiles_within)
 
 PRE_BLOCK_M = 64  # delta preprocess: a 64-row tile of dO*O is 16-64 KiB of loads at D=64-256
 
@@ -340,7 +340,7 @@ def _dq_inner(
 
 
 @autotune(configs=dq_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 64)})
+          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 64, max_rows_256=MAX_ROWS_256)})
 @triton.jit
 def _flash_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,

@@ -40,8 +40,9 @@ def fwd_configs() -> list[triton.Config]:
     several blocks, so the unmasked, diagonal and tail stages all run. On GPU: 128/64-row
     query tiles with 2-4 stages. At head_dim 256 (16-bit, sm_90, triton 3.9) 128x32 spills
     3.3 KB, 64x64 72-92 B and 64x64 with 4 stages overflows shared memory (295,936 B), so the
-    pruning keeps 64x32 (wgmma, 255 registers, no spills) and 32x32 (mma.sync, 168 registers)
-    there; tools/aot_compile.py has the numbers for every head dim and dtype."""
+    pruning keeps 64x32 (wgmma, 248-255 registers, no spills; triton 3.6 spills 4 B there, so
+    with 3.6 only 32x32) and 32x32 (mma.sync, 168 registers) there (``MAX_ROWS_256``);
+    tools/aot_compile.py has the numbers for every head dim and dtype."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
     return [
@@ -59,11 +60,12 @@ def fwd_configs() -> list[triton.Config]:
 
 
 def tiles_within(configs, named_args, max_tile_elems: int, max_tile_elems_256: int | None = None,
-                 smem_bytes=None, **kwargs) -> list:
+                 smem_bytes=None, max_rows_256: int | None = None, **kwargs) -> list:
     """The configs whose BLOCK_M*BLOCK_N*HEAD_DIM working set fits: ``max_tile_elems`` bounds
     BLOCK_M * BLOCK_N for 16-bit inputs at head_dim 64; larger head dims and fp32 inputs scale it
     down; ``max_tile_elems_256`` replaces the scaled bound at head_dim 256 where the register
-    file, not the tile, is the limit (measured with tools/aot_compile.py). ``smem_bytes(cfg,
+    file, not the tile, is the limit (measured with tools/aot_compile.py), and ``max_rows_256``
+    bounds BLOCK_M there (``MAX_ROWS_256``). ``smem_bytes(cfg,
     head_dim, elem)``: the config's shared memory, kept within SMEM_BYTES. The smallest tile if
     none fits."""
     hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
@@ -73,20 +75,30 @@ def tiles_within(configs, named_args, max_tile_elems: int, max_tile_elems_256: i
         limit = max_tile_elems_256 * 2 // esize
     else:
         limit = max_tile_elems * 64 // hd * 2 // esize
+    rows = max_rows_256 if hd >= 256 and max_rows_256 is not None else 1 << 30
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit
+            and c.kwargs["BLOCK_M"] <= rows
             and (smem_bytes is None or smem_bytes(c, hd, esize) <= SMEM_BYTES)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def prune_by_head_dim(max_tile_elems: int, max_tile_elems_256: int | None = None, smem_bytes=None):
+def prune_by_head_dim(max_tile_elems: int, max_tile_elems_256: int | None = None, smem_bytes=None,
+                      max_rows_256: int | None = None):
     """early_config_prune factory over :func:`tiles_within` (drops tiles that would spill or
     overflow shared memory)."""
 
     def prune(configs, named_args, **kwargs):
         return autotune_candidates(tiles_within(configs, named_args, max_tile_elems, max_tile_elems_256,
-                                                smem_bytes, **kwargs))
+                                                smem_bytes, max_rows_256, **kwargs))
 
     return prune
+
+
+# At head_dim 256 the register file bounds the tiles that build without spills (sm_90, 16-bit):
+# triton 3.9 builds the 64-row tiles (forward 64x32, dQ 64x32 and 64x16) clean, triton 3.6
+# spills 4-48 B in them; both build 32x32 clean. Versions not measured get the 3.6 bound.
+_TRITON_39 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
+MAX_ROWS_256 = 64 if _TRITON_39 else 32
 
 
 def fwd_smem_bytes(cfg, head_dim: int, elem: int) -> int:
@@ -209,7 +221,7 @@ def _fwd_inner(
 
 # --------------------------------------------------------------------------- forward kernel
 @autotune(configs=fwd_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 128, 64 * 32, fwd_smem_bytes)})
+          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 128, 64 * 32, fwd_smem_bytes, MAX_ROWS_256)})
 @triton.jit
 def _flash_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, o_ptr, lse_ptr,
