@@ -107,6 +107,7 @@ def _recorded_keys(kernel, monkeypatch, launches):
     return keys
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("which", ["gemm_fc2", "gemm_dw", "ffn_up", "ffn_bwd"])
 def test_tuning_key_buckets_the_token_count(which, monkeypatch):
     """Issue 9 item 4a: a new token count within the same power-of-two octave reuses the tuning
@@ -154,6 +155,7 @@ def _tuned_add_one(keep: int, calls: list):
                     prune_configs_by={"early_config_prune": lambda cfgs, nargs, **kw: cfgs[:keep]})(_add_one_kernel)
 
 
+@pytest.mark.triton
 def test_single_surviving_config_is_launched_without_benchmarking():
     """Issue 9 item 4b: triton 3.6 benchmarks a lone surviving config (do_bench, L2-flush buffer)
     for every new key; it is launched directly instead (triton 3.9 does the same natively)."""

@@ -60,6 +60,7 @@ def test_no_triton_launch_bypasses_launch():
     assert not direct, "Triton launches that bypass kernels._common.launch:\n" + "\n".join(direct)
 
 
+@pytest.mark.triton
 def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     """Each launcher once (every kernel it can start); the patched ``device_context`` records the
     device each launch was entered with: all launches are seen, all on the inputs' device."""
@@ -104,6 +105,7 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
         assert got == dev and entered == dev, (name, got, entered)
 
 
+@pytest.mark.triton
 def test_mixed_devices_raise_naming_the_tensor():
     x = torch.randn(8, 32, device=DEV)
     w1 = torch.randn(64, 32, device="meta")  # a second device that exists on every machine
@@ -128,6 +130,7 @@ def _fwd_bwd(m, x, g):
     return [y.detach(), x.grad]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("kind", ["ffn", "attention"])
 def test_two_threads_same_module(kind):
     """Two threads run forward+backward of one module at the same time (under the interpreter

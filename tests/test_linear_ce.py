@@ -99,6 +99,7 @@ def test_aten_options_match_float64(opt, reduction, recompute):
     check(x, w, b, t, backend="aten", recompute=recompute, reduction=reduction, **OPTIONS[opt])
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "grads_in_fwd"])
 @pytest.mark.parametrize("opt", ["plain", "all"])
 def test_triton_options_match_float64(opt, recompute):
@@ -444,6 +445,7 @@ def test_module_matches_linear_plus_cross_entropy_and_loads_state_dict():
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.triton
 def test_bad_input():
     x, w, b, t = _data((4,), 16, 37, torch.float32, ignore=())
     f = fused_linear_cross_entropy
