@@ -167,6 +167,10 @@ ACC_REGS_FUSED = 96  # ... for kernels with a transcendental epilogue (activatio
 IEEE_BLOCK_K = 16
 
 
+# (major, minor) of triton: a few budgets differ between the measured versions (3.6 and 3.9)
+TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
 def size_bucket(n: int) -> int:
     """Autotune key for a size that changes between launches (a token count): the next power
     of two, so variable-length batches and chunk tails reuse one tuning result per octave

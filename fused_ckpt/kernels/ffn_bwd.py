@@ -20,21 +20,27 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation
-from ._common import (ACC_REGS_FUSED, autotune, dot_flags, fused_tile_configs, launch, resource_pruner,
-                      size_bucket)
+from ._common import (ACC_REGS_FUSED, TRITON_VERSION, autotune, dot_flags, fused_tile_configs, launch,
+                      resource_pruner, size_bucket)
 from .activation import act_fwd_and_grad
 from .matmul import grouped_tile
 
 
+# Without RECOMPUTE, Z is loaded in the epilogue. Ungated, triton 3.6 works through the loaded
+# tile element-wise (sm_90, bf16: 128x128 on 8 warps at 156-158 registers, no spills), while
+# triton 3.9 holds it whole (the same build spills 80 B, the 4-warp 128x64 / 64x128 ones
+# 128-172 B): it counts as a tile except with 3.6 (unmeasured versions count it).
+_LOADED_Z_COUNTS = TRITON_VERSION != (3, 6)
+
+
 def _bwd_acc_tiles(kw) -> int:
     """fp32 tiles the register budget counts: the k-loop's accumulators, dH plus G (and U,
-    gated) when RECOMPUTE. Without RECOMPUTE, Z is loaded in the epilogue: ungated, the loaded
-    G is worked through element-wise and only dH counts (sm_90 builds keep the 128x128 tiles);
-    gated, the loaded G and U count as one more tile (triton 3.9: bf16 128x128 on 8 warps
-    spills 1 KB, fp32 TF32 128x64 on 8 warps 24 B)."""
+    gated) when RECOMPUTE; without RECOMPUTE dH plus the loaded Z: gated, G and U count as one
+    tile (sm_90 bf16 builds of 128x64 / 64x128 on 8 warps: 244-254 registers, no spills; 128x128
+    spills 1 KB with triton 3.9); ungated see ``_LOADED_Z_COUNTS``."""
     if kw.get("RECOMPUTE"):
         return 3 if kw.get("GATED") else 2
-    return 2 if kw.get("GATED") else 1
+    return 2 if kw.get("GATED") or _LOADED_Z_COUNTS else 1
 
 
 def _bwd_stage_bytes(cfg, kw, elem) -> int:  # dY and W2 tiles, plus x and W1 tiles when recomputing

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SMEM_BYTES, autotune, autotune_candidates, dot_flags, launch
+from ._common import INTERPRET, SMEM_BYTES, TRITON_VERSION, autotune, autotune_candidates, dot_flags, launch
 
 # Globals read inside @triton.jit code must be tl.constexpr (plain floats fail to compile).
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e)), exp2 is the fast op
@@ -97,8 +97,7 @@ def prune_by_head_dim(max_tile_elems: int, max_tile_elems_256: int | None = None
 # At head_dim 256 the register file bounds the tiles that build without spills (sm_90, 16-bit):
 # triton 3.9 builds the 64-row tiles (forward 64x32, dQ 64x32 and 64x16) clean, triton 3.6
 # spills 4-48 B in them; both build 32x32 clean. Versions not measured get the 3.6 bound.
-_TRITON_39 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
-MAX_ROWS_256 = 64 if _TRITON_39 else 32
+MAX_ROWS_256 = 64 if TRITON_VERSION >= (3, 9) else 32
 
 
 def fwd_smem_bytes(cfg, head_dim: int, elem: int) -> int:
