@@ -18,9 +18,13 @@ def _check_float(t: Tensor, what: str) -> None:
 
 
 def check_ffn_inputs(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                     activation: str) -> None:
+                     activation: str, w_up: Tensor | None = None, b_up: Tensor | None = None) -> None:
     """Raise a ValueError/TypeError that names the offending sizes, dtypes or devices."""
     act = get_activation(activation)
+    if w_up is not None:
+        _check_split_fc1(w1, b1, w_up, b_up, w2, act)
+    elif b_up is not None:
+        raise ValueError("b_up (the up bias) was given without w_up (the up weight)")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
@@ -34,17 +38,19 @@ def check_ffn_inputs(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: T
         raise ValueError(f"last dimension of x is {x.shape[-1]} but the FFN has d_model={d_model} "
                          f"(x {tuple(x.shape)}, fc1.weight {tuple(w1.shape)})")
     d_ff = w2.shape[1]
-    if w1.shape[0] != act.fc1_rows(d_ff):
+    rows = w1.shape[0] * (2 if w_up is not None else 1)  # fc1 rows, both halves of a split weight
+    if rows != act.fc1_rows(d_ff):
         kind = f"2*d_ff={2 * d_ff} (gated {act.name!r})" if act.gated else f"d_ff={d_ff}"
         raise ValueError(f"fc1.weight has {w1.shape[0]} rows, expected {kind} to match fc2.weight {tuple(w2.shape)}")
     if w2.shape[0] != d_model:
         raise ValueError(f"fc2.weight {tuple(w2.shape)} must map d_ff={d_ff} back to d_model={d_model}")
-    if b1 is not None and tuple(b1.shape) != (w1.shape[0],):
+    if b1 is not None and w_up is None and tuple(b1.shape) != (w1.shape[0],):
         raise ValueError(f"fc1.bias has shape {tuple(b1.shape)}, expected ({w1.shape[0]},)")
     if b2 is not None and tuple(b2.shape) != (d_model,):
         raise ValueError(f"fc2.bias has shape {tuple(b2.shape)}, expected ({d_model},)")
     named = [("x", x), ("fc1.weight", w1), ("fc2.weight", w2)]
-    named += [(n, t) for n, t in (("fc1.bias", b1), ("fc2.bias", b2)) if t is not None]
+    named += [(n, t) for n, t in (("fc1.bias", b1), ("fc2.bias", b2), ("up weight", w_up), ("up bias", b_up))
+              if t is not None]
     for n, t in named:
         _check_float(t, n)
     devices = {t.device for _, t in named}
@@ -55,6 +61,26 @@ def check_ffn_inputs(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: T
     if len(dtypes) > 1:
         raise TypeError("FFN tensors must share one dtype outside autocast, got "
                         + ", ".join(f"{n} {t.dtype}" for n, t in named))
+
+
+def _check_split_fc1(wg, bg, wu, bu, w2, act) -> None:
+    """Separate gate and up weights: both ``[d_ff, d_model]``, biases both present or absent."""
+    if not act.gated:
+        raise ValueError(f"w_up (a separate up weight) needs a gated activation, got {act.name!r}")
+    if not isinstance(wu, Tensor) or wu.dim() != 2 or wg.dim() != 2 or tuple(wu.shape) != tuple(wg.shape):
+        raise ValueError(f"the gate weight {tuple(wg.shape)} and the up weight "
+                         f"{tuple(getattr(wu, 'shape', ()))} must have the same shape [d_ff, d_model]")
+    if wg.shape[0] != w2.shape[-1]:
+        raise ValueError(f"the gate weight has {wg.shape[0]} rows, expected d_ff={w2.shape[-1]} to match "
+                         f"fc2.weight {tuple(w2.shape)}")
+    if (bg is None) != (bu is None):
+        raise ValueError("the gate and up projections must both have a bias or neither "
+                         f"(gate bias {'given' if bg is not None else 'None'}, up bias "
+                         f"{'given' if bu is not None else 'None'})")
+    if bu is not None and tuple(bu.shape) != (wu.shape[0],):
+        raise ValueError(f"the up bias has shape {tuple(bu.shape)}, expected ({wu.shape[0]},)")
+    if bg is not None and tuple(bg.shape) != (wg.shape[0],):
+        raise ValueError(f"the gate bias has shape {tuple(bg.shape)}, expected ({wg.shape[0]},)")
 
 
 FFN_RECOMPUTE = (True, False, "none")
@@ -73,7 +99,7 @@ def ffn_save_count(recompute) -> int:
 
 def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
               activation: str = "gelu", recompute: bool = True, *, chunk_tokens: int = 0,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", w_up: Tensor | None = None, b_up: Tensor | None = None) -> Tensor:
     """Fused FFN ``act(x W1^T + b1) W2^T + b2`` whose backward recomputes the hidden layer.
 
     Args:
@@ -88,12 +114,17 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         chunk_tokens: tokens per backward chunk; 0 picks a size that bounds the
             ``tokens x d_ff`` temporaries (:func:`fused_ckpt.ops.ffn.default_chunk_tokens`).
         backend: "auto", "triton" or "aten" (see :mod:`fused_ckpt.backend`).
+        w_up, b_up: gated activations only: the up projection as its own ``[d_ff, d_model]``
+            weight (and bias), ``w1`` / ``b1`` then being the gate's (Llama's ``gate_proj`` /
+            ``up_proj``). Read where they live (any strides), never concatenated; each gets its
+            own gradient.
 
     Equivalent PyTorch::
 
         z = torch.nn.functional.linear(x, w1, b1)
         h = act(z)                                  # gated: act(z[..., :f]) * z[..., f:]
         y = torch.nn.functional.linear(h, w2, b2)
+        # with w_up: h = act(linear(x, w1, b1)) * linear(x, w_up, b_up)
     """
     from .ops.ffn import ffn_forward
 
@@ -103,14 +134,20 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         b1 = b1.to(dt) if b1 is not None else None
         b2 = b2.to(dt) if b2 is not None else None
-    check_ffn_inputs(x, w1, b1, w2, b2, activation)
+        w_up = w_up.to(dt) if w_up is not None else None
+        b_up = b_up.to(dt) if b_up is not None else None
+    check_ffn_inputs(x, w1, b1, w2, b2, activation, w_up, b_up)
     save = ffn_save_count(recompute)
     if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be a non-negative int (0 = automatic), got {chunk_tokens!r}")
     be = resolve_backend(backend, x.device, x.dtype)
-    tensors = (x, w1, b1, w2, b2)
+    tensors = (x, w1, b1, w2, b2, w_up, b_up)
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     with torch.autocast(x.device.type, enabled=False):
-        y, _, _ = ffn_forward(x, w1, b1, w2, b2, activation, save if grad_needed else 0,
-                              chunk_tokens, be)
+        if w_up is None:
+            y, _, _ = ffn_forward(x, w1, b1, w2, b2, activation, save if grad_needed else 0,
+                                  chunk_tokens, be)
+        else:
+            y, _, _ = ffn_forward(x, w1, b1, w2, b2, activation, save if grad_needed else 0,
+                                  chunk_tokens, be, w_up, b_up)
     return y

@@ -566,8 +566,8 @@ def _module_dtype(m: nn.Module, default=None):
 def _ffn_site(layer: int, name: str, m: FusedCheckpointedFFN, ctx: _Context) -> Site:
     opts = {}
     T = ctx.tokens
-    dtype = ctx.dtype or m.fc1.weight.dtype
-    fc1_rows = m.fc1.weight.shape[0]
+    dtype = ctx.dtype or m.param_dtype
+    fc1_rows = m.fc1_rows
     for d in FFN_DIALS:
         if T is None:
             opts[d] = Option(d, None, None)
@@ -666,9 +666,9 @@ def _block_alternatives(layer: nn.Module, ctx: "_Context") -> list:
     if ctx.batch is None:  # chosen by the uniform policies all the same; bytes unknown
         return [Option("full", None, None)]
     a, m = layer.self_attn, layer.mlp
-    dtype = ctx.dtype or m.fc1.weight.dtype
+    dtype = ctx.dtype or m.param_dtype
     return [block_full_option(ctx.batch, ctx.seq, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.causal,
-                              m.recompute_flops(ctx.tokens, recompute=True), m.fc1.weight.shape[0],
+                              m.recompute_flops(ctx.tokens, recompute=True), m.fc1_rows,
                               torch.empty((), dtype=dtype).element_size(), layer.norm == "layernorm")]
 
 
@@ -676,7 +676,7 @@ def _block_norm_bytes(layer: nn.Module, ctx: "_Context") -> int:
     """What a FusedCheckpointedBlock's two norms keep when its submodules' dials govern."""
     from .ops.norm import norm_saved_bytes
 
-    dtype = ctx.dtype or layer.mlp.fc1.weight.dtype
+    dtype = ctx.dtype or layer.mlp.param_dtype
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * norm_saved_bytes(ctx.batch * ctx.seq, layer.mlp.d_model, elem, layer.norm == "layernorm")
 

@@ -4,8 +4,8 @@
 
 * replaces each MLP that :meth:`FusedCheckpointedFFN.from_module` converts (Llama, Mistral,
   Qwen2: ``gate_proj/up_proj/down_proj``; Gemma: the same with tanh-GELU, i.e. GeGLU; Phi-3:
-  packed ``gate_up_proj``; GPT-2: ``c_fc/c_proj`` Conv1D) by a :class:`FusedCheckpointedFFN` with
-  the same weights, after checking that the activation the module computes (identified by
+  packed ``gate_up_proj``; GPT-2: ``c_fc/c_proj`` Conv1D) by a :class:`FusedSharedFFN` holding
+  the MLP's own submodules, after checking that the activation the module computes (identified by
   evaluating it) is the one the config names (``hidden_act`` / ``hidden_activation`` /
   ``activation_function``);
 * replaces each Llama-style attention (``q_proj/k_proj/v_proj/o_proj`` + config, default full
@@ -29,9 +29,18 @@ Sliding windows (Mistral, Qwen2 ``use_sliding_window``): up to ``window`` tokens
 exactly causal, so the fused path runs; a longer call runs Hugging Face's attention (and layer)
 code on the same weights, with a warning.
 
-then applies ``policy`` with :func:`fused_ckpt.apply_checkpointing`. Modules are built on the
-source's device and dtype. MLP parameters are renamed (``mlp.fc1.weight``, ...):
-:func:`hf_state_dict` gives the state dict in the original layout.
+then applies ``policy`` with :func:`fused_ckpt.apply_checkpointing`.
+
+Identity: patching keeps the model's parameters. Every replacement holds the original
+submodules (``q_proj``, ``gate_proj``, ``up_proj``, ``down_proj``, ``c_fc``, ...) or, for norms,
+the original ``weight`` Parameter, under the original names, so ``model.parameters()`` yields
+the same ``nn.Parameter`` objects in the same order, ``state_dict()`` has the same keys and
+layout, and module names are unchanged: an optimizer built before patching keeps training
+every parameter, ``save_pretrained()`` / ``from_pretrained()`` round-trip as for the unpatched
+model, and PEFT ``target_modules`` find their modules. The fused ops read the weights where
+they live (separate gate and up weights as two tensors, a packed ``gate_up_proj`` as two views,
+Conv1D weights transposed through strides). :func:`hf_state_dict` and :func:`hf_layout` remain
+as identities for code written against the earlier renaming layout.
 
 Interplay with ``gradient_checkpointing_enable()`` (Hugging Face activation checkpointing)
 -----------------------------------------------------------------------------------------
@@ -80,7 +89,7 @@ from torch import nn
 
 from ..modules.attention import FusedCheckpointedAttention
 from ..modules.block import FusedCheckpointedBlock
-from ..modules.ffn import FusedCheckpointedFFN
+from ..modules.ffn import FusedCheckpointedFFN, FusedSharedFFN  # noqa: F401 (FusedSharedFFN: documented)
 from ..modules.norm import FusedRMSNorm
 from ..policy import CheckpointPlan, _hf_gc_guard, apply_checkpointing, find_layers, install_hf_guard
 
@@ -108,7 +117,7 @@ class FusedHFAttention(FusedCheckpointedAttention):
 
     @classmethod
     def from_hf(cls, attn: nn.Module, recompute="qkv", **kwargs) -> "FusedHFAttention":
-        new = cls.from_module(attn, recompute=recompute, **kwargs)
+        new = cls.from_module(attn, recompute=recompute, share_parameters=True, **kwargs)
         for k, v in attn.__dict__.items():  # config, layer_idx, scaling, ... (read by Hugging Face's forward)
             if not k.startswith("_") and k != "training" and k not in new.__dict__ \
                     and not isinstance(v, (nn.Module, torch.Tensor)):
@@ -276,8 +285,8 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
         for k, v in layer.__dict__.items():  # hidden_size, attention_type, ... (read by HF model loops)
             if not k.startswith("_") and k != "training" and not isinstance(v, (nn.Module, torch.Tensor)):
                 new.__dict__[k] = v
-        for name in _LAYER_PARTS:
-            setattr(new, name, parts[name])
+        for name, child in parts.items():  # the layer's own order: parameters and state dict keep theirs
+            setattr(new, name, child)
         new.norm, new.norm_eps, new.recompute, new.backend = "rmsnorm", n1.eps, "full", backend
         new.gradient_checkpointing = False
         new.train(layer.training)
@@ -315,7 +324,7 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
 
 def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
     """None when the original layer's forward (on the fused parts) equals the block's."""
-    w = block.mlp.fc1.weight
+    w = block.mlp._ffn_tensors()[2]
     d = block.mlp.d_model
     x = torch.randn(1, 3, d, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
     pos = torch.arange(3, device=w.device)[None]
@@ -680,9 +689,9 @@ def _convert_rmsnorm(m: nn.Module, backend: str) -> Optional[FusedRMSNorm]:
         want = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps) * w.float()
     if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6):
         return None
-    new = FusedRMSNorm(d, eps, device=w.device, dtype=w.dtype, backend=backend)
-    with torch.no_grad():
-        new.weight.copy_(w)
+    new = FusedRMSNorm(d, eps, device="meta", dtype=w.dtype, backend=backend)
+    new.weight = w  # the same Parameter object (the meta placeholder is dropped)
+    new.train(m.training)
     return new
 
 
@@ -792,9 +801,13 @@ def _convert_layer(model: nn.Module, layer: nn.Module, qname: str, backend: str,
 
 def _convert_mlp(child, layout, cfg_act, backend):
     try:
-        new = FusedCheckpointedFFN.from_module(child, backend=backend)
+        new = FusedCheckpointedFFN.from_module(child, backend=backend, share_parameters=True)
     except ValueError as e:
         return None, str(e)
+    for k, v in child.__dict__.items():  # config, hidden_size, ... (as the attention keeps them)
+        if not k.startswith("_") and k != "training" and k not in new.__dict__ \
+                and not isinstance(v, (nn.Module, torch.Tensor)):
+            new.__dict__[k] = v
     base = _FUSED_BASE.get(new.activation, new.activation)
     gated = new.activation in _FUSED_BASE
     if (layout in ("gated", "packed_gated")) != gated:
@@ -829,35 +842,16 @@ def _convert_attention(child, cfg, backend, rotaries=()):
 
 # ============================================================================ state dicts
 def hf_layout(model: nn.Module, tensors: dict) -> dict:
-    """Rename/split/transpose ``{name: tensor}`` (a state dict, or gradients by parameter name)
-    of a patched model into the original Hugging Face layout."""
-    layouts = {n: m._fused_ckpt_hf_layout for n, m in model.named_modules()
-               if isinstance(m, FusedCheckpointedFFN) and hasattr(m, "_fused_ckpt_hf_layout")}
-    out = {}
-    for name, t in tensors.items():
-        mod, _, leaf = name.rpartition(".")
-        sub, _, part = mod.rpartition(".")
-        layout = layouts.get(sub)
-        if layout is None or part not in ("fc1", "fc2") or layout == "fc":
-            out[name] = t
-            continue
-        if layout == "gated":
-            if part == "fc1":
-                g, u = t.chunk(2, 0)
-                out[f"{sub}.gate_proj.{leaf}"], out[f"{sub}.up_proj.{leaf}"] = g, u
-            else:
-                out[f"{sub}.down_proj.{leaf}"] = t
-        elif layout == "packed_gated":
-            out[f"{sub}.{'gate_up_proj' if part == 'fc1' else 'down_proj'}.{leaf}"] = t
-        elif layout == "gpt2":
-            out[f"{sub}.{'c_fc' if part == 'fc1' else 'c_proj'}.{leaf}"] = t.t() if leaf == "weight" else t
-    return out
+    """``{name: tensor}`` of a patched model in the original Hugging Face layout: patching keeps
+    names and layout, so this is a copy of the dict (kept for code written against the earlier
+    renaming layout)."""
+    return dict(tensors)
 
 
 def hf_state_dict(model: nn.Module) -> dict:
-    """The patched model's state dict in the original Hugging Face layout (loads into an
-    unpatched model of the same config; ``save_pretrained(state_dict=...)`` takes it)."""
-    return {k: v.contiguous() for k, v in hf_layout(model, model.state_dict()).items()}
+    """The patched model's state dict in the original Hugging Face layout, which is
+    ``model.state_dict()`` itself (patching keeps names and layout); kept as an alias."""
+    return model.state_dict()
 
 
 __all__ = ["patch_hf_model", "PatchReport", "FusedHFAttention", "FusedHFDecoderLayer", "hf_state_dict", "hf_layout"]

@@ -3,7 +3,9 @@
 For one [BLOCK_M, BLOCK_N] tile of the hidden layer, one pass over d_model accumulates
 
     dH = dY W2                    (always)
-    Z  = x W1^T + b1              (RECOMPUTE; otherwise Z is loaded from the saved tensor)
+    Z  = x W1^T + b1              (RECOMPUTE; otherwise Z is loaded from the saved tensor;
+                                   gated: G = x Wg^T + bg and U = x Wu^T + bu, two weight
+                                   pointers with their own strides)
 
 and the epilogue writes
 
@@ -11,7 +13,8 @@ and the epilogue writes
     dG = dH * U * act'(G),  dU = dH * act(G)       gated, Z = [G | U]
     H  = act(Z)  or  act(G) * U                    only when STORE_H (needed for dW2)
 
-so Z never travels through HBM. dW1 = dZ^T x, dW2 = dY^T H and dX = dZ W1 follow as GEMMs.
+so Z never travels through HBM. dW1 = dZ^T x (gated: dWg = dG^T x, dWu = dU^T x), dW2 = dY^T H
+and dX = dZ W1 follow as GEMMs.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from ..activations import Activation
 from ._common import (ACC_REGS_FUSED, TRITON_VERSION, autotune, dot_flags, fused_tile_configs, launch,
                       resource_pruner, size_bucket)
 from .activation import act_fwd_and_grad
+from .ffn_fwd import split_fc1
 from .matmul import grouped_tile
 
 
@@ -56,8 +60,8 @@ def _bwd_stage_bytes(cfg, kw, elem) -> int:  # dY and W2 tiles, plus x and W1 ti
               _bwd_acc_tiles, _bwd_stage_bytes, "dy_ptr", ACC_REGS_FUSED)})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _ffn_bwd_hidden_kernel(
-    x_ptr, w1_ptr, b1_ptr, z_ptr, dy_ptr, w2_ptr, dz_ptr, h_ptr,
-    stride_xm, stride_xk, stride_w1n, stride_w1k, stride_zm, stride_zn,
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, z_ptr, dy_ptr, w2_ptr, dz_ptr, h_ptr,
+    stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wun, stride_wuk, stride_zm, stride_zn,
     stride_dym, stride_dyk, stride_w2k, stride_w2n, stride_dzm, stride_dzn, stride_hm, stride_hn,
     M, N, K, M_BUCKET,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -65,7 +69,8 @@ def _ffn_bwd_hidden_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """x_ptr: [M, K]; w1_ptr: [N or 2N, K]; b1_ptr: [N or 2N] contiguous; z_ptr: [M, N or 2N]
+    """x_ptr: [M, K]; wg_ptr: [N, K] (fc1, or the gate weight when GATED); wu_ptr: [N, K] (the up
+    weight, read only when GATED); bg_ptr / bu_ptr: [N] contiguous; z_ptr: [M, N or 2N]
     (read only when not RECOMPUTE); dy_ptr: [M, K]; w2_ptr: [K, N] (fc2.weight, d_model x d_ff);
     dz_ptr: [M, N or 2N]; h_ptr: [M, N] (written only when STORE_H). Any strides. M_BUCKET:
     ``size_bucket(M)``, the autotune key (unused in the body)."""
@@ -81,8 +86,8 @@ def _ffn_bwd_hidden_kernel(
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk
     w2_ptrs = w2_ptr + offs_k[:, None] * stride_w2k + offs_n[None, :] * stride_w2n
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    wg_ptrs = w1_ptr + offs_k[:, None] * stride_w1k + offs_n[None, :] * stride_w1n
-    wu_ptrs = wg_ptrs + N * stride_w1n
+    wg_ptrs = wg_ptr + offs_k[:, None] * stride_wgk + offs_n[None, :] * stride_wgn
+    wu_ptrs = wu_ptr + offs_k[:, None] * stride_wuk + offs_n[None, :] * stride_wun
     acc_dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -111,14 +116,14 @@ def _ffn_bwd_hidden_kernel(
         dy_ptrs += BLOCK_K * stride_dyk
         w2_ptrs += BLOCK_K * stride_w2k
         x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += BLOCK_K * stride_w1k
-        wu_ptrs += BLOCK_K * stride_w1k
+        wg_ptrs += BLOCK_K * stride_wgk
+        wu_ptrs += BLOCK_K * stride_wuk
 
     if RECOMPUTE:
         if HAS_BIAS:
-            acc_g += tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if GATED:
-                acc_u += tl.load(b1_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                acc_u += tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     else:
         z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
         acc_g = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -141,12 +146,15 @@ def _ffn_bwd_hidden_kernel(
 
 def ffn_bwd_hidden(x: torch.Tensor, z: torch.Tensor | None, dy: torch.Tensor, w1: torch.Tensor,
                    b1: torch.Tensor | None, w2: torch.Tensor, act: Activation,
-                   store_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x, dy: [M, d]; z: [M, F1] or None (then recomputed from x); w1: [F1, d]; w2: [d, f].
-    Returns (dz [M, F1], h [M, f] or None)."""
+                   store_h: bool, w_up: torch.Tensor | None = None,
+                   b_up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x, dy: [M, d]; z: [M, F1] or None (then recomputed from x); w1: [F1, d] (gated: packed
+    [2f, d]) or, with ``w_up`` [f, d] given, the gate weight [f, d]; w2: [d, f]; any strides.
+    Returns (dz [M, F1], h [M, f] or None); gated dz is [dG | dU]."""
     M, K = dy.shape
-    F1 = w1.shape[0]
+    wg, bg, wu, bu = split_fc1(w1, b1, w_up, b_up, act.gated)
     N = w2.shape[1]
+    F1 = 2 * N if act.gated else N
     dz = torch.empty((M, F1), device=dy.device, dtype=dy.dtype)
     h = torch.empty((M, N), device=dy.device, dtype=dy.dtype) if store_h else None
     if M == 0 or N == 0:
@@ -156,12 +164,13 @@ def ffn_bwd_hidden(x: torch.Tensor, z: torch.Tensor | None, dy: torch.Tensor, w1
     hh = h if h is not None else dz
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_ffn_bwd_hidden_kernel, grid,
-        x, w1, b1 if b1 is not None else w1, zz, dy, w2, dz, hh,
-        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), zz.stride(0), zz.stride(1),
+        x, wg, wu, bg if bg is not None else wg, bu if bu is not None else wu, zz, dy, w2, dz, hh,
+        x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
+        zz.stride(0), zz.stride(1),
         dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), dz.stride(0), dz.stride(1),
         hh.stride(0), hh.stride(1),
         M, N, K, size_bucket(M),
-        ACT=act.base, GATED=act.gated, HAS_BIAS=b1 is not None,
+        ACT=act.base, GATED=act.gated, HAS_BIAS=bg is not None,
         RECOMPUTE=recompute, STORE_H=store_h,
         **dot_flags(dy.dtype),
     )

@@ -1,10 +1,12 @@
 """FFN up-projection with the activation fused into the GEMM epilogue.
 
     Z = x W1^T + b1                       (fp32 accumulators, never written unless STORE_Z)
-    H = act(Z)                or, gated:  H = act(Z[:, :f]) * Z[:, f:]
+    H = act(Z)                or, gated:  H = act(x Wg^T + bg) * (x Wu^T + bu), Z = [G | U]
 
 The gated form computes the gate tile and the matching up tile in one pass over x (two
-accumulators fed by the same x tile), so x is read once for both halves of W1.
+accumulators fed by the same x tile), so x is read once for both. The gate and up weights are
+two pointers with their own strides: separate ``gate_proj`` / ``up_proj`` weights, or two views
+of one packed ``[2f, d]`` weight (the launcher splits it), read where they live.
 """
 from __future__ import annotations
 
@@ -32,15 +34,18 @@ def _up_stage_bytes(cfg, kw, elem) -> int:  # x tile + one (or two, gated) W1 ti
               _up_acc_tiles, _up_stage_bytes, "x_ptr", ACC_REGS_FUSED)})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _ffn_up_kernel(
-    x_ptr, w1_ptr, b1_ptr, h_ptr, z_ptr,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn, stride_zm, stride_zn,
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, z_ptr,
+    stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wun, stride_wuk, stride_hm, stride_hn,
+    stride_zm, stride_zn,
     M, N, K, M_BUCKET,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """x_ptr: [M, K]; w1_ptr: [N or 2N, K] (gate rows, then up rows); b1_ptr: [N or 2N]
-    contiguous; h_ptr: [M, N]; z_ptr: [M, N or 2N] (written only when STORE_Z). M_BUCKET:
+    """x_ptr: [M, K]; wg_ptr: [N, K] (fc1, or the gate weight when GATED); wu_ptr: [N, K] (the up
+    weight, read only when GATED); any strides. bg_ptr / bu_ptr: [N] contiguous (bu read only
+    when GATED); h_ptr: [M, N]; z_ptr: [M, N or 2N] (gate columns, then up columns; written only
+    when STORE_Z). M_BUCKET:
     ``size_bucket(M)``, the autotune key (unused in the body)."""
     pid = tl.program_id(0).to(tl.int64)
     tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -50,8 +55,8 @@ def _ffn_up_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    wg_ptrs = w1_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    wu_ptrs = wg_ptrs + N * stride_wn
+    wg_ptrs = wg_ptr + offs_k[:, None] * stride_wgk + offs_n[None, :] * stride_wgn
+    wu_ptrs = wu_ptr + offs_k[:, None] * stride_wuk + offs_n[None, :] * stride_wun
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -69,12 +74,12 @@ def _ffn_up_kernel(
                 wu = wu.to(tl.float32)
             acc_u = tl.dot(x, wu, acc_u, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += BLOCK_K * stride_wk
-        wu_ptrs += BLOCK_K * stride_wk
+        wg_ptrs += BLOCK_K * stride_wgk
+        wu_ptrs += BLOCK_K * stride_wuk
     if HAS_BIAS:
-        acc_g += tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_u += tl.load(b1_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if STORE_Z:
         z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
@@ -88,12 +93,29 @@ def _ffn_up_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
+def split_fc1(w1: torch.Tensor, b1: torch.Tensor | None, w_up: torch.Tensor | None,
+              b_up: torch.Tensor | None, gated: bool):
+    """(wg, bg, wu, bu): the gate and up weights (and biases) as the kernels read them. With
+    ``w_up`` given they are (w1, b1, w_up, b_up); a gated packed ``w1`` ``[2f, d]`` is split into
+    two row views (no copy); ungated, (w1, b1, w1, b1) (the up pointers are never read)."""
+    if not gated:
+        return w1, b1, w1, b1
+    if w_up is not None:
+        return w1, b1, w_up, b_up
+    f = w1.shape[0] // 2
+    return w1[:f], (None if b1 is None else b1[:f]), w1[f:], (None if b1 is None else b1[f:])
+
+
 def ffn_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, act: Activation,
-           store_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x: [M, d] (any strides), w1: [F1, d]. Returns (h [M, f], z [M, F1] or None)."""
+           store_z: bool, w_up: torch.Tensor | None = None,
+           b_up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: [M, d] (any strides); w1: [F1, d] (gated: packed [2f, d], gate rows then up rows), or,
+    with ``w_up`` [f, d] given, the gate weight [f, d]; any strides. Biases contiguous. Returns
+    (h [M, f], z [M, F1] or None; gated F1 = 2f, gate columns then up columns)."""
     M, K = x.shape
-    F1 = w1.shape[0]
-    N = F1 // 2 if act.gated else F1
+    wg, bg, wu, bu = split_fc1(w1, b1, w_up, b_up, act.gated)
+    N = wg.shape[0]
+    F1 = 2 * N if act.gated else N
     h = torch.empty((M, N), device=x.device, dtype=x.dtype)
     z = torch.empty((M, F1), device=x.device, dtype=x.dtype) if store_z else None
     if M == 0 or N == 0:
@@ -101,11 +123,11 @@ def ffn_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, act: Acti
     zz = z if z is not None else h
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_ffn_up_kernel, grid,
-        x, w1, b1 if b1 is not None else w1, h, zz,
-        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), h.stride(0), h.stride(1),
-        zz.stride(0), zz.stride(1),
+        x, wg, wu, bg if bg is not None else wg, bu if bu is not None else wu, h, zz,
+        x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
+        h.stride(0), h.stride(1), zz.stride(0), zz.stride(1),
         M, N, K, size_bucket(M),
-        ACT=act.base, GATED=act.gated, HAS_BIAS=b1 is not None, STORE_Z=store_z,
+        ACT=act.base, GATED=act.gated, HAS_BIAS=bg is not None, STORE_Z=store_z,
         **dot_flags(x.dtype),
     )
     return h, z

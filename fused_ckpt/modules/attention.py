@@ -99,8 +99,12 @@ class FusedCheckpointedAttention(nn.Module):
     # ------------------------------------------------------------------ conversion
     @classmethod
     def from_module(cls, attn: nn.Module, recompute: Union[str, bool] = "qkv", causal: Optional[bool] = None,
-                    **kwargs) -> "FusedCheckpointedAttention":
+                    *, share_parameters: bool = False, **kwargs) -> "FusedCheckpointedAttention":
         """Build a fused block with ``attn``'s weights (same device and dtype).
+
+        ``share_parameters=True`` (Hugging Face attention only): the new module holds ``attn``'s
+        own submodules (``q_proj``, ... and any others) under their own names, so parameters,
+        state-dict keys and module names are ``attn``'s; otherwise the weights are copied.
 
         Accepted:
           * Hugging Face Llama-style attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``
@@ -112,10 +116,13 @@ class FusedCheckpointedAttention(nn.Module):
             (forward takes x only). Non-causal unless ``causal=True``.
         """
         if isinstance(attn, nn.MultiheadAttention):
+            if share_parameters:
+                raise ValueError("from_module(share_parameters=True): nn.MultiheadAttention packs q, k and v in "
+                                 "one in_proj_weight, which has no q_proj/k_proj/v_proj layout to share")
             return _from_mha(cls, attn, recompute, bool(causal) if causal is not None else False, **kwargs)
         if all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
                 and getattr(attn, "config", None) is not None:
-            return _from_hf(cls, attn, recompute, causal, **kwargs)
+            return _from_hf(cls, attn, recompute, causal, share_parameters, **kwargs)
         raise ValueError(
             f"from_module: cannot convert {type(attn).__name__}; supported: Hugging Face Llama-style attention "
             "(q_proj/k_proj/v_proj/o_proj + config) and nn.MultiheadAttention(batch_first=True)"
@@ -156,7 +163,7 @@ def _hf_rope_theta(config) -> Optional[float]:
     return float(theta)
 
 
-def _from_hf(cls, attn, recompute, causal, **kwargs):
+def _from_hf(cls, attn, recompute, causal, share_parameters=False, **kwargs):
     cfg = attn.config
     for extra in ("q_norm", "k_norm"):
         if getattr(attn, extra, None) is not None:
@@ -176,9 +183,17 @@ def _from_hf(cls, attn, recompute, causal, **kwargs):
     if causal is None:
         causal = bool(getattr(attn, "is_causal", True))
     w = attn.q_proj.weight
+    if share_parameters and (attn._parameters or attn._buffers):
+        raise ValueError(f"from_module(share_parameters=True): {type(attn).__name__} holds parameters or buffers "
+                         "of its own; only its submodules can be shared")
     new = cls(d_model, n_heads, n_kv, causal=causal, bias=attn.q_proj.bias is not None,
-              rope_theta=_hf_rope_theta(cfg), recompute=recompute, device=w.device, dtype=w.dtype,
-              head_dim=head_dim, scale=None if scale is None else float(scale), **kwargs)
+              rope_theta=_hf_rope_theta(cfg), recompute=recompute, device="meta" if share_parameters else w.device,
+              dtype=w.dtype, head_dim=head_dim, scale=None if scale is None else float(scale), **kwargs)
+    if share_parameters:  # the source's own modules (the meta placeholders are dropped)
+        for name, child in attn.named_children():
+            new.add_module(name, child)
+        new.train(attn.training)
+        return new
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         src = getattr(attn, name)
         _copy(getattr(new, name), src.weight, src.bias)

@@ -73,8 +73,9 @@ class FusedCheckpointedBlock(nn.Module):
             "wq": a.q_proj.weight, "bq": a.q_proj.bias, "wk": a.k_proj.weight, "bk": a.k_proj.bias,
             "wv": a.v_proj.weight, "bv": a.v_proj.bias, "wo": a.o_proj.weight, "bo": a.o_proj.bias,
             "norm2_w": n2.weight, "norm2_b": getattr(n2, "bias", None),
-            "w1": m.fc1.weight, "b1": m.fc1.bias, "w2": m.fc2.weight, "b2": m.fc2.bias,
         }
+        w1, b1, w2, b2, w1u, b1u = m._ffn_tensors()  # the MLP's weights where they live
+        tensors.update(w1=w1, b1=b1, w2=w2, b2=b2, w1u=w1u, b1u=b1u)
         return [tensors[n] for n in PARAM_NAMES]
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -101,7 +102,7 @@ class FusedCheckpointedBlock(nn.Module):
         excluded) at its current dials."""
         from ..policy import attention_saved_bytes
 
-        dtype = dtype or self.mlp.fc1.weight.dtype
+        dtype = dtype or self.mlp.param_dtype
         elem = torch.empty((), dtype=dtype).element_size()
         tokens, d = batch * seq, self.mlp.d_model
         layer_norm = self.norm == "layernorm"

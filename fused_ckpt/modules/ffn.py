@@ -51,17 +51,32 @@ class FusedCheckpointedFFN(nn.Module):
         self.fc1 = nn.Linear(d_model, act.fc1_rows(d_ff), bias=bias, device=device, dtype=dtype)
         self.fc2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
 
+    def _ffn_tensors(self) -> tuple:
+        """(w1, b1, w2, b2, w_up, b_up) as :func:`fused_ffn` takes them, read from the parameters
+        where they live (views, no copies); ``w_up`` / ``b_up`` None for a packed or ungated fc1."""
+        return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, None, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                         self.activation, self.recompute, chunk_tokens=self.chunk_tokens,
-                         backend=self.backend)
+        w1, b1, w2, b2, w_up, b_up = self._ffn_tensors()
+        return fused_ffn(x, w1, b1, w2, b2, self.activation, self.recompute, chunk_tokens=self.chunk_tokens,
+                         backend=self.backend, w_up=w_up, b_up=b_up)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the FFN's weights."""
+        return self._ffn_tensors()[2].dtype
+
+    @property
+    def fc1_rows(self) -> int:
+        """Rows of the up-projection: d_ff, or 2*d_ff for gated activations (gate and up)."""
+        return get_activation(self.activation).fc1_rows(self.d_ff)
 
     def saved_bytes(self, tokens: int, recompute=None, dtype: torch.dtype | None = None) -> int:
         """Activation bytes this module keeps for backward for ``tokens`` tokens (parameters
         excluded), at its ``recompute`` setting or the one given."""
         from ..ops.ffn import ffn_saved_bytes
 
-        dtype = dtype or self.fc1.weight.dtype
+        dtype = dtype or self.param_dtype
         save = ffn_save_count(self.recompute if recompute is None else recompute)
         return ffn_saved_bytes(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated,
                                save, torch.empty((), dtype=dtype).element_size())
@@ -79,8 +94,17 @@ class FusedCheckpointedFFN(nn.Module):
 
     # ------------------------------------------------------------------ conversion
     @classmethod
-    def from_module(cls, mlp: nn.Module, recompute: bool = True, **kwargs) -> "FusedCheckpointedFFN":
+    def from_module(cls, mlp: nn.Module, recompute: bool = True, *, share_parameters: bool = False,
+                    **kwargs) -> "FusedCheckpointedFFN":
         """Build a fused FFN with ``mlp``'s weights (same device and dtype).
+
+        ``share_parameters=False`` copies the weights into a new module (``fc1``/``fc2``;
+        gated weights concatenated into one ``fc1``). ``share_parameters=True`` returns a
+        :class:`FusedSharedFFN` that holds ``mlp``'s own submodules under their own names: the
+        same ``nn.Parameter`` objects, state-dict keys, layout and module names as ``mlp`` (an
+        optimizer built on ``mlp`` keeps training it; its state dict loads into ``mlp``'s class);
+        the fused op reads the weights where they live (separate gate/up weights as two
+        tensors, a packed ``gate_up_proj`` as two views, Conv1D weights transposed by strides).
 
         Accepted: ``nn.Sequential(Linear, activation, Linear)``; timm-style ``Mlp``
         (``fc1``/``act``/``fc2``, identity norm, zero dropout); Hugging Face gated MLPs
@@ -90,6 +114,8 @@ class FusedCheckpointedFFN(nn.Module):
         evaluating the module's activation on probe values, not by its class name.
         """
         kind, parts = _match_mlp(mlp)
+        if share_parameters:
+            return FusedSharedFFN(mlp, kind, parts, recompute=recompute, **kwargs)
         if kind == "sequential":
             fc1, act_mod, fc2 = parts
             w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
@@ -127,6 +153,75 @@ class FusedCheckpointedFFN(nn.Module):
                 new.fc2.bias.copy_(b2)
         new.train(mlp.training)
         return new
+
+
+class FusedSharedFFN(FusedCheckpointedFFN):
+    """A :class:`FusedCheckpointedFFN` over an existing MLP's own submodules, kept under their
+    own names (``gate_proj``/``up_proj``/``down_proj``/``act_fn``; ``gate_up_proj``; ``c_fc``/
+    ``c_proj``; ``fc1``/``fc2``; ``0``/``2`` of a Sequential): parameters, state-dict keys and
+    module names are the source MLP's. Built by
+    ``FusedCheckpointedFFN.from_module(mlp, share_parameters=True)``.
+
+    ``layout``: "gated" (separate gate and up weights: two tensors for the op), "packed_gated"
+    (one ``[2f, d]`` weight, read as two views), "gpt2" (Conv1D ``[in, out]`` weights, read
+    transposed through strides), "sequential" (``nn.Linear`` fc1/fc2).
+    """
+
+    def __init__(self, mlp: nn.Module, kind: str, parts, recompute=True, *, chunk_tokens: int = 0,
+                 backend: str = "auto"):
+        nn.Module.__init__(self)
+        ffn_save_count(recompute)
+        if mlp._parameters or mlp._buffers:
+            raise ValueError(f"from_module(share_parameters=True): {type(mlp).__name__} holds parameters or "
+                             f"buffers of its own ({sorted(list(mlp._parameters) + list(mlp._buffers))}); only "
+                             "its submodules can be shared")
+        names = {id(c): n for n, c in mlp.named_children()}
+        if kind == "gated":
+            fc1, up, fc2, act_mod = parts
+        elif kind == "packed_gated":
+            (fc1, fc2, act_mod), up = parts, None
+        else:
+            (fc1, act_mod, fc2), up = parts, None
+        if any(id(m) not in names for m in (fc1, fc2) + ((up,) if up is not None else ())):
+            raise ValueError(f"from_module(share_parameters=True): the projections of {type(mlp).__name__} are "
+                             "not its direct submodules")
+        name = _activation_name(kind, act_mod)
+        if (fc1.bias is None) != (fc2.bias is None):
+            raise ValueError(f"cannot convert {type(mlp).__name__}: fc1 and fc2 must both have a bias "
+                             "or both have none")
+        for n, child in mlp.named_children():
+            self.add_module(n, child)
+        self.layout = kind
+        self._fc1_name, self._fc2_name = names[id(fc1)], names[id(fc2)]
+        self._up_name = names[id(up)] if up is not None else None
+        w2 = self._ffn_tensors()[2]
+        self.d_model, self.d_ff = w2.shape[0], w2.shape[1]
+        self.activation = name
+        self.recompute = recompute
+        self.chunk_tokens = chunk_tokens
+        self.backend = backend
+        self.train(mlp.training)
+
+    def _ffn_tensors(self) -> tuple:
+        m = self._modules
+        fc1, fc2 = m[self._fc1_name], m[self._fc2_name]
+        w1, w2 = fc1.weight, fc2.weight
+        if self.layout == "gpt2":  # Conv1D: weight [in, out]
+            w1, w2 = w1.t(), w2.t()
+        up = m[self._up_name] if self._up_name is not None else None
+        return (w1, fc1.bias, w2, fc2.bias, up.weight if up is not None else None,
+                up.bias if up is not None else None)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", layout={self.layout!r}"
+
+
+def _activation_name(kind: str, act_mod) -> str:
+    if kind in ("gated", "packed_gated"):
+        return _gated_name(_identify_activation(act_mod), act_mod)
+    if isinstance(act_mod, Activation):  # fused_ckpt.reference.EagerMLP
+        return act_mod.name
+    return _BASE_NAMES[_identify_activation(act_mod)]
 
 
 def _gated_name(base: int, act_mod) -> str:

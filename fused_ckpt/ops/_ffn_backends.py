@@ -1,14 +1,19 @@
 """The four primitives the FFN driver (``ops/ffn.py``) needs, for each backend.
 
-    up(x, w1, b1, act, store_z)        -> (h, z or None)     fc1 GEMM + bias + activation
+    up(x, w1, b1, wu, bu, act, store_z) -> (h, z or None)    fc1 GEMM + bias + activation
     down(h, w2, b2, out)               out = h W2^T + b2      fc2 GEMM + bias
-    hidden_grad(x, z, dy, w1, b1, w2, act, store_h) -> (dz, h or None)
+    hidden_grad(x, z, dy, w1, b1, wu, bu, w2, act, store_h) -> (dz, h or None)
                                        dH = dY W2, Z recomputed from x when z is None
     mm(a, b, out, accumulate)          out (+)= a @ b         dW / dX GEMMs
 
 Triton: fused kernels (Z lives only in registers). Aten: torch GEMMs plus the csrc
 elementwise ops (Z is a temporary of the chunk being processed); float64 off the CPU, which the
 csrc CUDA kernels do not take, uses the registry's PyTorch math instead.
+
+``wu``/``bu``: the up weight and bias when the gate and up weights are separate tensors (then
+``w1``/``b1`` are the gate's); None when ``w1`` is packed ``[2f, d]`` or the FFN is ungated.
+Triton reads both through their own pointers; aten does two GEMMs (one for a packed ``w1``),
+never concatenating weights.
 """
 from __future__ import annotations
 
@@ -22,9 +27,9 @@ class TritonFFN:
     name = "triton"
 
     @staticmethod
-    def up(x, w1, b1, act: Activation, store_z: bool):
+    def up(x, w1, b1, wu, bu, act: Activation, store_z: bool):
         from ..kernels.ffn_fwd import ffn_up
-        return ffn_up(x, w1, _unit_stride(b1), act, store_z)
+        return ffn_up(x, w1, _unit_stride(b1), act, store_z, wu, _unit_stride(bu))
 
     @staticmethod
     def down(h, w2, b2, out):
@@ -32,9 +37,9 @@ class TritonFFN:
         gemm(h, w2.t(), b2, out=out)
 
     @staticmethod
-    def hidden_grad(x, z, dy, w1, b1, w2, act: Activation, store_h: bool):
+    def hidden_grad(x, z, dy, w1, b1, wu, bu, w2, act: Activation, store_h: bool):
         from ..kernels.ffn_bwd import ffn_bwd_hidden
-        return ffn_bwd_hidden(x, z, dy, w1, _unit_stride(b1), w2, act, store_h)
+        return ffn_bwd_hidden(x, z, dy, w1, _unit_stride(b1), w2, act, store_h, wu, _unit_stride(bu))
 
     @staticmethod
     def mm(a, b, out, accumulate: bool):
@@ -46,9 +51,9 @@ class AtenFFN:
     name = "aten"
 
     @staticmethod
-    def up(x, w1, b1, act: Activation, store_z: bool):
+    def up(x, w1, b1, wu, bu, act: Activation, store_z: bool):
         from .. import _ext
-        z = F.linear(x, w1, b1)
+        z = _linear_fc1(x, w1, b1, wu, bu)
         h = _ext.act_forward(z, act.name) if _ext_takes(z) else act.hidden(z)
         return h, (z if store_z else None)
 
@@ -60,10 +65,10 @@ class AtenFFN:
             torch.addmm(b2, h, w2.t(), out=out)
 
     @staticmethod
-    def hidden_grad(x, z, dy, w1, b1, w2, act: Activation, store_h: bool):
+    def hidden_grad(x, z, dy, w1, b1, wu, bu, w2, act: Activation, store_h: bool):
         from .. import _ext
         if z is None:
-            z = F.linear(x, w1, b1)
+            z = _linear_fc1(x, w1, b1, wu, bu)
         dh = torch.mm(dy, w2)
         if _ext_takes(z):
             return _ext.act_backward(z, dh, act.name, store_h)
@@ -82,6 +87,18 @@ class AtenFFN:
                 out.add_(p)
             else:
                 out.copy_(p)
+
+
+def _linear_fc1(x, w1, b1, wu, bu):
+    """Z = x W1^T + b1 as [tokens, F1]; separate gate/up weights: two GEMMs whose outputs are
+    placed side by side (gate columns, then up columns), the weights are never concatenated."""
+    if wu is None:
+        return F.linear(x, w1, b1)
+    f = w1.shape[0]
+    z = torch.empty((x.shape[0], 2 * f), device=x.device, dtype=x.dtype)
+    z[:, :f] = F.linear(x, w1, b1)
+    z[:, f:] = F.linear(x, wu, bu)
+    return z
 
 
 def _unit_stride(b):

@@ -43,7 +43,9 @@ from .norm import (layer_norm, layer_norm_apply, layer_norm_backward, rms_norm, 
 
 # Flat parameter order of the Function's inputs (None where a module has no such tensor).
 PARAM_NAMES = ("norm1_w", "norm1_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
-               "norm2_w", "norm2_b", "w1", "b1", "w2", "b2")
+               "norm2_w", "norm2_b", "w1", "b1", "w2", "b2", "w1u", "b1u")
+# w1u / b1u: a separate up-projection weight and bias (w1 / b1 then hold the gate's), None when
+# w1 is one packed [2f, d] weight or the FFN is ungated
 
 
 def full_saved_bytes(tokens: int, d_model: int, elem: int, layer_norm: bool) -> int:
@@ -93,7 +95,7 @@ class BlockFullRecompute(torch.autograd.Function):
             del n1
             n2, stats2 = _norm(spec, h, p["norm2_w"], p["norm2_b"])
             y = h + fused_ffn(n2, p["w1"], p["b1"], p["w2"], p["b2"], spec.activation,
-                              chunk_tokens=spec.chunk_tokens, backend=spec.backend)
+                              chunk_tokens=spec.chunk_tokens, backend=spec.backend, w_up=p["w1u"], b_up=p["b1u"])
         ctx.spec = spec
         ctx.n_stats = len(stats1)
         dev = x.device.type  # the backward recomputes under the same autocast state, as checkpoint does
@@ -140,11 +142,12 @@ class BlockFullRecompute(torch.autograd.Function):
             # 2. the FFN's own backward: Z recomputed inside the fused kernel, no FFN forward
             ct = n2.dtype
             cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
-            ffn_names = ("w1", "b1", "w2", "b2")
+            ffn_names = ("w1", "b1", "w2", "b2", "w1u", "b1u")  # the op's gradient order
             ffn_needs = [True] + [needs[n] for n in ffn_names]
             be = resolve_backend(spec.backend, x.device, ct)
             g_n2, *ffn_grads = ffn_backward(dy.to(ct), n2, None, None, cast(p["w1"]), cast(p["b1"]), cast(p["w2"]),
-                                            spec.activation, ffn_needs, spec.chunk_tokens, be)
+                                            spec.activation, ffn_needs, spec.chunk_tokens, be, cast(p["w1u"]),
+                                            cast(p["b1u"]))
             grads = dict(zip(ffn_names, ffn_grads))
             # 3. norm2, then dL/dh = dy (residual) + norm2's share
             dh_n, grads["norm2_w"], grads["norm2_b"] = _norm_grad(spec, g_n2, hc, n2w, stats2, needs["norm2_w"],

@@ -2,6 +2,14 @@
 
     y = act(x W1^T + b1) W2^T + b2        (gated: act(G) * U, with [G | U] = x W1^T + b1)
 
+Gated weights come in either layout, read where they live: one packed ``w1`` ``[2f, d]`` (gate
+rows, then up rows; Phi-3's ``gate_up_proj``, :class:`FusedCheckpointedFFN`'s ``fc1``), or the
+gate weight as ``w1`` ``[f, d]`` and the up weight as ``w1_up`` ``[f, d]`` (Llama's
+``gate_proj`` / ``up_proj``; biases ``b1`` / ``b1_up``). The kernels take two weight pointers
+with their own strides either way (a packed weight is passed as two row views), so weights are
+never concatenated; separate weights get separate gradients (dWg, dWu). Z keeps its layout
+``[tokens, 2f]`` (gate columns, then up columns) in both cases.
+
 Recompute contract (``recompute`` is the dial the planner sets):
 
 ===========  ====================================  =========================================
@@ -93,13 +101,19 @@ def _empty(ref: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- forward
+def _fc1_rows(w1: Tensor, w1_up: Optional[Tensor]) -> int:
+    return w1.shape[0] + (w1_up.shape[0] if w1_up is not None else 0)
+
+
 def ffn_forward_impl(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
     activation: str, save: int, chunk_tokens: int, backend: str,
+    w1_up: Optional[Tensor] = None, b1_up: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, z, h): y has x's shape; z, the pre-activation [tokens, fc1_rows], when
     ``save >= 1``, h, the hidden activation [tokens, d_ff], when ``save == 2``; an empty
-    placeholder otherwise."""
+    placeholder otherwise. ``w1_up`` / ``b1_up``: the up weight and bias of a gated FFN whose
+    gate weight is ``w1`` (None: ``w1`` is packed, or the FFN is ungated)."""
     act = get_activation(activation)
     check_backend_dtype(backend, x.dtype, "x")
     be = FFN_BACKENDS[backend]
@@ -108,15 +122,16 @@ def ffn_forward_impl(
     M = x2.shape[0]
     y = torch.empty(x.shape[:-1] + (w2.shape[0],), device=x.device, dtype=x.dtype)
     y2 = y.view(M, w2.shape[0])  # returned in its final shape, not as a view (FSDP2 warns on views)
+    F1 = _fc1_rows(w1, w1_up)
     if save == 2:  # Z and H are both kept: nothing to bound by chunking
-        h, z = be.up(x2, w1, b1, act, True)
+        h, z = be.up(x2, w1, b1, w1_up, b1_up, act, True)
         be.down(h, w2, b2, y2)
         return y, z, h
-    z = torch.empty((M, w1.shape[0]), device=x.device, dtype=x.dtype) if save == 1 else None
-    chunk = chunk_tokens or default_chunk_tokens(d, w1.shape[0], w2.shape[1], x.element_size())
+    z = torch.empty((M, F1), device=x.device, dtype=x.dtype) if save == 1 else None
+    chunk = chunk_tokens or default_chunk_tokens(d, F1, w2.shape[1], x.element_size())
     for start in range(0, M, chunk):
         end = min(start + chunk, M)
-        h, zc = be.up(x2[start:end], w1, b1, act, z is not None)
+        h, zc = be.up(x2[start:end], w1, b1, w1_up, b1_up, act, z is not None)
         if z is not None:
             z[start:end] = zc
         be.down(h, w2, b2, y2[start:end])
@@ -128,10 +143,10 @@ ffn_forward = torch.library.custom_op("fused_ckpt::ffn_forward", mutates_args=()
 
 
 @ffn_forward.register_fake
-def _(x, w1, b1, w2, b2, activation, save, chunk_tokens, backend):
+def _(x, w1, b1, w2, b2, activation, save, chunk_tokens, backend, w1_up=None, b1_up=None):
     y = x.new_empty(x.shape[:-1] + (w2.shape[0],))
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    z = x.new_empty((tokens, w1.shape[0])) if save >= 1 else x.new_empty((0,))
+    z = x.new_empty((tokens, _fc1_rows(w1, w1_up))) if save >= 1 else x.new_empty((0,))
     h = x.new_empty((tokens, w2.shape[1])) if save == 2 else x.new_empty((0,))
     return y, z, h
 
@@ -140,17 +155,20 @@ def _(x, w1, b1, w2, b2, activation, save, chunk_tokens, backend):
 def ffn_backward_impl(
     dy: Tensor, x: Tensor, z: Optional[Tensor], h: Optional[Tensor], w1: Tensor,
     b1: Optional[Tensor], w2: Tensor, activation: str, needs_grad: list[bool], chunk_tokens: int,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, dw1, db1, dw2, db2); ``needs_grad`` flags them in that order and an
-    unflagged one comes back as an empty placeholder. ``z`` None: recompute it from x;
-    ``h`` None: recompute it (from z) where dW2 needs it."""
-    need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
+    backend: str, w1_up: Optional[Tensor] = None, b1_up: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dw1, db1, dw2, db2, dw1_up, db1_up); ``needs_grad`` flags them in that order
+    (five flags: the last two are False) and an unflagged one comes back as an empty
+    placeholder. ``z`` None: recompute it from x; ``h`` None: recompute it (from z) where dW2
+    needs it."""
+    need_x, need_w1, need_b1, need_w2, need_b2, need_w1u, need_b1u = (list(needs_grad) + [False, False])[:7]
     act = get_activation(activation)
     check_backend_dtype(backend, x.dtype, "x")
     be = FFN_BACKENDS[backend]
+    split = w1_up is not None
+    need_w1u, need_b1u = need_w1u and split, need_b1u and split and b1_up is not None
     d = x.shape[-1]
-    F1, f = w1.shape[0], w2.shape[1]
+    F1, f = _fc1_rows(w1, w1_up), w2.shape[1]
     x2 = x.reshape(-1, d)
     dy2 = dy.reshape(-1, d)
     z2 = z.reshape(-1, F1) if z is not None else None
@@ -167,9 +185,15 @@ def ffn_backward_impl(
     # the first chunk overwrites dW (accumulate=False); only an empty batch needs zeros
     new_dw = torch.zeros if M == 0 else torch.empty
     dw1 = new_dw(w1.shape, device=dev, dtype=dw_dtype) if need_w1 else None
+    dw1u = new_dw(w1_up.shape, device=dev, dtype=dw_dtype) if need_w1u else None
     dw2 = new_dw(w2.shape, device=dev, dtype=dw_dtype) if need_w2 else None
-    db1 = torch.zeros((F1,), device=dev, dtype=acc) if need_b1 else None
-    need_dz = need_x or need_w1 or need_b1
+    db1 = torch.zeros((w1.shape[0],), device=dev, dtype=acc) if need_b1 else None
+    db1u = torch.zeros((f,), device=dev, dtype=acc) if need_b1u else None
+    need_dz = need_x or need_w1 or need_b1 or need_w1u or need_b1u
+    # separate gate/up weights in a 16-bit dtype: dX = dG Wg + dU Wu summed in fp32, rounded once
+    dx_acc = None
+    if need_x and split and x.dtype not in (torch.float32, torch.float64):
+        dx_acc = torch.empty((min(chunk, M), d), device=dev, dtype=torch.float32)
 
     for i, start in enumerate(range(0, M, chunk)):
         end = min(start + chunk, M)
@@ -177,36 +201,49 @@ def ffn_backward_impl(
         zc = z2[start:end] if z2 is not None else None
         hc = h2[start:end] if h2 is not None else None
         if need_dz:
-            dz, hh = be.hidden_grad(xc, zc, dyc, w1, b1, w2, act, need_w2 and hc is None)
+            dz, hh = be.hidden_grad(xc, zc, dyc, w1, b1, w1_up, b1_up, w2, act, need_w2 and hc is None)
             hc = hc if hc is not None else hh
         else:  # only dW2 wanted: H alone, no dH GEMM
             dz = None
             if hc is None:
-                hc = act.hidden(zc) if zc is not None else be.up(xc, w1, b1, act, False)[0]
+                hc = act.hidden(zc) if zc is not None else be.up(xc, w1, b1, w1_up, b1_up, act, False)[0]
         if need_w2:
             be.mm(dyc.t(), hc, dw2, accumulate=i > 0)
+        dz_g, dz_u = (dz[:, :f], dz[:, f:]) if split and dz is not None else (dz, None)
         if need_w1:
-            be.mm(dz.t(), xc, dw1, accumulate=i > 0)
+            be.mm(dz_g.t(), xc, dw1, accumulate=i > 0)
+        if need_w1u:
+            be.mm(dz_u.t(), xc, dw1u, accumulate=i > 0)
         if need_b1:
-            db1 += dz.sum(0, dtype=acc)
-        if need_x:
+            db1 += dz_g.sum(0, dtype=acc)
+        if need_b1u:
+            db1u += dz_u.sum(0, dtype=acc)
+        if need_x and not split:
             be.mm(dz, w1, dx2[start:end], accumulate=False)
-        del dz, hc
+        elif need_x:
+            out = dx_acc[:end - start] if dx_acc is not None else dx2[start:end]
+            be.mm(dz_g, w1, out, accumulate=False)
+            be.mm(dz_u, w1_up, out, accumulate=True)
+            if dx_acc is not None:
+                dx2[start:end].copy_(out)
+        del dz, dz_g, dz_u, hc
 
     out_dx = dx if need_x else _empty(x)
     out_dw1 = dw1.to(w1.dtype) if need_w1 else _empty(w1)
     out_db1 = db1.to(b1.dtype) if need_b1 else _empty(w1)
     out_dw2 = dw2.to(w2.dtype) if need_w2 else _empty(w2)
     out_db2 = dy2.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype) if need_b2 else _empty(w2)
-    return out_dx, out_dw1, out_db1, out_dw2, out_db2
+    out_dw1u = dw1u.to(w1_up.dtype) if need_w1u else _empty(w1)
+    out_db1u = db1u.to(b1_up.dtype) if need_b1u else _empty(w1)
+    return out_dx, out_dw1, out_db1, out_dw2, out_db2, out_dw1u, out_db1u
 
 
 ffn_backward = torch.library.custom_op("fused_ckpt::ffn_backward", mutates_args=())(ffn_backward_impl)
 
 
 @ffn_backward.register_fake
-def _(dy, x, z, h, w1, b1, w2, activation, needs_grad, chunk_tokens, backend):
-    need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
+def _(dy, x, z, h, w1, b1, w2, activation, needs_grad, chunk_tokens, backend, w1_up=None, b1_up=None):
+    need_x, need_w1, need_b1, need_w2, need_b2, need_w1u, need_b1u = (list(needs_grad) + [False, False])[:7]
     e = lambda t: t.new_empty((0,))  # noqa: E731
     return (
         x.new_empty(x.shape) if need_x else e(x),
@@ -214,28 +251,31 @@ def _(dy, x, z, h, w1, b1, w2, activation, needs_grad, chunk_tokens, backend):
         b1.new_empty(b1.shape) if need_b1 else e(w1),
         w2.new_empty(w2.shape) if need_w2 else e(w2),
         dy.new_empty((w2.shape[0],)) if need_b2 else e(w2),
+        w1_up.new_empty(w1_up.shape) if need_w1u and w1_up is not None else e(w1),
+        b1_up.new_empty(b1_up.shape) if need_b1u and w1_up is not None and b1_up is not None else e(w1),
     )
 
 
 # --------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, activation, save, chunk_tokens, backend = inputs
+    x, w1, b1, w2, b2, activation, save, chunk_tokens, backend, w1_up, b1_up = tuple(inputs) + (None,) * (11 - len(inputs))
     _, z, h = output
-    ctx.save_for_backward(x, w1, b1, w2, z if save >= 1 else None, h if save == 2 else None)
+    ctx.save_for_backward(x, w1, b1, w2, z if save >= 1 else None, h if save == 2 else None, w1_up, b1_up)
     ctx.activation = activation
     ctx.chunk_tokens = chunk_tokens
     ctx.backend = backend
 
 
 def _backward(ctx, grad_y, grad_z, grad_h):
-    x, w1, b1, w2, z, h = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:5])
+    x, w1, b1, w2, z, h, w1_up, b1_up = ctx.saved_tensors
+    flags = tuple(ctx.needs_input_grad) + (False,) * (11 - len(ctx.needs_input_grad))
+    needs = [flags[i] for i in (0, 1, 2, 3, 4, 9, 10)]
     with torch.no_grad():
         grads = ffn_backward(grad_y, x, z, h, w1, b1, w2, ctx.activation, needs, ctx.chunk_tokens,
-                             ctx.backend)
-    grads = guard_double_backward(grads, (grad_y, x, w1, b1, w2), "FFN")
+                             ctx.backend, w1_up, b1_up)
+    grads = guard_double_backward(grads, (grad_y, x, w1, b1, w2, w1_up, b1_up), "FFN")
     grads = tuple(g if n else None for g, n in zip(grads, needs))
-    return grads + (None, None, None, None)
+    return grads[:5] + (None, None, None, None) + grads[5:7][:len(ctx.needs_input_grad) - 9]
 
 
 ffn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -247,16 +287,21 @@ ffn_forward.register_autograd(_backward, setup_context=_setup_context)
 @register_flop_formula(torch.ops.fused_ckpt.ffn_forward)
 def _ffn_forward_flops(x_shape, w1_shape, b1_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
     tokens = math.prod(x_shape[:-1])
-    return 2 * tokens * w1_shape[1] * (w1_shape[0] + w2_shape[1])
+    w1_up_shape = kwargs.get("w1_up", args[5] if len(args) > 5 else None)
+    F1 = w1_shape[0] + (w1_up_shape[0] if w1_up_shape is not None else 0)
+    return 2 * tokens * w1_shape[1] * (F1 + w2_shape[1])
 
 
 @register_flop_formula(torch.ops.fused_ckpt.ffn_backward)
 def _ffn_backward_flops(dy_shape, x_shape, z_shape, h_shape, w1_shape, b1_shape, w2_shape,
                         activation, needs_grad, *args, out_shape=None, **kwargs) -> int:
-    need_x, need_w1, need_b1, need_w2, _ = needs_grad
+    need_x, need_w1, need_b1, need_w2, _, need_w1u, need_b1u = (list(needs_grad) + [False, False])[:7]
+    w1_up_shape = kwargs.get("w1_up", args[2] if len(args) > 2 else None)
     tokens = math.prod(x_shape[:-1])
-    d, F1, f = w1_shape[1], w1_shape[0], w2_shape[1]
-    need_dz = need_x or need_w1 or need_b1
+    d, f = w1_shape[1], w2_shape[1]
+    F1 = w1_shape[0] + (w1_up_shape[0] if w1_up_shape is not None else 0)
+    need_w1u, need_b1u = need_w1u and w1_up_shape is not None, need_b1u and w1_up_shape is not None
+    need_dz = need_x or need_w1 or need_b1 or need_w1u or need_b1u
     flops = 0
     if z_shape is None and (need_dz or (need_w2 and h_shape is None)):
         flops += 2 * tokens * d * F1  # recompute Z = x W1^T
@@ -265,7 +310,9 @@ def _ffn_backward_flops(dy_shape, x_shape, z_shape, h_shape, w1_shape, b1_shape,
     if need_w2:
         flops += 2 * tokens * d * f  # dW2 = dY^T H
     if need_w1:
-        flops += 2 * tokens * d * F1  # dW1 = dZ^T x
+        flops += 2 * tokens * d * w1_shape[0]  # dW1 = dZ^T x (separate gate/up: dWg = dG^T x)
+    if need_w1u:
+        flops += 2 * tokens * d * w1_up_shape[0]  # dWu = dU^T x
     if need_x:
-        flops += 2 * tokens * d * F1  # dX = dZ W1
+        flops += 2 * tokens * d * F1  # dX = dZ W1 (separate: dG Wg + dU Wu)
     return flops
