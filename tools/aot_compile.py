@@ -165,15 +165,16 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, ints: dict, arch: int,
     return results
 
 
-# A representative launch: T=8192 tokens, d_model=4096, d_ff=16384, contiguous tensors.
+# A representative launch: T=8192 tokens, d_model=4096, d_ff=16384, contiguous tensors (gate and up
+# weights as two [d_ff, d_model] tensors, as the kernels read them).
 T, D, F = 8192, 4096, 16384
 _GEMM_FC2 = dict(stride_am=F, stride_ak=1, stride_bk=1, stride_bn=F, stride_cm=D, stride_cn=1, M=T, N=D, K=F,
                  M_BUCKET=T, K_BUCKET=F)
 _GEMM_DW = dict(stride_am=1, stride_ak=F, stride_bk=D, stride_bn=1, stride_cm=D, stride_cn=1, M=F, N=D, K=T,
                 M_BUCKET=F, K_BUCKET=T)
-_UP = dict(stride_xm=D, stride_xk=1, stride_wn=D, stride_wk=1, stride_hm=F, stride_hn=1,
+_UP = dict(stride_xm=D, stride_xk=1, stride_wgn=D, stride_wgk=1, stride_wun=D, stride_wuk=1, stride_hm=F, stride_hn=1,
            stride_zm=F, stride_zn=1, M=T, N=F, K=D, M_BUCKET=T)
-_BWD = dict(stride_xm=D, stride_xk=1, stride_w1n=D, stride_w1k=1, stride_zm=F, stride_zn=1,
+_BWD = dict(stride_xm=D, stride_xk=1, stride_wgn=D, stride_wgk=1, stride_wun=D, stride_wuk=1, stride_zm=F, stride_zn=1,
             stride_dym=D, stride_dyk=1, stride_w2k=F, stride_w2n=1, stride_dzm=F, stride_dzn=1,
             stride_hm=F, stride_hn=1, M=T, N=F, K=D, M_BUCKET=T)
 
