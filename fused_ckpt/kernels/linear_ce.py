@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACC_REGS_FUSED, INTERPRET, dot_flags, fused_tile_configs, launch, resource_pruner
+from ._common import ACC_REGS_FUSED, INTERPRET, autotune, dot_flags, fused_tile_configs, launch, resource_pruner
 from .matmul import grouped_tile
 
 # The stats partials are [splits, tokens] fp32; a vocabulary split is at least this many logits
@@ -80,7 +80,7 @@ def _stage_bytes(cfg, kw, elem) -> int:
 _PRUNE = {"early_config_prune": resource_pruner(_acc_tiles, _stage_bytes, "x_ptr", ACC_REGS_FUSED)}
 
 
-@triton.autotune(configs=fused_tile_configs(), key=["N", "K", "HAS_BIAS", "SOFTCAP", "NEED_SUM"],
+@autotune(configs=fused_tile_configs(), key=["N", "K", "HAS_BIAS", "SOFTCAP", "NEED_SUM"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_stats_kernel(
@@ -130,7 +130,7 @@ def _lce_stats_kernel(
         tl.store(sum_ptr + out, s_i, mask=mask_m)
 
 
-@triton.autotune(configs=fused_tile_configs(), key=["N", "K", "HAS_BIAS", "SOFTCAP"],
+@autotune(configs=fused_tile_configs(), key=["N", "K", "HAS_BIAS", "SOFTCAP"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _lce_dlogits_kernel(
