@@ -109,7 +109,7 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
 def test_mixed_devices_raise_naming_the_tensor():
     x = torch.randn(8, 32, device=DEV)
     w1 = torch.randn(64, 32, device="meta")  # a second device that exists on every machine
-    with pytest.raises(RuntimeError, match=r"_ffn_up_kernel: w1_ptr is on meta but x_ptr is on "):
+    with pytest.raises(RuntimeError, match=r"_ffn_up_kernel: wg_ptr is on meta but x_ptr is on "):
         ffn_fwd.ffn_up(x, w1, None, get_activation("gelu"), store_z=False)
     with pytest.raises(RuntimeError, match=r"_gemm_kernel: b_ptr is on meta but a_ptr is on "):
         matmul.gemm(x, w1.t())
