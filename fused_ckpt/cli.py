@@ -1,6 +1,7 @@
 """``fused-ckpt`` command line (also ``python -m fused_ckpt.cli``).
 
     fused-ckpt plan --model llama-7b --batch 8 --seq 4096 --dtype bf16 --budget 80GiB [--optimizer adamw|sgd|none]
+                   [--head any|fused-recompute|fused-no-recompute|eager]
 
 prints what the budget is taken to hold, the per-layer dials, predicted saved bytes and
 recompute FLOPs, the totals and the verdict (:func:`fused_ckpt.planner.plan`). ``--budget`` is
@@ -28,6 +29,8 @@ from typing import Optional, Sequence
 
 from .configs import BUILTIN_CONFIGS
 from .planner import OPTIMIZER_STATES, plan
+
+HEAD_CHOICES = {"any": None, "fused-recompute": True, "fused-no-recompute": False, "eager": "logits"}
 from .policy import BudgetTooSmall, parse_budget
 
 
@@ -88,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATES) + ["none"], default=None,
                     help=f"whose states count against --budget besides weights and gradients (default "
                          f"{DEFAULT_OPTIMIZER}); none: the budget is for activations alone")
-    pl.add_argument("--no-loss", action="store_true", help="do not count the loss's saved log-softmax")
+    pl.add_argument("--no-loss", action="store_true",
+                    help="do not count the loss (the LM head keeps its input only)")
+    pl.add_argument("--head", choices=sorted(HEAD_CHOICES), default="any",
+                    help="LM head + loss: any (the planner picks), fused-recompute (FusedLinearCrossEntropy "
+                         "recompute=True), fused-no-recompute (recompute=False), eager (keeps the fp32 "
+                         "log-softmax [tokens, vocab])")
     pl.add_argument("--json", action="store_true", help="print the totals as JSON after the table")
     from .bench import add_arguments as _bench_arguments
 
@@ -104,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         optimizer = DEFAULT_OPTIMIZER if args.optimizer is None else args.optimizer
         try:
             result = plan(args.model, args.batch, args.seq, args.dtype, args.budget, optimizer,
-                          include_loss=not args.no_loss)
+                          include_loss=not args.no_loss, head=HEAD_CHOICES[args.head])
         except ValueError as e:  # BudgetTooSmall included
             msg = str(e)
             if args.optimizer is None and isinstance(e, BudgetTooSmall):

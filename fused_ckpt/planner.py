@@ -21,9 +21,21 @@ MLP (fused)             x e T d; + pre-activation e T 2f (False, "none"); + acti
 residual adds           nothing
 decoder layer, "full"   (whole-layer block) x e T d and both norms' fp32 rstd 2 x 4 T, instead of
                         its norms', attention's and MLP's items above
-LM head                 its input e T d
-loss (HF ForCausalLM)   fp32 log-softmax 4 T V, shifted targets 8 T, the loss weight 4
+LM head + loss          a site of its own (kind "head", :func:`head_options`), one of
+  "logits" (eager)      F.linear's input e T d; HF ForCausalLMLoss: fp32 log-softmax 4 T V,
+                        shifted targets 8 T, the loss weight 4
+  True                  :class:`fused_ckpt.FusedLinearCrossEntropy` recompute=True: x e T d,
+                        fp32 lse 4 T, targets 8 T; recomputes the logits GEMM (2 T d V FLOPs)
+  False                 recompute=False: dX e T d and dW e V d (no GEMM recomputed; the
+                        backward GEMMs run in the forward)
+LM head, no loss        (``include_loss=False``) its input e T d
 ======================  ======================================================================
+
+The head's dial is free for a config or a name (the solver trades it against the layers' dials);
+for a model instance it is pinned to what the model runs: the ``recompute`` of its
+FusedLinearCrossEntropy (a submodule or an instance attribute, as
+:func:`~fused_ckpt.integrations.hf.patch_hf_model` attaches it), or "logits" when it has none
+(``head=`` overrides, see :func:`plan`).
 
 Backward-time temporaries (gradients in flight, recompute buffers) and the logits themselves
 (alive only during the forward) are not counted. Static memory, when ``optimizer`` is given:
@@ -49,7 +61,7 @@ import torch
 from torch import nn
 
 from .configs import ModelConfig, load_config
-from .policy import (ATTENTION_DIALS, FFN_DIALS, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
+from .policy import (ATTENTION_DIALS, FFN_DIALS, HEAD_DIALS, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
                      PerLayer, PlanRow, Site, _layer_frontier, attention_forward_flops, attention_recompute_flops,
                      attention_saved_bytes, block_full_option, build_layers, format_bytes, parse_budget,
                      solve_budget)
@@ -95,6 +107,57 @@ def loss_saved_bytes(tokens: int, vocab: int) -> int:
     return 4 * tokens * vocab + 8 * tokens + 4
 
 
+def head_options(tokens: int, d_model: int, vocab: int, elem: int, bias: bool = False) -> dict:
+    """The LM head + loss site's dials -> :class:`Option` (saved bytes, recompute FLOPs, aux).
+
+    "logits": eager ``lm_head`` + Hugging Face's ForCausalLMLoss (F.linear keeps its input, the
+    loss its fp32 log-softmax, targets and weight: :func:`loss_saved_bytes`); True / False:
+    :func:`fused_ckpt.fused_linear_cross_entropy` with that ``recompute``
+    (:func:`fused_ckpt.ops.linear_ce.linear_ce_saved_bytes`, gradients of x, W and b when
+    ``bias``). FLOPs: recompute=True adds one logits GEMM in backward; recompute=False runs the
+    backward GEMMs in the forward instead (same total: 0 extra); aux (tie-break) is the
+    softmax values recomputed."""
+    from .ops.linear_ce import linear_ce_recompute_flops, linear_ce_saved_bytes
+
+    T, d, V = tokens, d_model, vocab
+    eager = elem * T * d + loss_saved_bytes(T, V)
+    return {
+        True: Option(True, linear_ce_saved_bytes(T, d, V, True, elem),
+                     linear_ce_recompute_flops(T, d, V, True), T * V),
+        False: Option(False, linear_ce_saved_bytes(T, d, V, False, elem, needs_grad=(True, True, bias)),
+                      linear_ce_recompute_flops(T, d, V, False), 0),
+        "logits": Option("logits", eager, 0, 0),
+    }
+
+
+HEAD_LABELS = {True: "lm_head+loss: fused recompute=True",
+               False: "lm_head+loss: fused recompute=False",
+               "logits": "lm_head+loss: eager (fp32 log-softmax)"}
+
+
+def _head_dials(model_or_config, head) -> tuple:
+    """The head dials the solver may choose from (see :func:`plan`)."""
+    if head is None:
+        if not isinstance(model_or_config, nn.Module):
+            return HEAD_DIALS
+        from .modules.linear_ce import FusedLinearCrossEntropy
+
+        # a submodule, or an instance attribute (patch_hf_model keeps its fused loss head unregistered)
+        cands = list(model_or_config.modules()) + list(vars(model_or_config).values())
+        fused = [m for m in cands if isinstance(m, FusedLinearCrossEntropy)]
+        return (fused[0].recompute,) if fused else ("logits",)
+    dials = head if isinstance(head, (tuple, list)) else (head,)
+    out = []
+    for dl in dials:
+        match = [h for h in HEAD_DIALS if dl is h or (isinstance(dl, str) and dl == h)]
+        if not match:
+            raise ValueError(f"head dial must be one of {HEAD_DIALS} (or a tuple of them), got {dl!r}")
+        out.append(match[0])
+    if not out:
+        raise ValueError("head: give at least one dial")
+    return tuple(out)
+
+
 def _config_layers(cfg: ModelConfig, batch: int, seq: int, e: int) -> list[LayerSpec]:
     T = batch * seq
     d, f, H, Hkv, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -126,11 +189,11 @@ def _config_layers(cfg: ModelConfig, batch: int, seq: int, e: int) -> list[Layer
 
 
 def _config_globals(cfg: ModelConfig, T: int, e: int, include_loss: bool) -> list[tuple[str, int]]:
+    """Rows outside the layers and the head site (the head's input counts here only without loss)."""
     d = cfg.hidden_size
-    rows = [("model.embed_tokens (token ids)", 8 * T), ("model.norm", rmsnorm_saved_bytes(T, d, e)),
-            ("lm_head (input)", e * T * d)]
-    if include_loss:
-        rows.append(("loss (fp32 log-softmax, targets)", loss_saved_bytes(T, cfg.vocab_size)))
+    rows = [("model.embed_tokens (token ids)", 8 * T), ("model.norm", rmsnorm_saved_bytes(T, d, e))]
+    if not include_loss:
+        rows.append(("lm_head (input)", e * T * d))
     return rows
 
 
@@ -198,6 +261,12 @@ class Plan:
         return 100.0 * self.recompute_flops / self.model_flops
 
     @property
+    def head_dial(self):
+        """The LM head + loss dial (True / False: FusedLinearCrossEntropy's ``recompute``;
+        "logits": eager), None when the loss is not counted or not modelled."""
+        return next((r.dial for r in self.checkpoint.rows if r.kind == "head"), None)
+
+    @property
     def policy(self) -> PerLayer:
         """The chosen dials, one dict per layer, for :func:`fused_ckpt.apply_checkpointing`: keyed
         by site kind ("attention", "ffn"), so that it applies to any patched model of the config,
@@ -216,6 +285,7 @@ class Plan:
             "weight_bytes": self.weight_bytes, "grad_bytes": self.grad_bytes, "optimizer_bytes": self.optimizer_bytes,
             "total_bytes": self.total_bytes, "recompute_flops": self.recompute_flops,
             "model_flops": self.model_flops, "overhead_pct": self.overhead_pct, "verdict": self.verdict,
+            "head_dial": self.head_dial,
         }
 
     def counted(self) -> str:
@@ -260,7 +330,7 @@ def _same(a, b) -> bool:
 
 
 def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int, str] = "80GiB",
-         optimizer: Optional[str] = None, *, include_loss: bool = True) -> Plan:
+         optimizer: Optional[str] = None, *, include_loss: bool = True, head=None) -> Plan:
     """Choose recompute dials for ``batch`` x ``seq`` tokens under ``budget`` (bytes or "24GiB").
 
     ``model_or_config``: "llama-7b", "llama3-8b", "mistral-7b", "qwen2-7b", a path to a Hugging
@@ -274,6 +344,11 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
     checkpointing" when nothing needs recomputing, "near OOM: full recompute" when only full
     recompute fits, "between: selective (MemoryBudget)" otherwise. Raises
     :class:`BudgetTooSmall` (a ValueError that names the minimum) when nothing fits.
+
+    ``head``: the LM head + loss dials to choose from (:func:`head_options`), one of True,
+    False, "logits" or a tuple of them; None: all three for a config or a name, the model's own
+    (its FusedLinearCrossEntropy's ``recompute``, else "logits") for a model instance. The
+    chosen one is :attr:`Plan.head_dial`. Ignored with ``include_loss=False``.
     """
     _positive("batch", batch)
     _positive("seq", seq)
@@ -286,6 +361,7 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZER_STATES)} or None")
     T = batch * seq
     notes = []
+    head_site = None
     if isinstance(model_or_config, nn.Module) and getattr(model_or_config, "config", None) is None:
         module = model_or_config
         name = type(module).__name__
@@ -301,6 +377,10 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
         name = cfg.name
         layers = _config_layers(cfg, batch, seq, e)
         globals_ = _config_globals(cfg, T, e, include_loss)
+        if include_loss:
+            opts = head_options(T, cfg.hidden_size, cfg.vocab_size, e)
+            allowed = _head_dials(model_or_config, head)
+            head_site = Site(None, "lm_head + loss", "head", "head", {dl: opts[dl] for dl in allowed})
         n_params = cfg.num_parameters()
         flops = model_flops(cfg, batch, seq)
         if cfg.sliding_window is not None and seq > cfg.sliding_window:
@@ -316,13 +396,14 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
     static = weight + grads + opt_bytes if optimizer else 0
     global_bytes = sum(v for _, v in globals_)
 
-    # per layer, the Pareto frontier of its dial combinations, most recompute first
-    fronts = [_layer_frontier(L) for L in layers]
+    # per layer (and the head), the Pareto frontier of its dial combinations, most recompute first
+    items = layers + ([LayerSpec(-1, "lm_head + loss", [head_site])] if head_site else [])
+    fronts = [_layer_frontier(L) for L in items]
     fixed = global_bytes + sum(v for L in layers for _, v in L.fixed)
     lo = fixed + sum(f[0][0] for f in fronts)
     hi = fixed + sum(f[-1][0] for f in fronts)
     try:
-        picks = solve_budget(layers, b - static - global_bytes)
+        picks = solve_budget(items, b - static - global_bytes)
     except BudgetTooSmall:
         raise BudgetTooSmall(b, static + lo, "memory (static + activations)" if optimizer else
                              "activation memory") from None
@@ -341,10 +422,17 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
             rows.append(PlanRow(L.index, f"{L.name} (norms)", "fixed", "-", L.site_bytes, 0))
     for label, v in globals_:
         rows.append(PlanRow(None, label, "fixed", "-", v, 0))
+    if head_site:
+        o = head_site.option(picks[-1][head_site.name])
+        rows.append(PlanRow(None, HEAD_LABELS[o.dial], "head", o.dial, o.saved_bytes, o.recompute_flops))
     cp = CheckpointPlan(rows, f"MemoryBudget({format_bytes(b - static)} for activations)", batch, seq)
     full_flops = sum(f[0][1][0] for f in fronts)
     chosen = [r for r in rows if r.kind != "fixed"]
-    if all(r.kind != "block" and _same(r.dial, NONE[r.kind]) for r in chosen):
+    # a pinned head (one allowed dial) is how the model runs, not a choice: it does not set the verdict
+    head_free = head_site is not None and len(head_site.options) > 1
+    if all(r.kind != "block" and (_same(r.dial, NONE[r.kind]) or (r.kind == "head" and (not head_free or
+                                                                                       not r.recompute_flops)))
+           for r in chosen):
         verdict = VERDICT_SKIP
     elif cp.total_recompute_flops == full_flops:
         verdict = VERDICT_FULL
@@ -353,5 +441,5 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
     return Plan(name, batch, seq, dt, b, optimizer, cp, weight, grads, opt_bytes, lo, hi, flops, verdict, notes)
 
 
-__all__ = ["plan", "Plan", "model_flops", "rmsnorm_saved_bytes", "loss_saved_bytes", "parse_dtype",
+__all__ = ["plan", "Plan", "model_flops", "rmsnorm_saved_bytes", "loss_saved_bytes", "head_options", "parse_dtype",
            "OPTIMIZER_STATES", "VERDICT_SKIP", "VERDICT_FULL", "VERDICT_SELECTIVE"]

@@ -65,9 +65,12 @@ from .modules.ffn import FusedCheckpointedFFN
 FFN_DIALS = (True, False, "none")            # most recompute first
 ATTENTION_DIALS = ("all", "qkv", False)
 CHECKPOINT_DIALS = (True, False)
-DIALS = {"ffn": FFN_DIALS, "attention": ATTENTION_DIALS, "checkpoint": CHECKPOINT_DIALS}
-FULL = {"ffn": True, "attention": "all", "checkpoint": True}
-NONE = {"ffn": "none", "attention": False, "checkpoint": False}
+# the LM head + loss (planner only): FusedLinearCrossEntropy recompute=True / False, or eager
+# (F.linear + cross-entropy, keeping the [T, V] log-softmax)
+HEAD_DIALS = (True, False, "logits")
+DIALS = {"ffn": FFN_DIALS, "attention": ATTENTION_DIALS, "checkpoint": CHECKPOINT_DIALS, "head": HEAD_DIALS}
+FULL = {"ffn": True, "attention": "all", "checkpoint": True, "head": True}
+NONE = {"ffn": "none", "attention": False, "checkpoint": False, "head": "logits"}
 
 
 def _attention_cls():
@@ -756,7 +759,7 @@ def install_hf_guard(layer: nn.Module) -> bool:
 class PlanRow:
     layer: Optional[int]        # None for rows outside the layers (embeddings, head, loss)
     module: str
-    kind: str                   # "ffn" | "attention" | "checkpoint" | "block" | "fixed"
+    kind: str                   # "ffn" | "attention" | "checkpoint" | "block" | "head" | "fixed"
     dial: Any
     saved_bytes: Optional[int]
     recompute_flops: Optional[int]
