@@ -9,7 +9,7 @@ a device budget: weights, gradients and optimizer states (AdamW unless ``--optim
 otherwise) count against it as well as activations; ``--optimizer none`` plans activations
 only. Sizes need a unit (``24GiB``, ``80GB``, ``1.5e11B``).
 
-    fused-ckpt bench [--suite ffn|attention|block|step] [--quick] [--out DIR] [--memory-cap 24GiB]
+    fused-ckpt bench [--suite ffn|attention|block|step|loss] [--quick] [--out DIR] [--memory-cap 24GiB]
     fused-ckpt bench --compare A.json B.json
 
 runs the benchmark suites (:mod:`fused_ckpt.bench`, also ``python -m fused_ckpt.bench``) and
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the totals as JSON after the table")
     from .bench import add_arguments as _bench_arguments
 
-    bn = sub.add_parser("bench", help="run the benchmark suites (ffn, attention, block, step) or compare two runs",
+    bn = sub.add_parser("bench", help="run the benchmark suites (ffn, attention, block, step, loss) or compare two runs",
                         description="Benchmark suites: results.json, results.md and plots in --out.")
     _bench_arguments(bn)
     return p

@@ -29,6 +29,7 @@ FUSED_VS_EAGER = {
     "attention": [("fused-aten", "eager"), ("fused-aten rc=all", "eager sdpa")],
     "block": [("patched-aten full", "hf eager")],
     "step": [("fused-aten full", "hf eager"), ("fused-aten Selective(ffn)", "hf eager")],
+    "loss": [("fused-aten rc=True", "eager"), ("fused-aten rc=False", "eager")],
 }
 
 
@@ -118,6 +119,23 @@ def test_step_suite_reports_throughput_and_max_batch(quick_run):
     # less saved memory per sequence -> a larger batch under the same cap
     assert by["fused-aten full"]["max_batch"] > by["fused-aten none"]["max_batch"]
     assert by["hf ckpt-nonreentrant"]["max_batch"] > by["hf eager"]["max_batch"]
+
+
+def test_loss_suite_saved_bytes_are_measured_and_planned(quick_run):
+    """The loss suite measures every row's saved bytes, equal to the planner's head prediction for
+    the same dial; the fused recompute=True head keeps far less than eager's log-softmax."""
+    _, data = quick_run
+    rows = {r["variant"]: r for r in _ok_rows(data, "loss")}
+    assert {"eager", "fused-aten rc=True", "fused-aten rc=False", "floor 3 GEMMs"} <= set(rows)
+    for name in ("eager", "fused-aten rc=True", "fused-aten rc=False"):
+        r = rows[name]
+        assert r["saved_bytes"] > 0 and r["saved_bytes"] == r["planned_saved_bytes"], (name, r)
+        assert r["grad_ok"] is True, (name, r["grad_err"])
+    assert rows["fused-aten rc=True"]["hw_flops_units"] == pytest.approx(4.0)
+    assert rows["fused-aten rc=False"]["hw_flops_units"] == pytest.approx(3.0)
+    assert rows["fused-aten rc=True"]["saved_vs_eager"] < 0.2
+    skipped = [r for r in data["rows"] if r["suite"] == "loss" and r["status"] == "skipped"]
+    assert {r["variant"] for r in skipped} >= {"compile"} and all(r["reason"] for r in skipped)
 
 
 def test_targets_are_reported(quick_run):

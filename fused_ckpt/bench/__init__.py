@@ -13,6 +13,8 @@ block     one Hugging Face LlamaDecoderLayer: unpatched, checkpointed, compiled,
 step      one optimizer step of a LlamaForCausalLM per policy and per Hugging Face
           gradient-checkpointing baseline: tokens/s, memory, the largest batch under
           --memory-cap, and the Pareto plot of step time vs activation memory
+loss      the LM head + cross-entropy: eager, torch.compile, fused_linear_cross_entropy
+          with recompute True / False (Triton and aten paths), the 3-GEMM floor
 ========  ==========================================================================
 
 Every run writes ``results.json`` (machine, versions, every measurement), ``results.md`` (the

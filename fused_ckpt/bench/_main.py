@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from ..cli import _positive_int
 
-SUITES = ("ffn", "attention", "block", "step")
+SUITES = ("ffn", "attention", "block", "step", "loss")
 DEFAULT_MEMORY_CAP = "24GiB"
 
 
@@ -115,6 +115,9 @@ def _suite_parts(name: str, args, dev: str) -> int:
         if args.ffn_shapes:
             return len([s for s in args.ffn_shapes.split(",") if s.strip()])
         mod = _suite_module("ffn")
+        return len((mod.QUICK_SHAPES if args.quick else mod.DEFAULT_SHAPES).get(dev, ())) or 1
+    if name == "loss":
+        mod = _suite_module("loss")
         return len((mod.QUICK_SHAPES if args.quick else mod.DEFAULT_SHAPES).get(dev, ())) or 1
     return 2 if name == "attention" else 1
 
