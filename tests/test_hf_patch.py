@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fused_ckpt import FusedCheckpointedFFN  # noqa: E402
-from fused_ckpt.integrations.hf import FusedHFAttention, FusedHFDecoderLayer, hf_layout, hf_state_dict, patch_hf_model  # noqa: E402
+from fused_ckpt.integrations.hf import FusedHFAttention, FusedHFDecoderLayer, fused_loss_head, hf_layout, hf_state_dict  # noqa: E402
+from fused_ckpt.integrations.hf import patch_hf_model  # noqa: E402
 from fused_ckpt.planner import plan  # noqa: E402
 from fused_ckpt.policy import EveryN, Selective, apply_checkpointing, is_checkpointed  # noqa: E402
 
@@ -95,7 +96,8 @@ def test_patched_model_matches_unpatched(kind):
     ids = torch.randint(0, V, (B, S))
     out_ref = ref(ids, labels=ids, use_cache=False)
     out = model(ids, labels=ids, use_cache=False)
-    _close(out.logits, out_ref.logits, "logits")
+    assert out.logits is None  # the loss came through the fused linear cross-entropy
+    _close(model(ids, use_cache=False).logits, out_ref.logits, "logits")
     _close(out.loss, out_ref.loss, "loss")
     out_ref.loss.backward()
     out.loss.backward()
@@ -142,7 +144,8 @@ def test_padding_mask_is_honoured():
     out_ref = ref(ids, attention_mask=mask, labels=labels, use_cache=False)
     out = model(ids, attention_mask=mask, labels=labels, use_cache=False)
     keep = mask.bool()
-    _close(out.logits[keep], out_ref.logits[keep], "logits at real tokens")
+    logits = model(ids, attention_mask=mask, use_cache=False).logits
+    _close(logits[keep], out_ref.logits[keep], "logits at real tokens")
     _close(out.loss, out_ref.loss, "loss")
 
 
@@ -195,8 +198,8 @@ def test_sliding_window_fused_up_to_the_window_hf_beyond(impl):
         for n, p in ref.named_parameters():
             _close(g[n], p.grad, f"{n} S={S_}")
         if S_ <= W:
-            assert unique_saved_bytes(saved.saved, params) == plan(model, B, S_, torch.float32,
-                                                                   "1GiB").min_activation_bytes
+            assert unique_saved_bytes(saved.saved, params) == plan(model, B, S_, torch.float32, "1GiB",
+                                                                   head=_head(model)).min_activation_bytes
 
 
 def test_activation_must_match_the_config():
@@ -263,6 +266,13 @@ def _enable_hf_checkpointing(model):
         enable()
 
 
+def _head(model):
+    """The planner's LM head + loss dial for what a patched model runs: its fused loss head's
+    recompute (patch_hf_model(fused_loss=True)), else Hugging Face's eager logits."""
+    head = fused_loss_head(model)
+    return head.recompute if head is not None else "logits"
+
+
 def _whole_model_bytes(model, ids):
     params = list(model.parameters())
     with SavedTensors() as s:
@@ -280,7 +290,7 @@ def test_hf_checkpointing_before_patching_is_switched_off():
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
     ids = torch.randint(0, V, (B, S))
     # exactly the fused prediction: no layer is hidden behind a second checkpoint
-    assert _whole_model_bytes(model, ids) == plan(model, B, S, torch.float32, "1GiB").min_activation_bytes
+    assert _whole_model_bytes(model, ids) == plan(model, B, S, torch.float32, "1GiB", head=_head(model)).min_activation_bytes
 
 
 def test_hf_checkpointing_after_patching_is_switched_off_with_a_warning():
@@ -291,7 +301,7 @@ def test_hf_checkpointing_after_patching_is_switched_off_with_a_warning():
     with pytest.warns(UserWarning, match="switched off there to avoid recomputing twice"):
         measured = _whole_model_bytes(model, ids)
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
-    assert measured == plan(model, B, S, torch.float32, "1GiB").min_activation_bytes
+    assert measured == plan(model, B, S, torch.float32, "1GiB", head=_head(model)).min_activation_bytes
     out_ref = ref(ids, labels=ids, use_cache=False)
     _close(model(ids, labels=ids, use_cache=False).loss, out_ref.loss, "loss")
 

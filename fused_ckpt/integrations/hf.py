@@ -77,7 +77,9 @@ field says, e.g. Cohere's interleaved rotary convention).
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -649,12 +651,15 @@ def _probe_attention(attn: nn.Module, rotaries: list) -> Optional[str]:
 @dataclass
 class PatchReport:
     """What :func:`patch_hf_model` did: ``replaced`` and ``left_alone`` rows are
-    ``(qualified name, class name, detail or reason)``; ``plan`` is the applied policy's plan."""
+    ``(qualified name, class name, detail or reason)``; ``plan`` is the applied policy's plan;
+    ``loss_head`` is ``(qualified name of the LM head, fused?, detail or the reason it was not)``,
+    or None when ``fused_loss=False`` or the model has no causal-LM head."""
 
     replaced: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)
     hf_checkpointing_disabled: list = field(default_factory=list)
     plan: Optional[CheckpointPlan] = None
+    loss_head: Optional[tuple] = None
 
     def __str__(self) -> str:
         lines = [f"fused_ckpt.patch_hf_model: {len(self.replaced)} module(s) replaced, "
@@ -664,6 +669,9 @@ class PatchReport:
         if self.hf_checkpointing_disabled:
             lines.append(f"  Hugging Face checkpointing switched off on {len(self.hf_checkpointing_disabled)} "
                          "layer(s); fused_ckpt sets their recompute")
+        if self.loss_head is not None:
+            n, fused, d = self.loss_head
+            lines.append(f"  loss head  {n} -> {d}" if fused else f"  loss head  {n}: not fused: {d}")
         if self.plan is not None:
             lines.append(str(self.plan))
         return "\n".join(lines)
@@ -702,8 +710,8 @@ def _float_copy(m: nn.Module) -> nn.Module:
 
 
 def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attention: bool = True,
-                   norm: bool = True, blocks: bool = True, backend: str = "auto", tokens: Optional[int] = None,
-                   batch: Optional[int] = None, seq: Optional[int] = None) -> PatchReport:
+                   norm: bool = True, blocks: bool = True, fused_loss: bool = True, backend: str = "auto",
+                   tokens: Optional[int] = None, batch: Optional[int] = None, seq: Optional[int] = None) -> PatchReport:
     """Replace the MLPs (and exactly-mapping attentions) of a built Hugging Face model in place.
 
     Args:
@@ -719,6 +727,23 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
             :class:`FusedCheckpointedBlock`): policies can then recompute the whole layer from its
             input ("full": the input and per-row norm statistics kept, as little as Hugging Face
             checkpointing keeps). Parameter names do not change.
+        fused_loss: make a causal LM (``lm_head`` an ``nn.Linear``, Hugging Face's
+            ``ForCausalLMLoss``) compute its loss, when called with ``labels``, through
+            :func:`fused_ckpt.fused_linear_cross_entropy` from the base model's last hidden state:
+            the ``[tokens, vocab]`` logits are not materialised and the output's ``logits`` is
+            None (backward keeps the hidden state, one fp32 log-sum-exp and the label per token).
+            Same loss as Hugging Face's: labels shifted by one (or ``shift_labels``),
+            ``ignore_index``, ``num_items_in_batch`` (sum / num_items), Gemma-2's
+            ``final_logit_softcapping``, tied embeddings (the head's weight is read where it
+            lives), ``logits_to_keep``. Calls without labels (and ``generate()``) run Hugging
+            Face's forward unchanged. To get logits with labels: pass ``return_logits=True`` to
+            the call, or set ``model.fused_ckpt_return_logits = True`` (e.g. for a Trainer
+            evaluation with ``compute_metrics``); both run Hugging Face's own head and loss.
+            A head computing something else (Granite's ``logits_scaling``, Cohere's
+            ``logit_scale``, a router auxiliary loss, a quantized or non-Linear head, a custom
+            loss function) is left alone with the reason in ``report.loss_head``;
+            :func:`fused_loss_head` returns the fused head (a FusedLinearCrossEntropy sharing
+            ``lm_head``'s parameters, not a registered submodule) or None.
         backend: the fused modules' backend ("auto", "triton", "aten").
         tokens / batch, seq: forwarded to ``apply_checkpointing`` (predictions; MemoryBudget).
 
@@ -772,6 +797,9 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
             report.replaced.append((qname, type(child).__name__, "FusedRMSNorm"))
     if blocks:
         layers = [_convert_layer(model, layer, names[id(layer)], backend, report) for layer in layers]
+    if fused_loss and isinstance(getattr(model, "lm_head", None), nn.Module):
+        fused, detail = _patch_loss_head(model, backend)
+        report.loss_head = (names.get(id(model.lm_head), "lm_head"), fused, detail)
     if policy is not None:
         report.plan = apply_checkpointing(model, policy, tokens=tokens, batch=batch, seq=seq, layers=layers)
     return report
@@ -840,6 +868,213 @@ def _convert_attention(child, cfg, backend, rotaries=()):
                     if window else ""))
 
 
+# ============================================================================ causal-LM loss head
+# Config fields a *ForCausalLM forward may read, and how the fused loss treats them. A field the
+# forward reads that is not here makes the head be left alone (e.g. Mixtral's router auxiliary
+# loss: router_aux_loss_coef), like _FIELDS for the layers.
+_HEAD_FIELDS = {
+    "vocab_size": _Field(_M, "read from the head's weight"),
+    "hidden_size": _Field(_M, "read from the head's weight"),
+    "tie_word_embeddings": _Field(_M, "the head's weight Parameter is read where it lives (tied or not)"),
+    "final_logit_softcapping": _Field(_M, "Gemma-2 soft-capping, the fused op's softcap"),
+    "use_return_dict": _Field(_M, "the output format (the same class, logits None)"),
+    "return_dict": _Field(_M, "the output format (the same class, logits None)"),
+    "output_hidden_states": _Field(_M, "passed to the base model as is"),
+    "output_attentions": _Field(_M, "passed to the base model as is"),
+    "use_cache": _Field(_M, "passed to the base model as is"),
+    "logits_scaling": _Field(_M, "division of the logits by logits_scaling (Granite)", (None, 1, 1.0)),
+    "logit_scale": _Field(_M, "multiplication of the logits by logit_scale (Cohere)", (None, 1, 1.0)),
+}
+
+
+def fused_loss_head(model: nn.Module):
+    """The :class:`~fused_ckpt.FusedLinearCrossEntropy` through which a patched causal-LM
+    computes its loss (sharing ``lm_head``'s Parameters; not a registered submodule, so module
+    names and the state dict are unchanged), or None when the loss is not fused."""
+    return model.__dict__.get("_fused_ckpt_loss_head")
+
+
+def _head_refusal(model: nn.Module) -> Optional[str]:
+    """Why the loss of ``model`` cannot be computed by the fused linear cross-entropy, or None."""
+    if "forward" in model.__dict__:
+        return "the model's forward is already wrapped on the instance (patch before wrapping it)"
+    forward = type(model).forward
+    params = inspect.signature(forward).parameters
+    missing = [p for p in ("labels", "logits_to_keep") if p not in params]
+    if missing:
+        return f"its forward has no {'/'.join(missing)} argument (not a Hugging Face causal-LM forward)"
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear:
+        return (f"lm_head is a {type(head).__name__}, not an nn.Linear (quantized, adapted or custom heads "
+                "compute something else)" if head is not None else "no lm_head")
+    for name, p in (("weight", head.weight), ("bias", head.bias)):
+        if p is not None and (type(p) is not nn.Parameter or not p.dtype.is_floating_point):
+            return f"lm_head.{name} is a {type(p).__name__} of {p.dtype} (quantized or distributed weights)"
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return "no base model (base_model_prefix) to take the hidden states from"
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        loss_fn = model.loss_function
+    except Exception as e:  # noqa: BLE001 (an older or unusual transformers)
+        return f"its loss function cannot be read ({type(e).__name__}: {e})"
+    if loss_fn is not ForCausalLMLoss:
+        return f"its loss function is {getattr(loss_fn, '__name__', loss_fn)!r}, not Hugging Face's ForCausalLMLoss"
+    cfg = getattr(model, "config", None)
+    for name, rule in _HEAD_FIELDS.items():
+        if rule.exact is not None and cfg is not None and hasattr(cfg, name) and not rule.accepts(getattr(cfg, name), model):
+            return f"config {name}={getattr(cfg, name)!r}: {rule.math} is not computed by the fused loss"
+    try:
+        src = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return f"the source of {type(model).__name__}.forward cannot be read to list the config fields it uses"
+    unknown = sorted({a or b for a, b in _CONFIG_READ.findall(src)} - set(_HEAD_FIELDS))
+    if unknown:
+        return (f"config field(s) {', '.join(unknown)} read by {type(model).__name__}.forward are not in "
+                "fused_ckpt's table of head fields (integrations/hf.py _HEAD_FIELDS): left alone rather than ignored")
+    return None
+
+
+def _slice_to_keep(h: torch.Tensor, keep) -> torch.Tensor:
+    """Hugging Face's ``slice_logits_to_keep`` (int: the last ``keep`` positions, 0 all; 1-D
+    tensor: these positions; 2-D: per-row positions, or a bool mask flattening the kept rows)."""
+    if isinstance(keep, torch.Tensor) and keep.dim() == 2:
+        if keep.dtype == torch.bool:
+            return h[keep]
+        return torch.take_along_dim(h, keep[..., None], dim=1)
+    if isinstance(keep, int):
+        keep = slice(-keep, None)
+    return h[:, keep, :]
+
+
+def _hf_causal_lm_loss(model: nn.Module, h: torch.Tensor, labels, kwargs: dict) -> torch.Tensor:
+    """Hugging Face's ForCausalLMLoss of ``softcap(lm_head(h))`` through the fused linear
+    cross-entropy: labels shifted by one (or ``shift_labels``), ``ignore_index``, mean over the
+    non-ignored tokens, or the sum divided by ``num_items_in_batch`` when it is given."""
+    from ..ops.linear_ce import fused_linear_cross_entropy
+
+    fused = model.__dict__["_fused_ckpt_loss_head"]
+    lm_head = model.lm_head
+    if fused.weight is not lm_head.weight or fused.bias is not lm_head.bias:  # the head was replaced/resized
+        fused.weight, fused.bias = lm_head.weight, lm_head.bias
+    ignore_index = kwargs.get("ignore_index", -100)
+    shift = kwargs.get("shift_labels")
+    if shift is None:
+        shift = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    num_items = kwargs.get("num_items_in_batch")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return fused_linear_cross_entropy(
+        h.reshape(-1, h.shape[-1]), fused.weight, shift.reshape(-1).to(h.device), fused.bias,
+        ignore_index=ignore_index, reduction="mean" if num_items is None else "sum", softcap=softcap or None,
+        num_items=num_items, recompute=fused.recompute, backend=fused.backend)
+
+
+def _make_fused_loss_forward(hf_forward):
+    """The instance forward of a patched causal LM: Hugging Face's forward unless labels are
+    given; with labels, Hugging Face's forward with ``labels=None`` and no logits kept (the base
+    model and everything around it run as is), the last hidden state taken from the base model's
+    output, and the loss computed from it through the fused linear cross-entropy."""
+    sig = inspect.signature(hf_forward)
+
+    @functools.wraps(hf_forward)
+    def forward(self, *args, **kwargs):
+        return_logits = kwargs.pop("return_logits", False) or self.__dict__.get("fused_ckpt_return_logits", False)
+        bound = sig.bind(self, *args, **kwargs)
+        labels = bound.arguments.get("labels")
+        if labels is None or return_logits or type(self.lm_head) is not nn.Linear:
+            return hf_forward(self, *args, **kwargs)
+        var_kw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+        loss_kwargs = dict(bound.arguments.get(var_kw, {})) if var_kw else {}
+        keep = bound.arguments.get("logits_to_keep", 0)
+        bound.arguments["labels"] = None
+        bound.arguments["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=self.lm_head.weight.device)
+        captured = []
+
+        def grab(_module, _inputs, output):
+            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        handle = self.base_model.register_forward_hook(grab)
+        try:
+            out = hf_forward(*bound.args, **bound.kwargs)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError("fused_ckpt: the base model was not called; cannot compute the fused loss")
+        loss = _hf_causal_lm_loss(self, _slice_to_keep(captured[-1], keep), labels, loss_kwargs)
+        if isinstance(out, tuple):  # return_dict=False: (loss, ...) without the (empty) logits
+            return (loss,) + tuple(out[1:])
+        rest = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+        return type(out)(loss=loss, logits=None, **rest)
+
+    forward.__fused_ckpt_loss__ = True
+    return forward
+
+
+def _probe_head(model: nn.Module) -> Optional[str]:
+    """None when the fused loss equals Hugging Face's loss on a short probe (and the logits
+    Hugging Face returns are ``softcap(lm_head(h))``), else the reason. Runs the model itself
+    (eval mode, no gradients) on 4 tokens; skipped for meta weights."""
+    w = model.lm_head.weight
+    if w.is_meta:
+        return None
+    V = w.shape[0]
+    ids = torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(0)).to(w.device)
+    captured = []
+    handle = model.base_model.register_forward_hook(
+        lambda _m, _i, o: captured.append(o.last_hidden_state if hasattr(o, "last_hidden_state") else o[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = type(model).forward(model, input_ids=ids, labels=ids, use_cache=False)
+            h = captured[-1]
+            z = nn.functional.linear(h, w, model.lm_head.bias)
+            cap = getattr(model.config, "final_logit_softcapping", None)
+            if cap:
+                z = torch.tanh(z / cap) * cap
+            got = _hf_causal_lm_loss(model, h, ids, {})
+    except Exception as e:  # noqa: BLE001 (the probe call does not fit this model)
+        return f"its forward could not be checked against the fused loss ({type(e).__name__}: {e})"
+    finally:
+        handle.remove()
+        model.train(was_training)
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    logits = getattr(out, "logits", None)
+    if logits is None or logits.shape != z.shape or not torch.allclose(logits.float(), z.float(), rtol=tol, atol=tol):
+        return "its logits are not softcap(lm_head(last hidden state)) on a probe: the head computes something else"
+    if out.loss is None or not torch.allclose(got.float(), out.loss.float(), rtol=tol, atol=tol):
+        return (f"its loss differs from the fused ForCausalLMLoss on a probe ({float(out.loss):.6g} vs "
+                f"{float(got):.6g}): the forward adds or changes something")
+    return None
+
+
+def _patch_loss_head(model: nn.Module, backend: str) -> tuple:
+    """``(True, detail)`` after making ``model`` compute its loss through the fused linear
+    cross-entropy, or ``(False, reason)``."""
+    from ..modules.linear_ce import FusedLinearCrossEntropy
+
+    if fused_loss_head(model) is not None:
+        return True, "already fused"
+    why = _head_refusal(model)
+    if why is not None:
+        return False, why
+    head = FusedLinearCrossEntropy.from_linear(model.lm_head, backend=backend)
+    model.__dict__["_fused_ckpt_loss_head"] = head  # not a submodule: names and state dict unchanged
+    why = _probe_head(model)
+    if why is not None:
+        del model.__dict__["_fused_ckpt_loss_head"]
+        return False, why
+    model.__dict__["forward"] = types.MethodType(_make_fused_loss_forward(type(model).forward), model)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = emb is not None and getattr(emb, "weight", None) is model.lm_head.weight
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return True, ("fused linear cross-entropy when labels are passed (logits not materialised, returned as None; "
+                  f"recompute=True{', softcap ' + str(cap) if cap else ''}"
+                  f"{', tied to the input embedding' if tied else ''}"
+                  f"{', bias' if model.lm_head.bias is not None else ''})")
+
+
 # ============================================================================ state dicts
 def hf_layout(model: nn.Module, tensors: dict) -> dict:
     """``{name: tensor}`` of a patched model in the original Hugging Face layout: patching keeps
@@ -854,4 +1089,5 @@ def hf_state_dict(model: nn.Module) -> dict:
     return model.state_dict()
 
 
-__all__ = ["patch_hf_model", "PatchReport", "FusedHFAttention", "FusedHFDecoderLayer", "hf_state_dict", "hf_layout"]
+__all__ = ["patch_hf_model", "PatchReport", "FusedHFAttention", "FusedHFDecoderLayer", "hf_state_dict", "hf_layout",
+           "fused_loss_head"]
