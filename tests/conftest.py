@@ -27,6 +27,38 @@ import torch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _exactly_rounded_interpreter_dot() -> None:
+    """Under the interpreter every ``tl.dot`` is ``np.matmul`` in the accumulator's dtype, so
+    an fp32 dot's rounding is whatever inner kernel numpy's BLAS picks for this CPU at run time
+    (OpenBLAS: Haswell, SkylakeX, Zen ...). Measured on the fp32 flash-attention backward tests
+    (head_dim 256, seeds 0-9): that choice alone moved the kernel's error from 0.4x to 4.9x
+    PyTorch's fp32 error, so a 2x bound passed on one CPU and failed on another while the
+    kernel's arithmetic was the same. Here a float dot is computed in float64 (products of
+    fp32/fp16/bf16 values are exact there) and rounded once to the accumulator's dtype: the
+    result is the correctly rounded fp32 dot on every CPU, which is what the tests then judge
+    the kernel's algorithm with (tiling, online softmax, masking, accumulation order). On a GPU
+    the tests run the hardware's dots; this is only the interpreter's model of ``tl.dot``."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    plain = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        acc = d.data
+        if not (np.issubdtype(acc.dtype, np.floating) and acc.dtype.itemsize <= 4
+                and a.data.dtype.kind == "f" and b.data.dtype.kind == "f"):
+            return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+        wide = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + acc.astype(np.float64)
+        return interpreter.TensorHandle(wide.astype(acc.dtype), d.dtype.scalar)
+
+    builder.create_dot = create_dot
+
+
+if INTERPRET:
+    _exactly_rounded_interpreter_dot()
 TRITON_OK = HAS_CUDA or INTERPRET  # Triton kernels can run: compiled on a GPU or interpreted
 DEVICE = "cuda" if HAS_CUDA else "cpu"  # where Triton tests make their tensors
 TRITON_SKIP_REASON = "Triton kernels need CUDA or TRITON_INTERPRET=1"
