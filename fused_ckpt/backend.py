@@ -56,11 +56,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
         if dtype == torch.float64:
             return "aten"
         return "triton" if (device.type == "cuda" or _interpreting()) else "aten"
+    if dtype is not None:  # a dtype the backend refuses anywhere, before the device question
+        check_backend_dtype(backend, dtype)
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
             "(before triton is imported) to run the Triton kernels on CPU, or use backend='aten'"
         )
-    if dtype is not None:
-        check_backend_dtype(backend, dtype)
     return backend
