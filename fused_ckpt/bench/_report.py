@@ -510,6 +510,24 @@ def rows_table(rows: Sequence[dict], columns: Sequence[tuple], note_width: int =
     return text
 
 
+def per_shape_tables(rows: Sequence[dict], columns: list, device: str) -> str:
+    """One markdown table per shape (in first-seen order) with ``columns``, then a CUDA peak
+    column when the suite ran on CUDA and the gradient-check column: the layout every
+    per-variant suite (attention, block, loss) reports in."""
+    from . import _timing as T
+
+    cols = list(columns)
+    if device == "cuda":
+        cols.append(("peak MiB", lambda r: fmt(r["peak_bytes"] / T.MiB if r.get("peak_bytes") is not None else None,
+                                               ".0f")))
+    cols.append(("grad max err", grad_text))
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        sel = [r for r in rows if r["shape"] == shape]
+        out += [f"### {shape}, {sel[0]['dtype']}", "", rows_table(sel, cols), ""]
+    return "\n".join(out)
+
+
 def targets_table(targets: Sequence[dict]) -> str:
     body = []
     for t in targets:

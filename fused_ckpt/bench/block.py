@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _timing as T
 from ._harness import Prepared, Variant, measure_variants
-from ._report import fmt, grad_text, ms, plot_tradeoff, rows_table
+from ._report import fmt, ms, plot_tradeoff, per_shape_tables
 from .ffn import CompiledBudget, compile_variant_name
 
 NAME = "block"
@@ -236,12 +236,4 @@ def markdown(rows: list, suite_info: dict, device: str) -> str:
         ("saved MiB", lambda r: fmt(r["saved_bytes"] / T.MiB if r.get("saved_bytes") is not None else None, ".2f")),
         ("saved / eager", lambda r: fmt(r.get("saved_vs_eager"), ".3f")),
     ]
-    if device == "cuda":
-        cols.append(("peak MiB", lambda r: fmt(r["peak_bytes"] / T.MiB if r.get("peak_bytes") is not None else None,
-                                               ".0f")))
-    cols.append(("grad max err", grad_text))
-    out = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        sel = [r for r in rows if r["shape"] == shape]
-        out += [f"### {shape}, {sel[0]['dtype']}", "", rows_table(sel, cols), ""]
-    return "\n".join(out)
+    return per_shape_tables(rows, cols, device)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import _timing as T
 from ._harness import Prepared, Variant, measure_variants
-from ._report import fmt, grad_text, ms, plot_tradeoff, rows_table
+from ._report import fmt, ms, plot_tradeoff, per_shape_tables
 
 NAME = "loss"
 DESCRIPTION = "LM head + cross-entropy forward + backward: eager, torch.compile, fused recompute dials, GEMM floor"
@@ -197,12 +197,4 @@ def markdown(rows: list, suite_info: dict, device: str) -> str:
         ("planned MiB", mib("planned_saved_bytes")),
         ("saved / eager", lambda r: fmt(r.get("saved_vs_eager"), ".4f")),
     ]
-    if device == "cuda":
-        cols.append(("peak MiB", lambda r: fmt(r["peak_bytes"] / T.MiB if r.get("peak_bytes") is not None else None,
-                                               ".0f")))
-    cols.append(("grad max err", grad_text))
-    out = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        sel = [r for r in rows if r["shape"] == shape]
-        out += [f"### {shape}, {sel[0]['dtype']}", "", rows_table(sel, cols), ""]
-    return "\n".join(out)
+    return per_shape_tables(rows, cols, device)
