@@ -376,3 +376,58 @@ def test_frozen_input_only_weight_grads(kind, width):
         grads.append([p.grad for p in params if p is not None])
     for u, v in zip(*grads):
         torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5)
+
+
+def _gemma_rms(x, w, eps):
+    """The Gemma family's ``(1 + w)`` RMSNorm as transformers' GemmaRMSNorm computes it (fp32
+    math, ``1 + w.float()``, one rounding to x's dtype)."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + (w.float() if w.dtype != torch.float64 else w))).type_as(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_offset_weight_is_gemmas_one_plus_w(dtype, backend):
+    """``offset=1.0`` computes ``xhat * (1 + w)`` with the gradient flowing to w (dw is that of
+    the effective weight); forward and gradients match float64 by the rule, against PyTorch's
+    own (Hugging Face's) computation in the same dtype; nothing besides x and rstd is kept."""
+    x = (torch.randn(3, 5, 40) * 2 + 0.3).to(dtype)
+    w = (0.3 * torch.randn(40)).to(dtype)  # Gemma's weights sit around 0 (initialised to zeros)
+    g = torch.randn(3, 5, 40).to(dtype)
+    outs = {}
+    for name, fn, dt in (("got", lambda a, b: rms_norm(a, b, 1e-6, backend, offset=1.0), dtype),
+                         ("ref", lambda a, b: _gemma_rms(a, b, 1e-6), torch.float64),
+                         ("pt", lambda a, b: _gemma_rms(a, b, 1e-6), dtype)):
+        xl, wl = x.detach().to(dt).requires_grad_(), w.detach().to(dt).requires_grad_()
+        with SavedTensors() as s:
+            y = fn(xl, wl)
+        y.backward(g.to(dt))
+        outs[name] = (y.detach(), xl.grad, wl.grad)
+        if name == "got":
+            assert s.total_bytes([wl]) == norm_saved_bytes(15, 40, x.element_size(), False)
+    for i, n in enumerate(("y", "dx", "dw")):
+        assert outs["got"][i].dtype == dtype
+        assert_close_by_rule(outs["got"][i], outs["ref"][i], outs["pt"][i], n)
+    if backend == "aten" and dtype == torch.float32:  # the same fp32 operations: bit-identical
+        assert torch.equal(outs["got"][0], outs["pt"][0])
+    # re-applied from the saved rstd: the same y
+    with torch.no_grad():
+        y, rstd = rms_norm(x, w, 1e-6, backend, return_stats=True, offset=1.0)
+        assert torch.equal(rms_norm_apply_stats(x, w, rstd, backend, offset=1.0), y)
+    with pytest.raises(ValueError, match="needs a weight"):
+        rms_norm(x, None, 1e-6, backend, offset=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_offset(backend):
+    ops = torch.ops.fused_ckpt
+    x = torch.randn(2, 3, 33, requires_grad=True)
+    w = torch.randn(33, requires_grad=True)
+    dy = torch.randn(2, 3, 33)
+    with torch.no_grad():
+        _, rstd = ops.rms_norm_forward(x, w, 1e-6, backend, 1.0)
+    for op, args in ((ops.rms_norm_forward, (x, w, 1e-6, backend, 1.0)),
+                     (ops.rms_norm_apply, (x, w, rstd, backend, 1.0)),
+                     (ops.rms_norm_backward, (dy, x.detach(), w.detach(), rstd, [True, True], backend, 1.0))):
+        torch.library.opcheck(op, args)

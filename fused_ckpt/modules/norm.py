@@ -10,20 +10,27 @@ from ..ops.norm import layer_norm, rms_norm
 class FusedRMSNorm(nn.Module):
     """RMSNorm, Llama style (fp32 math, one rounding): keeps x and the per-row rstd for backward.
 
-    Equivalent PyTorch: ``transformers``' ``LlamaRMSNorm(d, eps)``, ``torch.nn.RMSNorm(d, eps)``.
+    ``offset=1.0`` is the Gemma family's ``(1 + w)`` RMSNorm: ``y = xhat * (1 + w.float())``
+    (fp32, one rounding), the weight initialised to zeros as Gemma's is.
+
+    Equivalent PyTorch: ``transformers``' ``LlamaRMSNorm(d, eps)``, ``torch.nn.RMSNorm(d, eps)``;
+    with ``offset=1.0``, ``GemmaRMSNorm(d, eps)``.
     """
 
     def __init__(self, d_model: int, eps: float = 1e-6, elementwise_affine: bool = True, device=None,
-                 dtype=None, *, backend: str = "auto"):
+                 dtype=None, *, backend: str = "auto", offset: float = 0.0):
         super().__init__()
-        self.d_model, self.eps, self.backend = d_model, eps, backend
-        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype)) if elementwise_affine else None
+        if offset and not elementwise_affine:
+            raise ValueError(f"FusedRMSNorm: offset={offset} needs elementwise_affine=True")
+        self.d_model, self.eps, self.backend, self.offset = d_model, eps, backend, float(offset)
+        init = torch.zeros if offset else torch.ones
+        self.weight = nn.Parameter(init(d_model, device=device, dtype=dtype)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.backend)
+        return rms_norm(x, self.weight, self.eps, self.backend, offset=self.offset)
 
     def extra_repr(self) -> str:
-        return f"{self.d_model}, eps={self.eps}"
+        return f"{self.d_model}, eps={self.eps}" + (f", offset={self.offset}" if self.offset else "")
 
 
 class FusedLayerNorm(nn.Module):

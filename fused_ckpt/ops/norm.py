@@ -112,8 +112,20 @@ def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd(x: Tensor, w, b, eps: float, rms: bool, backend: str, mean=None, rstd=None):
+def _offset_weight(w: Optional[Tensor], offset: float, x: Tensor) -> Optional[Tensor]:
+    """The weight the math multiplies by: ``w`` itself, or ``w.float() + offset`` (Gemma's
+    ``(1 + w)`` RMSNorm) computed in the statistics dtype, as Hugging Face computes it; the
+    kernels and the aten math read any weight dtype and compute in fp32."""
+    if not offset:
+        return w
+    if w is None:
+        raise ValueError(f"a weight offset ({offset}) needs a weight")
+    return w.to(stats_dtype(x.dtype)) + offset
+
+
+def _fwd(x: Tensor, w, b, eps: float, rms: bool, backend: str, mean=None, rstd=None, offset: float = 0.0):
     """(y shaped like x, mean or None, rstd), statistics shaped ``x.shape[:-1]``."""
+    w = _offset_weight(w, offset, x)
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     sd = stats_dtype(x.dtype)
@@ -131,10 +143,14 @@ def _fwd(x: Tensor, w, b, eps: float, rms: bool, backend: str, mean=None, rstd=N
     return y.view(x.shape), (mean.view(rows) if mean is not None else None), rstd.view(rows)
 
 
-def _bwd(dy: Tensor, x: Tensor, w, mean, rstd: Tensor, rms: bool, needs: list, backend: str):
-    """(dx, dw, db) with empty placeholders for the ones ``needs`` does not flag."""
+def _bwd(dy: Tensor, x: Tensor, w, mean, rstd: Tensor, rms: bool, needs: list, backend: str,
+         offset: float = 0.0):
+    """(dx, dw, db) with empty placeholders for the ones ``needs`` does not flag. With an
+    ``offset`` the math multiplies by ``w + offset``, whose gradient is dw itself."""
     need_dx, need_dw, need_db = needs
     need_dw = need_dw and w is not None
+    w_dtype = w.dtype if w is not None else None
+    w = _offset_weight(w, offset, x)
     N = x.shape[-1]
     x2, dy2 = x.reshape(-1, N), dy.reshape(-1, N)
     rstd = rstd.reshape(-1).contiguous()
@@ -147,7 +163,7 @@ def _bwd(dy: Tensor, x: Tensor, w, mean, rstd: Tensor, rms: bool, needs: list, b
     else:
         dx, dw, db = _aten_bwd(dy2, x2, w, mean, rstd, rms, need_dx, need_dw, need_db)
     return (dx.view(x.shape) if dx is not None else _empty(x),
-            dw.to(w.dtype) if dw is not None else _empty(x),
+            dw.to(w_dtype) if dw is not None else _empty(x),
             db.to(dy.dtype) if db is not None else _empty(x))
 
 
@@ -164,14 +180,16 @@ def _fake_stats(x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- the ops
 @torch.library.custom_op("fused_ckpt::rms_norm_forward", mutates_args=())
-def rms_norm_forward(x: Tensor, weight: Optional[Tensor], eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    """(y, rstd): y like x; rstd [x.shape[:-1]] fp32. Saves x, rstd (and weight) for backward."""
-    y, _, rstd = _fwd(x, weight, None, eps, True, backend)
+def rms_norm_forward(x: Tensor, weight: Optional[Tensor], eps: float, backend: str,
+                     offset: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(y, rstd): y like x; rstd [x.shape[:-1]] fp32. Saves x, rstd (and weight) for backward.
+    ``offset``: y = xhat * (weight + offset) (1.0: Gemma's ``(1 + w)``)."""
+    y, _, rstd = _fwd(x, weight, None, eps, True, backend, offset=offset)
     return y, rstd
 
 
 @rms_norm_forward.register_fake
-def _(x, weight, eps, backend):
+def _(x, weight, eps, backend, offset=0.0):
     return x.new_empty(x.shape), _fake_stats(x)
 
 
@@ -189,13 +207,15 @@ def _(x, weight, bias, eps, backend):
 
 
 @torch.library.custom_op("fused_ckpt::rms_norm_apply", mutates_args=())
-def rms_norm_apply(x: Tensor, weight: Optional[Tensor], rstd: Tensor, backend: str) -> Tensor:
-    """y = x * rstd * weight from saved statistics (no reduction). Saves x, rstd (and weight)."""
-    return _fwd(x, weight, None, 0.0, True, backend, None, rstd)[0]
+def rms_norm_apply(x: Tensor, weight: Optional[Tensor], rstd: Tensor, backend: str,
+                   offset: float = 0.0) -> Tensor:
+    """y = x * rstd * (weight + offset) from saved statistics (no reduction). Saves x, rstd
+    (and weight)."""
+    return _fwd(x, weight, None, 0.0, True, backend, None, rstd, offset)[0]
 
 
 @rms_norm_apply.register_fake
-def _(x, weight, rstd, backend):
+def _(x, weight, rstd, backend, offset=0.0):
     return x.new_empty(x.shape)
 
 
@@ -214,15 +234,15 @@ def _(x, weight, bias, mean, rstd, backend):
 
 @torch.library.custom_op("fused_ckpt::rms_norm_backward", mutates_args=())
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                      needs_grad: list[bool], backend: str) -> tuple[Tensor, Tensor]:
+                      needs_grad: list[bool], backend: str, offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """(dx, dweight); ``needs_grad`` flags them in that order, an unflagged one is an empty
-    placeholder. Uses only x, weight, rstd and dy."""
-    dx, dw, _ = _bwd(dy, x, weight, None, rstd, True, list(needs_grad) + [False], backend)
+    placeholder. Uses only x, weight, rstd and dy (and the forward's ``offset``)."""
+    dx, dw, _ = _bwd(dy, x, weight, None, rstd, True, list(needs_grad) + [False], backend, offset)
     return dx, dw
 
 
 @rms_norm_backward.register_fake
-def _(dy, x, weight, rstd, needs_grad, backend):
+def _(dy, x, weight, rstd, needs_grad, backend, offset=0.0):
     return _fake_bwd(dy, x, weight, list(needs_grad) + [False])[:2]
 
 
@@ -245,7 +265,8 @@ def _setup_rms(ctx, inputs, output):
     rstd = output[1]
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
-    ctx.backend = inputs[-1]
+    ctx.backend, ctx.offset = inputs[3], (inputs[4] if len(inputs) > 4 else 0.0)
+    ctx.n_inputs = len(inputs)
 
 
 def _setup_ln(ctx, inputs, output):
@@ -257,9 +278,10 @@ def _setup_ln(ctx, inputs, output):
 
 
 def _setup_rms_apply(ctx, inputs, output):
-    x, weight, rstd, backend = inputs
+    x, weight, rstd, backend = inputs[:4]
     ctx.save_for_backward(x, weight, rstd)
-    ctx.backend = backend
+    ctx.backend, ctx.offset = backend, (inputs[4] if len(inputs) > 4 else 0.0)
+    ctx.n_inputs = len(inputs)
 
 
 def _setup_ln_apply(ctx, inputs, output):
@@ -272,7 +294,7 @@ def _rms_grads(ctx, grad_y):
     x, weight, rstd = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:2])
     with torch.no_grad():
-        grads = rms_norm_backward(grad_y, x, weight, rstd, needs, ctx.backend)
+        grads = rms_norm_backward(grad_y, x, weight, rstd, needs, ctx.backend, ctx.offset)
     grads = guard_double_backward(grads, (grad_y, x, weight), "rms_norm / layer_norm")
     return tuple(g if n else None for g, n in zip(grads, needs))
 
@@ -287,7 +309,7 @@ def _ln_grads(ctx, grad_y, bias_index):
 
 
 def _backward_rms(ctx, grad_y, grad_rstd):
-    return _rms_grads(ctx, grad_y) + (None, None)
+    return _rms_grads(ctx, grad_y) + (None,) * (ctx.n_inputs - 2)
 
 
 def _backward_ln(ctx, grad_y, grad_mean, grad_rstd):
@@ -295,7 +317,7 @@ def _backward_ln(ctx, grad_y, grad_mean, grad_rstd):
 
 
 def _backward_rms_apply(ctx, grad_y):
-    return _rms_grads(ctx, grad_y) + (None, None)
+    return _rms_grads(ctx, grad_y) + (None,) * (ctx.n_inputs - 2)
 
 
 def _backward_ln_apply(ctx, grad_y):
@@ -368,7 +390,7 @@ def _prepare(x: Tensor, weight, bias, backend: str, stats: tuple = ()):
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, backend: str = "auto", *,
-             return_stats: bool = False):
+             return_stats: bool = False, offset: float = 0.0):
     """RMSNorm over the last dimension (Llama style: fp32 math, one rounding to x's dtype).
 
     Args:
@@ -378,17 +400,22 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, backend: st
         backend: "auto", "triton" or "aten" (see :mod:`fused_ckpt.backend`).
         return_stats: also return ``rstd`` (``x.shape[:-1]``, fp32, no gradient) for
             :func:`rms_norm_apply_stats`.
+        offset: multiply by ``weight.float() + offset`` instead of the weight (1.0: the Gemma
+            family's ``(1 + w)`` RMSNorm; the offset weight is formed in fp32 inside the op,
+            so nothing besides x, rstd and the weight is kept).
 
     Saves x and rstd for backward (plus the weight); see the module docstring.
 
     Equivalent PyTorch::
 
         xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)).to(x.dtype)
     """
     x, weight, _, be = _prepare(x, weight, None, backend)
+    if offset and weight is None:
+        raise ValueError(f"rms_norm: offset={offset} needs a weight (y = xhat * (weight + offset))")
     with torch.autocast(x.device.type, enabled=False):
-        y, rstd = rms_norm_forward(x, weight, float(eps), be)
+        y, rstd = rms_norm_forward(x, weight, float(eps), be, float(offset))
     return (y, rstd) if return_stats else y
 
 
@@ -417,7 +444,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     return (y, mean, rstd) if return_stats else y
 
 
-def rms_norm_apply_stats(x: Tensor, weight: Optional[Tensor], rstd: Tensor, backend: str = "auto") -> Tensor:
+def rms_norm_apply_stats(x: Tensor, weight: Optional[Tensor], rstd: Tensor, backend: str = "auto", *,
+                         offset: float = 0.0) -> Tensor:
     """Recompute ``rms_norm(x, weight)`` from its saved ``rstd`` (no reduction over the row).
 
     Differentiable w.r.t. x and weight with the true RMSNorm gradient (rstd is treated as the
@@ -425,12 +453,14 @@ def rms_norm_apply_stats(x: Tensor, weight: Optional[Tensor], rstd: Tensor, back
 
     Equivalent PyTorch::
 
-        y = (x.float() * rstd[..., None] * weight.float()).to(x.dtype)
-        # with the gradient of rms_norm(x, weight) flowing to x and weight
+        y = (x.float() * rstd[..., None] * (weight.float() + offset)).to(x.dtype)
+        # with the gradient of rms_norm(x, weight, offset=offset) flowing to x and weight
     """
     x, weight, _, be = _prepare(x, weight, None, backend, (("rstd", rstd),))
+    if offset and weight is None:
+        raise ValueError(f"rms_norm_apply_stats: offset={offset} needs a weight")
     with torch.autocast(x.device.type, enabled=False):
-        return rms_norm_apply(x, weight, rstd.detach(), be)
+        return rms_norm_apply(x, weight, rstd.detach(), be, float(offset))
 
 
 def layer_norm_apply_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
