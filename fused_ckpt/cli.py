@@ -27,38 +27,14 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from ._argtypes import Parser as _Parser
+from ._argtypes import byte_size
+from ._argtypes import positive_int as _positive_int
 from .configs import BUILTIN_CONFIGS
 from .planner import OPTIMIZER_STATES, plan
+from .policy import BudgetTooSmall
 
 HEAD_CHOICES = {"any": None, "fused-recompute": True, "fused-no-recompute": False, "eager": "logits"}
-from .policy import BudgetTooSmall, parse_budget
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, status 2 (argparse's own status for usage errors)
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def byte_size(text: str) -> int:
-    """argparse type of ``--budget`` / ``--memory-cap``: :func:`fused_ckpt.policy.parse_budget`
-    with a unit required (a bare ``24`` would be 24 bytes)."""
-    try:
-        return parse_budget(text, None, require_unit=True)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-_budget = byte_size  # the older name
 
 
 def _version() -> str:

@@ -62,9 +62,10 @@ from torch import nn
 
 from .configs import ModelConfig, load_config
 from .policy import (ATTENTION_DIALS, FFN_DIALS, HEAD_DIALS, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
-                     PerLayer, PlanRow, Site, _layer_frontier, attention_forward_flops, attention_recompute_flops,
-                     attention_saved_bytes, block_full_option, build_layers, format_bytes, parse_budget,
-                     solve_budget)
+                     PerLayer, PlanRow, Site, attention_forward_flops, attention_recompute_flops,
+                     attention_saved_bytes, block_full_option, build_layers, solve_budget)
+from .policy.solver import _layer_frontier
+from .units import format_bytes, parse_budget
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -337,7 +338,7 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
     Face ``config.json``, a dict / ``PretrainedConfig`` / :class:`ModelConfig`, a Hugging Face
     model (its config), or any ``nn.Module`` with fused modules. ``budget``: bytes (an int or an
     integral float such as 1.5e11) or a string ("24GiB", "80 GB", "1.5e11"), see
-    :func:`fused_ckpt.policy.parse_budget`. ``optimizer``: None or "none" (the budget is for
+    :func:`fused_ckpt.units.parse_budget`. ``optimizer``: None or "none" (the budget is for
     activations only), or "adamw"/"adam", "sgd", "sgd-momentum": weights, gradients and those
     optimizer states count against the budget too (the ``fused-ckpt plan`` default is "adamw"). The dials are :class:`MemoryBudget`'s
     exact optimum for the bytes the budget leaves. Verdict: "memory sufficient: skip

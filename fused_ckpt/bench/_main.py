@@ -10,7 +10,7 @@ import time
 import traceback
 from typing import Optional, Sequence
 
-from ..cli import _positive_int
+from .._argtypes import Parser, byte_size, positive_int
 
 SUITES = ("ffn", "attention", "block", "step", "loss")
 DEFAULT_MEMORY_CAP = "24GiB"
@@ -34,8 +34,6 @@ def _suites(text: str) -> list:
 
 
 def _memory_cap(text: str) -> int:
-    from ..cli import byte_size
-
     return byte_size(text)
 
 
@@ -77,17 +75,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-cap", type=_memory_cap, default=None, metavar="SIZE",
                    help=f"step suite: device memory for the largest-batch column, with a unit: 24GiB, 80GB, "
                         f"1.5e10B (default {DEFAULT_MEMORY_CAP})")
-    p.add_argument("--reps", type=_positive_int, default=None, help="CPU: timed round-robin rounds (default 7; --quick 3)")
+    p.add_argument("--reps", type=positive_int, default=None, help="CPU: timed round-robin rounds (default 7; --quick 3)")
     p.add_argument("--warmup", type=_nonneg_int, default=None, help="CPU: warmup calls per variant (default 1)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU: torch threads (default: torch's own; --quick: 1, since tiny ops on a shared "
                         "machine mostly measure thread wake-ups)")
     p.add_argument("--rep-ms", type=float, default=200.0, help="CUDA: do_bench repetition time in ms (>= 200)")
     p.add_argument("--ffn-shapes", default=None, metavar="TxDxF:act[,...]",
                    help="FFN suite shapes, e.g. 8192x4096x14336:swiglu,8192x4096x16384:gelu")
-    p.add_argument("--step-layers", type=_positive_int, default=None, help="step suite: decoder layers")
-    p.add_argument("--step-batch", type=_positive_int, default=None, help="step suite: sequences per step")
-    p.add_argument("--step-seq", type=_positive_int, default=None, help="step suite: tokens per sequence")
+    p.add_argument("--step-layers", type=positive_int, default=None, help="step suite: decoder layers")
+    p.add_argument("--step-batch", type=positive_int, default=None, help="step suite: sequences per step")
+    p.add_argument("--step-seq", type=positive_int, default=None, help="step suite: tokens per sequence")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                    help="print the ratios between two runs' results.json (B relative to A) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,10 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "python -m fused_ckpt.bench") -> argparse.ArgumentParser:
-    from ..cli import _Parser
-
-    p = _Parser(prog=prog, description=__doc__.split("\n")[0],
-                                epilog="Writes results.json, results.md and PNG plots into --out.")
+    p = Parser(prog=prog, description=__doc__.split("\n")[0],
+               epilog="Writes results.json, results.md and PNG plots into --out.")
     add_arguments(p)
     return p
 
@@ -206,7 +202,7 @@ def _run(args, prog: str, dev: str, dtype, ffn_shapes) -> int:
     budgets = args.compile_budgets or ([0.5] if args.quick else [1.0, 0.5])
     memory_cap = args.memory_cap
     if memory_cap is None:
-        from ..policy import parse_bytes
+        from ..units import parse_bytes
 
         memory_cap = parse_bytes(DEFAULT_MEMORY_CAP)
     out = args._out_dir

@@ -6,6 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..accounting import attention_saved_bytes
 from ..ops.block import PARAM_NAMES, BlockFullRecompute, BlockSpec, full_saved_bytes
 from ..ops.norm import norm_saved_bytes
 from .attention import FusedCheckpointedAttention
@@ -100,8 +101,6 @@ class FusedCheckpointedBlock(nn.Module):
     def saved_bytes(self, batch: int, seq: int, dtype: Optional[torch.dtype] = None) -> int:
         """Activation bytes this block keeps for backward (parameters, position ids and masks
         excluded) at its current dials."""
-        from ..policy import attention_saved_bytes
-
         dtype = dtype or self.mlp.param_dtype
         elem = torch.empty((), dtype=dtype).element_size()
         tokens, d = batch * seq, self.mlp.d_model
