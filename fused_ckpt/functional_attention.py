@@ -144,31 +144,48 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
 
 
 def fused_attention_block(
-    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], n_heads: int,
+    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Optional[Tensor], bk: Optional[Tensor],
+    wv: Optional[Tensor], bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], n_heads: int,
     n_kv_heads: Optional[int] = None, *, causal: bool = True, scale: Optional[float] = None,
     rope_theta: Optional[float] = None, position_ids: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None, recompute: Union[str, bool] = "qkv",
-    backend: str = "auto",
+    backend: str = "auto", q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None,
+    qk_norm_eps: float = 1e-6, qk_norm_offset: float = 0.0, rotary_dim: Optional[int] = None,
+    qkv_layout: str = "separate",
 ) -> Tensor:
-    """Self-attention block ``o_proj(attention(rope(q_proj x), rope(k_proj x), v_proj x))`` as one
-    op whose backward recomputes what ``recompute`` says (table in :mod:`fused_ckpt.ops.attention`).
+    """Self-attention block ``o_proj(attention(rope(norm(q_proj x)), rope(norm(k_proj x)), v_proj x))``
+    as one op whose backward recomputes what ``recompute`` says (table in
+    :mod:`fused_ckpt.ops.attention`).
 
     Args:
         x: ``(batch, seqlen, d_model)``.
         wq, bq: ``[n_heads * head_dim, d_model]``; wk, bk, wv, bv:
             ``[n_kv_heads * head_dim, d_model]``; wo, bo: ``[d_out, n_heads * head_dim]``
-            (``nn.Linear`` layout; biases may be None).
+            (``nn.Linear`` layout, any strides: a Conv1D weight can be passed as ``w.t()``;
+            biases may be None).
         rope_theta: rotary base (Hugging Face Llama ``rotate_half`` convention) or None.
         position_ids: int ``(seqlen,)``, ``(1, seqlen)`` or ``(batch, seqlen)``; default 0..S-1.
         key_padding_mask: bool ``(batch, seqlen)``, True = attend to this key.
         recompute: "all" (keep x, lse), "qkv" (keep x, attention output, lse) or False (keep
             x, q, k, v, attention output, lse). True means "all".
+        q_norm, k_norm: QK-norm: RMSNorm weights applied to q and k after the projection (and
+            bias), before the rotary embedding: ``[head_dim]`` normalises each head (Qwen3,
+            Gemma3), ``[n_heads * head_dim]`` / ``[n_kv_heads * head_dim]`` the whole
+            projection (OLMo2). Recomputed in backward with q/k, never saved.
+        qk_norm_eps: the norms' epsilon. qk_norm_offset: 1.0 multiplies by ``(1 + w)``
+            (Gemma), formed in fp32.
+        rotary_dim: rotate only the first ``rotary_dim`` dims of each head (GPT-NeoX, Phi
+            partial rotary; tables with ``dim = rotary_dim``); None = all.
+        qkv_layout: "separate" (wq, wk, wv), "packed" (wq is one ``[(H + 2 H_kv) D, d]``
+            weight with rows [q; k; v] and bq its bias, as Phi-3 ``qkv_proj`` and GPT-2
+            ``c_attn.weight.t()``; wk, bk, wv, bv None) or "neox" (wq ``[3 H D, d]`` with
+            rows interleaved per head, ``view(H, 3, D, d)``, as GPT-NeoX ``query_key_value``;
+            H_kv = H). Gradients land on the packed weight (one GEMM each for dW and dx).
 
     Equivalent PyTorch::
 
-        q = rope(F.linear(x, wq, bq).view(B, S, H, D))
-        k = rope(F.linear(x, wk, bk).view(B, S, H_kv, D))
+        q = rope(rms_norm(F.linear(x, wq, bq).view(B, S, H, D), q_norm))   # norms: when given
+        k = rope(rms_norm(F.linear(x, wk, bk).view(B, S, H_kv, D), k_norm))
         v = F.linear(x, wv, bv).view(B, S, H_kv, D)
         y = F.linear(flash_attention(q, k, v, causal, scale, key_padding_mask).flatten(2), wo, bo)
     """
@@ -177,11 +194,14 @@ def fused_attention_block(
     mode = recompute_mode(recompute)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    x, wq, bq, wk, bk, wv, bv, wo, bo = _autocast(x, wq, bq, wk, bk, wv, bv, wo, bo, device_type=x.device.type)
+    x, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm = _autocast(x, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm,
+                                                                  device_type=x.device.type)
     be = resolve_backend(backend, x.device, x.dtype)
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-    _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, be)
-    head_dim = wq.shape[0] // n_heads
+    _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, be, qkv_layout)
+    head_dim = wo.shape[1] // n_heads
+    _check_qk_norm(q_norm, k_norm, qk_norm_eps, qk_norm_offset, n_heads, n_kv_heads, head_dim, x)
+    rotary_dim = _check_rotary_dim(rotary_dim, head_dim, rope_theta)
     scale = _check_scale(scale, head_dim)
     B, S, _ = x.shape
     _check_mask(key_padding_mask, B, S, x.device)
@@ -195,7 +215,10 @@ def fused_attention_block(
     with _autocast_off(x.device.type):
         y = attn_block_forward(x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask,
                                n_heads, n_kv_heads, bool(causal), scale,
-                               None if rope_theta is None else float(rope_theta), mode, be)[0]
+                               None if rope_theta is None else float(rope_theta), mode, be,
+                               q_norm=q_norm, k_norm=k_norm, qk_norm_eps=float(qk_norm_eps),
+                               qk_norm_offset=float(qk_norm_offset), rotary_dim=rotary_dim,
+                               qkv_layout=qkv_layout)[0]
     return y
 
 
@@ -219,7 +242,38 @@ def _check_positions(position_ids: Tensor, batch: int, seqlen: int, device: torc
     return position_ids.long()
 
 
-def _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, backend) -> None:
+def _check_qk_norm(q_norm, k_norm, eps, offset, n_heads: int, n_kv_heads: int, head_dim: int, x: Tensor) -> None:
+    for name, val in (("qk_norm_eps", eps), ("qk_norm_offset", offset)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise ValueError(f"{name} must be a finite number, got {val!r}")
+    if not eps >= 0:
+        raise ValueError(f"qk_norm_eps must be >= 0, got {eps!r}")
+    for name, w, n in (("q_norm", q_norm, n_heads), ("k_norm", k_norm, n_kv_heads)):
+        if w is None:
+            continue
+        if not isinstance(w, Tensor):
+            raise TypeError(f"{name} must be a tensor (the RMSNorm weight) or None, got {type(w).__name__}")
+        if w.dim() != 1 or w.shape[0] not in (head_dim, n * head_dim):
+            raise ValueError(f"{name} has shape {tuple(w.shape)}, expected ({head_dim},) (per head) or "
+                             f"({n * head_dim},) (the whole projection: {n} heads x head_dim {head_dim})")
+        if w.device != x.device:
+            raise ValueError(f"{name} is on {w.device} but x is on {x.device}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} is {w.dtype} but x is {x.dtype} (outside autocast they must match)")
+
+
+def _check_rotary_dim(rotary_dim, head_dim: int, rope_theta) -> Optional[int]:
+    if rotary_dim is None or (rope_theta is not None and rotary_dim == head_dim):
+        return None
+    if rope_theta is None:
+        raise ValueError(f"rotary_dim={rotary_dim!r} was given but the block has no rotary embedding (rope_theta=None)")
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or not 0 < rotary_dim <= head_dim \
+            or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be an even int in (0, head_dim={head_dim}], got {rotary_dim!r}")
+    return rotary_dim
+
+
+def _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, backend, qkv_layout="separate") -> None:
     for name, n in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
@@ -227,22 +281,45 @@ def _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, backend
         raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (grouped-query attention)")
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, seqlen, d_model), got shape {tuple(x.shape)}")
-    for name, w in (("q_proj.weight", wq), ("k_proj.weight", wk), ("v_proj.weight", wv), ("o_proj.weight", wo)):
+    if qkv_layout not in ("separate", "packed", "neox"):
+        raise ValueError(f"qkv_layout must be 'separate', 'packed' or 'neox', got {qkv_layout!r}")
+    packed = qkv_layout != "separate"
+    if packed:
+        for name, t in (("wk", wk), ("bk", bk), ("wv", wv), ("bv", bv)):
+            if t is not None:
+                raise ValueError(f"qkv_layout={qkv_layout!r}: wq holds the packed q/k/v weight (and bq its bias); "
+                                 f"{name} must be None")
+        if qkv_layout == "neox" and n_kv_heads != n_heads:
+            raise ValueError(f"qkv_layout='neox' interleaves q, k, v per head: n_kv_heads={n_kv_heads} must equal "
+                             f"n_heads={n_heads}")
+    qname = "the packed qkv weight" if packed else "q_proj.weight"
+    projs = (("q_proj.weight" if not packed else qname, wq), ("o_proj.weight", wo)) + \
+        ((("k_proj.weight", wk), ("v_proj.weight", wv)) if not packed else ())
+    for name, w in projs:
         if not isinstance(w, Tensor) or w.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor")
     d = x.shape[-1]
-    if wq.shape[0] % n_heads:
-        raise ValueError(f"q_proj.weight has {wq.shape[0]} rows, not a multiple of n_heads={n_heads}")
-    D = wq.shape[0] // n_heads
+    if wo.shape[1] % n_heads:
+        raise ValueError(f"o_proj.weight has shape {tuple(wo.shape)}: its {wo.shape[1]} input columns are not a "
+                         f"multiple of n_heads={n_heads}")
+    D = wo.shape[1] // n_heads
     _check_head_dim(D)
-    for name, w, rows in (("q_proj", wq, n_heads * D), ("k_proj", wk, n_kv_heads * D), ("v_proj", wv, n_kv_heads * D)):
-        if tuple(w.shape) != (rows, d):
-            raise ValueError(f"{name}.weight has shape {tuple(w.shape)}, expected ({rows}, {d}) for d_model={d}, "
+    if packed:
+        rows = (n_heads + 2 * n_kv_heads) * D
+        if tuple(wq.shape) != (rows, d):
+            raise ValueError(f"{qname} has shape {tuple(wq.shape)}, expected ({rows}, {d}) for d_model={d}, "
                              f"head_dim={D}, n_heads={n_heads}, n_kv_heads={n_kv_heads} (x {tuple(x.shape)})")
-    if wo.shape[1] != n_heads * D:
-        raise ValueError(f"o_proj.weight has shape {tuple(wo.shape)}, expected (d_out, {n_heads * D})")
-    named = [("x", x), ("q_proj.weight", wq), ("k_proj.weight", wk), ("v_proj.weight", wv), ("o_proj.weight", wo)]
-    for name, b, w in (("q_proj", bq, wq), ("k_proj", bk, wk), ("v_proj", bv, wv), ("o_proj", bo, wo)):
+    else:
+        for name, w, rows in (("q_proj", wq, n_heads * D), ("k_proj", wk, n_kv_heads * D),
+                              ("v_proj", wv, n_kv_heads * D)):
+            if tuple(w.shape) != (rows, d):
+                raise ValueError(f"{name}.weight has shape {tuple(w.shape)}, expected ({rows}, {d}) for d_model={d}, "
+                                 f"head_dim={D}, n_heads={n_heads}, n_kv_heads={n_kv_heads} (x {tuple(x.shape)})")
+    named = [("x", x)] + list(projs)
+    biases = (("qkv" if packed else "q_proj", bq, wq), ("o_proj", bo, wo))
+    if not packed:
+        biases += (("k_proj", bk, wk), ("v_proj", bv, wv))
+    for name, b, w in biases:
         if b is not None:
             if tuple(b.shape) != (w.shape[0],):
                 raise ValueError(f"{name}.bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")

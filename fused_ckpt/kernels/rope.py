@@ -8,6 +8,10 @@ INVERSE applies the transposed rotation (angle -a): the backward of the forward 
 since a rotation's Jacobian is the rotation itself. The cos/sin tables are built by the
 caller in fp32 (torch's accurate trig; Triton's fast sin/cos lose accuracy at the large
 angles of long sequences); the rotation is done in fp32 and rounded once.
+
+Partial rotary (GPT-NeoX, Phi): the caller passes the rotated slice ``x[..., :rotary_dim]``
+(a strided view; the launcher reads strides), so the remaining dims are never touched. HALF
+need not be a power of two (e.g. rotary_dim 48 -> 24): the tile is BLOCK_HALF wide, masked.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def _rope_kernel(
     stride_cb, stride_cs, stride_cd,
     stride_ob, stride_os, stride_oh, stride_od,
     S, H,
-    HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_T: tl.constexpr,
+    HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """x_ptr, out_ptr: [B, S, H, 2*HALF] (may be the same tensor: in place); cos_ptr, sin_ptr:
     [B or 1, S, HALF] fp32 sharing strides (stride_cb = 0 broadcasts one table over the batch).
@@ -38,8 +42,8 @@ def _rope_kernel(
     b = tl.program_id(1).to(tl.int64)
     t64 = t0.to(tl.int64)
     rows = tl.arange(0, BLOCK_T)
-    offs_f = tl.arange(0, HALF)
-    mask = ((t0 + rows) < S)[:, None]
+    offs_f = tl.arange(0, BLOCK_HALF)
+    mask = ((t0 + rows) < S)[:, None] & (offs_f < HALF)[None, :]
     # scalar int64 bases + int32 in-tile offsets (as the attention kernels)
     c_off = b * stride_cb + t64 * stride_cs + rows[:, None] * stride_cs + offs_f[None, :] * stride_cd
     c = tl.load(cos_ptr + c_off, mask=mask, other=0.0)
@@ -62,7 +66,8 @@ def _rope_kernel(
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate ``x`` [B, S, H, D] in place. cos, sin: [B or 1, S, D/2] fp32, same strides."""
+    """Rotate ``x`` [B, S, H, D] (any strides: a slice of the head dim for partial rotary) in
+    place. cos, sin: [B or 1, S, D/2] fp32, same strides."""
     B, S, H, D = x.shape
     assert cos.shape == sin.shape and cos.shape[1:] == (S, D // 2) and cos.shape[0] in (1, B), (cos.shape, x.shape)
     assert cos.stride() == sin.stride() and cos.dtype == sin.dtype == torch.float32
@@ -73,7 +78,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool =
         x, cos, sin, x,
         *x.stride(), cb, cos.stride(1), cos.stride(2), *x.stride(),
         S, H,
-        HALF=D // 2, INVERSE=inverse, BLOCK_T=ROPE_BLOCK_T,
+        HALF=D // 2, INVERSE=inverse, BLOCK_T=ROPE_BLOCK_T, BLOCK_HALF=triton.next_power_of_2(max(D // 2, 1)),
         num_warps=2 if INTERPRET else 4,
     )
     return x
@@ -87,4 +92,4 @@ def aot_specs(B: int = 2, S: int = 4096, H: int = 32) -> list:
     ints = {"S": S, "H": H, "stride_cb": 0, "stride_cs": D // 2, "stride_cd": 1}
     ints.update({f"stride_x{k}": v for k, v in st.items()})
     ints.update({f"stride_o{k}": v for k, v in st.items()})
-    return [(_rope_kernel, "bf16", dict(HALF=D // 2, INVERSE=False, BLOCK_T=ROPE_BLOCK_T), ints)]
+    return [(_rope_kernel, "bf16", dict(HALF=D // 2, INVERSE=False, BLOCK_T=ROPE_BLOCK_T, BLOCK_HALF=D // 2), ints)]

@@ -66,7 +66,9 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def rope_tables(position_ids: Optional[Tensor], seqlen: int, head_dim: int, theta: float,
                 device: torch.device) -> tuple[Tensor, Tensor]:
     """fp32 cos/sin [B or 1, S, head_dim/2] exactly as Hugging Face's default rotary embedding
-    computes them (inv_freq = 1 / theta^(2i/D) in fp32, angle = position * inv_freq in fp32)."""
+    computes them (inv_freq = 1 / theta^(2i/D) in fp32, angle = position * inv_freq in fp32).
+    For partial rotary pass the rotated width as ``head_dim`` (Hugging Face's ``dim`` =
+    ``head_dim * partial_rotary_factor``)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     pos = (torch.arange(seqlen, device=device)[None] if position_ids is None else position_ids).float()
     freqs = pos[..., None] * inv_freq
@@ -74,13 +76,15 @@ def rope_tables(position_ids: Optional[Tensor], seqlen: int, head_dim: int, thet
 
 
 def _aten_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
-    half = x.shape[-1] // 2
+    """Rotate the first ``2 * cos.shape[-1]`` dims of each head of x [B, S, H, D] (rotate_half
+    convention within them); the rest pass through (partial rotary)."""
+    half = cos.shape[-1]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     if inverse:
         s = -s
     acc = lse_dtype(x.dtype)
-    x1, x2 = x[..., :half].to(acc), x[..., half:].to(acc)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
+    x1, x2 = x[..., :half].to(acc), x[..., half:2 * half].to(acc)
+    return torch.cat([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype), x[..., 2 * half:]], -1)
 
 
 # --------------------------------------------------------------------------- aten math
@@ -283,7 +287,8 @@ class TritonAttention:
     def rope(x, cos, sin, inverse=False):
         from ..kernels.rope import rope_
         check_backend_dtype("triton", x.dtype, "the rotary embedding's input")
-        return rope_(x, cos, sin, inverse)  # x is always a fresh temporary here: in place
+        rope_(x[..., :2 * cos.shape[-1]], cos, sin, inverse)  # x is always a fresh temporary here: in place
+        return x
 
 
 ATTN_BACKENDS = {"triton": TritonAttention, "aten": AtenAttention}
@@ -346,58 +351,128 @@ flash_attn_forward.register_autograd(_flash_backward, setup_context=_flash_setup
 
 
 # --------------------------------------------------------------------------- attention block op
+QKV_LAYOUTS = ("separate", "packed", "neox")
+
+
 def _heads(x: Tensor, n: int) -> Tensor:
     """[B, S, n * D] -> [B, S, n, D] (sizes spelled out: with no tokens, -1 is ambiguous)."""
     return x.view(x.shape[0], x.shape[1], n, x.shape[2] // n)
 
 
-def _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, tables):
-    """q, k (rotated when ``tables``), v, each [B, S, heads, D], fresh tensors."""
-    q = _heads(F.linear(x, wq, bq), n_heads)
-    k = _heads(F.linear(x, wk, bk), n_kv_heads)
-    v = _heads(F.linear(x, wv, bv), n_kv_heads)
-    if tables is not None:
-        q = be.rope(q, *tables)
-        k = be.rope(k, *tables)
-    return q, k, v
+def _raw_qkv(x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, head_dim, qkv_layout):
+    """q, k, v [B, S, heads, D] straight from the projections (bias added; no norm, no
+    rotary), each a fresh contiguous tensor. ``qkv_layout`` (see the module docstring):
+    "separate" (wq, wk, wv), "packed" (wq = the rows [q; k; v]) or "neox" (wq = rows
+    interleaved per head, ``view(H, 3, D, d)``)."""
+    B, S, _ = x.shape
+    if qkv_layout == "separate":
+        return (_heads(F.linear(x, wq, bq), n_heads), _heads(F.linear(x, wk, bk), n_kv_heads),
+                _heads(F.linear(x, wv, bv), n_kv_heads))
+    qkv = F.linear(x, wq, bq)
+    if qkv_layout == "neox":
+        q, k, v = qkv.view(B, S, n_heads, 3, head_dim).unbind(3)
+    else:
+        q, k, v = (_heads(t, n) for t, n in zip(
+            qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], -1),
+            (n_heads, n_kv_heads, n_kv_heads)))
+    # copies (even when a view happens to be contiguous, e.g. one token): no two share storage
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _tables(x: Tensor, wq: Tensor, n_heads: int, position_ids, rope_theta):
+def _norm_weight(w: Tensor, offset: float, dtype: torch.dtype) -> Tensor:
+    """The weight the RMSNorm multiplies by: ``w``, or ``offset + w`` formed in fp32 (fp64 for
+    fp64 inputs), as Gemma's ``(1 + w)`` norm computes it."""
+    return w if offset == 0.0 else w.to(lse_dtype(dtype)) + offset
+
+
+def _qk_norm(t: Tensor, w: Optional[Tensor], eps: float, offset: float, backend: str):
+    """(RMSNorm of t [B, S, n, D] over each head (w [D]) or over the whole projection
+    (w [n * D]), its rstd); (t, None) without a weight."""
+    if w is None:
+        return t, None
+    from .norm import rms_norm_forward
+
+    flat = t if w.shape[0] == t.shape[-1] else t.view(t.shape[0], t.shape[1], -1)
+    y, rstd = rms_norm_forward(flat, _norm_weight(w, offset, t.dtype), eps, backend)
+    return y.view(t.shape), rstd
+
+
+def _qk_norm_backward(g: Tensor, t: Tensor, w: Optional[Tensor], rstd, offset: float, need_w: bool,
+                      backend: str):
+    """(dL/dt, dL/dw or None) of :func:`_qk_norm` from the norm's input t and its rstd."""
+    if w is None:
+        return g, None
+    from .norm import rms_norm_backward
+
+    flat = (lambda a: a) if w.shape[0] == t.shape[-1] else (lambda a: a.reshape(a.shape[0], a.shape[1], -1))
+    dt, dw = rms_norm_backward(flat(g), flat(t), _norm_weight(w, offset, t.dtype), rstd, [True, need_w], backend)
+    return dt.view(t.shape), (dw.to(w.dtype) if need_w else None)
+
+
+def _rotate(be, t: Tensor, tables, inverse: bool = False) -> Tensor:
+    return t if tables is None else be.rope(t, *tables, inverse=inverse)
+
+
+class _Feats:
+    """The per-call features of the block op besides the projections: head_dim, packing,
+    QK-norm (weights, eps, offset) and the backend name the norms run on."""
+
+    def __init__(self, wo, n_heads, qkv_layout, q_norm, k_norm, eps, offset, backend):
+        if qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"qkv_layout must be one of {QKV_LAYOUTS}, got {qkv_layout!r}")
+        self.head_dim = wo.shape[1] // n_heads
+        self.qkv_layout, self.q_norm, self.k_norm = qkv_layout, q_norm, k_norm
+        self.eps, self.offset, self.backend = eps, offset, backend
+
+
+def _tables(x: Tensor, head_dim: int, position_ids, rope_theta, rotary_dim: Optional[int] = None):
+    """cos/sin for the rotated dims (``rotary_dim`` of each head, all when None), or None."""
     if rope_theta is None:
         return None
-    return rope_tables(position_ids, x.shape[1], wq.shape[0] // n_heads, rope_theta, x.device)
+    return rope_tables(position_ids, x.shape[1], head_dim if rotary_dim is None else rotary_dim, rope_theta, x.device)
 
 
 @torch.library.custom_op("fused_ckpt::attn_block_forward", mutates_args=())
 def attn_block_forward(
-    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
+    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Optional[Tensor], bk: Optional[Tensor],
+    wv: Optional[Tensor], bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
     position_ids: Optional[Tensor], key_padding_mask: Optional[Tensor],
     n_heads: int, n_kv_heads: int, causal: bool, scale: float, rope_theta: Optional[float],
     mode: str, backend: str,
+    q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None, qk_norm_eps: float = 1e-6,
+    qk_norm_offset: float = 0.0, rotary_dim: Optional[int] = None, qkv_layout: str = "separate",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y [B, S, d_out], o [B, S, H*D] or empty, lse [B, H, S], q, k, v or empty); see the
-    module docstring for which outputs each ``mode`` fills."""
+    module docstring for which outputs each ``mode`` fills (with QK-norm, the q and k kept by
+    "none" are the projections before the norm)."""
     be = ATTN_BACKENDS[backend]
     B, S, _ = x.shape
-    q, k, v = _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads,
-                       _tables(x, wq, n_heads, position_ids, rope_theta))
-    o, lse = be.forward(q, k, v, key_padding_mask, causal, scale)
-    o = o.view(B, S, wq.shape[0])
-    y = F.linear(o, wo, bo)
+    feats = _Feats(wo, n_heads, qkv_layout, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend)
+    tables = _tables(x, feats.head_dim, position_ids, rope_theta, rotary_dim)
+    q0, k0, v = _raw_qkv(x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, feats.head_dim, qkv_layout)
     keep_qkv = mode == "none"
+    q = _rotate(be, _qk_norm(q0, q_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
+    k = _rotate(be, _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
+    o, lse = be.forward(q, k, v, key_padding_mask, causal, scale)
+    o = o.view(B, S, n_heads * feats.head_dim)
+    y = F.linear(o, wo, bo)
     if not keep_qkv:
-        q, k, v = _empty(x), _empty(x), _empty(x)
-    return y, (o if mode != "all" else _empty(x)), lse, q, k, v
+        return y, (o if mode != "all" else _empty(x)), lse, _empty(x), _empty(x), _empty(x)
+    if q_norm is not None:
+        q = q0
+    if k_norm is not None:
+        k = k0
+    return y, o, lse, q, k, v
 
 
 @attn_block_forward.register_fake
 def _(x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask, n_heads, n_kv_heads,
-      causal, scale, rope_theta, mode, backend):
+      causal, scale, rope_theta, mode, backend, q_norm=None, k_norm=None, qk_norm_eps=1e-6, qk_norm_offset=0.0,
+      rotary_dim=None, qkv_layout="separate"):
     B, S, _ = x.shape
-    D = wq.shape[0] // n_heads
+    D = wo.shape[1] // n_heads
     y = x.new_empty((B, S, wo.shape[0]))
-    o = x.new_empty((B, S, wq.shape[0])) if mode != "all" else x.new_empty((0,))
+    o = x.new_empty((B, S, n_heads * D)) if mode != "all" else x.new_empty((0,))
     lse = x.new_empty((B, n_heads, S), dtype=lse_dtype(x.dtype))
     if mode == "none":
         return (y, o, lse, x.new_empty((B, S, n_heads, D)), x.new_empty((B, S, n_kv_heads, D)),
@@ -405,36 +480,72 @@ def _(x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask, n_heads
     return y, o, lse, x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
 
 
-_BLOCK_GRADS = 9  # dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo
+_BLOCK_GRADS = 11  # dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo, dq_norm, dk_norm
+
+
+def _weight_grad(g2: Tensor, a2: Tensor, w: Tensor) -> Tensor:
+    """dW = g2^T a2 for ``y = a W^T`` with W [out, in], laid out as W is: a transposed view
+    (Conv1D weights read through strides) gets a transposed gradient, so the gradient that
+    reaches the Parameter is contiguous without a copy."""
+    if w.stride(0) == 1 and w.stride(1) != 1:
+        return a2.t().mm(g2).t()
+    return g2.t().mm(a2)
+
+
+def _empty_like_layout(ref: Tensor, w: Tensor) -> Tensor:
+    """An empty tensor shaped and strided like :func:`_weight_grad`'s result for ``w``."""
+    if w.stride(0) == 1 and w.stride(1) != 1:
+        return ref.new_empty((w.shape[1], w.shape[0])).t()
+    return ref.new_empty(w.shape)
 
 
 @torch.library.custom_op("fused_ckpt::attn_block_backward", mutates_args=())
 def attn_block_backward(
-    dy: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-    wv: Tensor, bv: Optional[Tensor], wo: Tensor,
+    dy: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Optional[Tensor], bk: Optional[Tensor],
+    wv: Optional[Tensor], bv: Optional[Tensor], wo: Tensor,
     q: Optional[Tensor], k: Optional[Tensor], v: Optional[Tensor], o: Optional[Tensor], lse: Tensor,
     position_ids: Optional[Tensor], key_padding_mask: Optional[Tensor],
     n_heads: int, n_kv_heads: int, causal: bool, scale: float, rope_theta: Optional[float],
     needs_grad: list[bool], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo), flagged by ``needs_grad`` in that order
-    (unflagged: empty placeholders). q, k, v None: recomputed from x (projection + rotary);
-    o None: recomputed with the attention forward kernel."""
-    need_x, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, need_bo = needs_grad
+    q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None, qk_norm_eps: float = 1e-6,
+    qk_norm_offset: float = 0.0, rotary_dim: Optional[int] = None, qkv_layout: str = "separate",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo, dq_norm, dk_norm), flagged by
+    ``needs_grad`` in that order (9 or 11 flags; unflagged: empty placeholders; packed
+    layouts: dWq/dbq are the packed weight's and bias's, dWk..dbv empty). q, k, v None:
+    recomputed from x (projection, QK-norm, rotary); given with QK-norm: q/k are the
+    projections before the norm (as the forward's "none" mode returns them), the norm and the
+    rotary are re-applied. o None: recomputed with the attention forward kernel."""
+    needs = list(needs_grad) + [False] * (_BLOCK_GRADS - len(needs_grad))
+    need_x, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, need_bo, need_qn, need_kn = needs
+    need_qn, need_kn = need_qn and q_norm is not None, need_kn and k_norm is not None
     be = ATTN_BACKENDS[backend]
+    feats = _Feats(wo, n_heads, qkv_layout, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend)
     B, S, d = x.shape
     x2 = x.reshape(B * S, d)
     dy2 = dy.reshape(B * S, wo.shape[0])
     acc = lse_dtype(dy.dtype)  # bias sums: fp32, fp64 for fp64
-    tables = _tables(x, wq, n_heads, position_ids, rope_theta)
-    need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv
-    if q is None and (need_attn or (o is None and need_wo)):
-        q, k, v = _project(be, x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, tables)
+    tables = _tables(x, feats.head_dim, position_ids, rope_theta, rotary_dim)
+    need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv or need_qn or need_kn
+    q0 = k0 = rq = rk = None
+    if need_attn or (o is None and need_wo):
+        if q is None:  # recompute: projections, QK-norm, rotary
+            q0, k0, v = _raw_qkv(x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, feats.head_dim, qkv_layout)
+            q, k = q0, k0
+        else:  # kept by "none": with QK-norm, before the norm
+            q0 = q if q_norm is not None else None
+            k0 = k if k_norm is not None else None
+        if q0 is not None:
+            qn, rq = _qk_norm(q0, q_norm, qk_norm_eps, qk_norm_offset, backend)
+            q = _rotate(be, qn, tables)  # in place on a fresh tensor (q0 itself only without a norm)
+        if k0 is not None:
+            kn, rk = _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)
+            k = _rotate(be, kn, tables)
     if o is None and (need_attn or need_wo):
         o = be.forward(q, k, v, key_padding_mask, causal, scale)[0]
     out: list[Optional[Tensor]] = [None] * _BLOCK_GRADS
     if need_wo:
-        out[7] = dy2.t().mm(o.reshape(B * S, wo.shape[1]))
+        out[7] = _weight_grad(dy2, o.reshape(B * S, wo.shape[1]), wo)
     if need_bo:
         out[8] = dy2.sum(0, dtype=acc).to(dy.dtype)
     if need_attn:
@@ -442,56 +553,92 @@ def attn_block_backward(
         dq, dk, dv = be.backward(do, q, k, v, o.view(do.shape), lse, key_padding_mask, causal, scale,
                                  True, True)
         del do
-        if tables is not None:
-            dq = be.rope(dq, *tables, inverse=True)
-            dk = be.rope(dk, *tables, inverse=True)
+        dq = _rotate(be, dq, tables, inverse=True)
+        dk = _rotate(be, dk, tables, inverse=True)
+        if q_norm is not None:
+            dq, out[9] = _qk_norm_backward(dq, q0, q_norm, rq, qk_norm_offset, need_qn, backend)
+        if k_norm is not None:
+            dk, out[10] = _qk_norm_backward(dk, k0, k_norm, rk, qk_norm_offset, need_kn, backend)
+        if qkv_layout == "separate":
+            parts = ((1, dq, wq), (3, dk, wk), (5, dv, wv))
+        else:
+            # the packed gradient in the packed weight's row order: one GEMM per product
+            g = (torch.stack((dq, dk, dv), 3) if qkv_layout == "neox"
+                 else torch.cat((dq.flatten(2), dk.flatten(2), dv.flatten(2)), -1))
+            parts = ((1, g, wq),)
         dx = None
-        for i, g in ((1, dq), (3, dk), (5, dv)):
-            w = (wq, wk, wv)[i // 2]
+        for i, g, w in parts:
             g2 = g.reshape(B * S, w.shape[0])
-            if needs_grad[i]:
-                out[i] = g2.t().mm(x2)
-            if needs_grad[i + 1]:
+            if needs[i]:
+                out[i] = _weight_grad(g2, x2, w)
+            if needs[i + 1]:
                 out[i + 1] = g2.sum(0, dtype=acc).to(g.dtype)
             if need_x:
                 dx = g2.mm(w) if dx is None else dx.addmm_(g2, w)
         out[0] = dx.view(x.shape) if need_x else None
-    refs = (x, wq, wq, wk, wk, wv, wv, wo, wo)
+    refs = (x, wq, wq, x, x, x, x, wo, wo, x, x)
     return tuple(t if t is not None else _empty(r) for t, r in zip(out, refs))
 
 
 @attn_block_backward.register_fake
 def _(dy, x, wq, bq, wk, bk, wv, bv, wo, q, k, v, o, lse, position_ids, key_padding_mask,
-      n_heads, n_kv_heads, causal, scale, rope_theta, needs_grad, backend):
-    shapes = (x.shape, wq.shape, (wq.shape[0],), wk.shape, (wk.shape[0],), wv.shape, (wv.shape[0],),
-              wo.shape, (wo.shape[0],))
-    return tuple(x.new_empty(s) if n else x.new_empty((0,)) for s, n in zip(shapes, needs_grad))
+      n_heads, n_kv_heads, causal, scale, rope_theta, needs_grad, backend, q_norm=None, k_norm=None,
+      qk_norm_eps=1e-6, qk_norm_offset=0.0, rotary_dim=None, qkv_layout="separate"):
+    needs = list(needs_grad) + [False] * (_BLOCK_GRADS - len(needs_grad))
+    packed = qkv_layout != "separate"
+    like = (x, wq, bq, None if packed else wk, None if packed else bk, None if packed else wv,
+            None if packed else bv, wo, wo, q_norm, k_norm)
+    out = []
+    for i, (t, n) in enumerate(zip(like, needs)):
+        if not n or t is None and i != 8:
+            out.append(x.new_empty((0,)))
+        elif i in (1, 3, 5, 7):
+            out.append(_empty_like_layout(x, t))
+        elif i == 8:
+            out.append(x.new_empty((wo.shape[0],)))
+        else:
+            out.append(x.new_empty(t.shape, dtype=t.dtype) if i >= 9 else x.new_empty(t.shape))
+    return tuple(out)
+
+
+# the op's inputs, in order (the autograd wrapper reads them by name)
+_BLOCK_INPUTS = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "position_ids", "key_padding_mask",
+                 "n_heads", "n_kv_heads", "causal", "scale", "rope_theta", "mode", "backend",
+                 "q_norm", "k_norm", "qk_norm_eps", "qk_norm_offset", "rotary_dim", "qkv_layout")
+_BLOCK_GRAD_INPUTS = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "q_norm", "k_norm")
+_BLOCK_DEFAULTS = {"q_norm": None, "k_norm": None, "qk_norm_eps": 1e-6, "qk_norm_offset": 0.0, "rotary_dim": None,
+                   "qkv_layout": "separate"}
 
 
 def _block_setup_context(ctx, inputs, output):
-    (x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask,
-     n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend) = inputs
+    a = dict(_BLOCK_DEFAULTS)
+    a.update(zip(_BLOCK_INPUTS, inputs))
+    mode = a["mode"]
     _, o, lse, q, k, v = output
     keep_o = mode != "all"
     keep_qkv = mode == "none"
     ctx.save_for_backward(
-        x, wq, bq, wk, bk, wv, bv, wo, position_ids, key_padding_mask, lse,
-        o if keep_o else None, *((q, k, v) if keep_qkv else (None, None, None)),
+        a["x"], a["wq"], a["bq"], a["wk"], a["bk"], a["wv"], a["bv"], a["wo"], a["position_ids"],
+        a["key_padding_mask"], lse, o if keep_o else None, *((q, k, v) if keep_qkv else (None, None, None)),
+        a["q_norm"], a["k_norm"],
     )
     for t in output[1:]:
         ctx.mark_non_differentiable(t)
-    ctx.args = (n_heads, n_kv_heads, causal, scale, rope_theta)
-    ctx.backend = backend
+    ctx.args = (a["n_heads"], a["n_kv_heads"], a["causal"], a["scale"], a["rope_theta"])
+    ctx.kwargs = {n: a[n] for n in ("qk_norm_eps", "qk_norm_offset", "rotary_dim", "qkv_layout")}
+    ctx.backend = a["backend"]
+    ctx.n_inputs = len(inputs)
 
 
 def _block_backward(ctx, grad_y, *_unused):
     _no_double_backward("attention block")
-    x, wq, bq, wk, bk, wv, bv, wo, position_ids, kpm, lse, o, q, k, v = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:_BLOCK_GRADS])
-    n_heads, n_kv_heads, causal, scale, rope_theta = ctx.args
+    x, wq, bq, wk, bk, wv, bv, wo, position_ids, kpm, lse, o, q, k, v, q_norm, k_norm = ctx.saved_tensors
+    flags = dict(zip(_BLOCK_INPUTS, ctx.needs_input_grad))
+    needs = [bool(flags.get(n, False)) for n in _BLOCK_GRAD_INPUTS]
     grads = attn_block_backward(grad_y, x, wq, bq, wk, bk, wv, bv, wo, q, k, v, o, lse, position_ids, kpm,
-                                n_heads, n_kv_heads, causal, scale, rope_theta, needs, ctx.backend)
-    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 9
+                                *ctx.args, needs, ctx.backend, q_norm=q_norm, k_norm=k_norm, **ctx.kwargs)
+    by_name = {n: (g if f else None) for n, g, f in zip(_BLOCK_GRAD_INPUTS, grads, needs)}
+    return tuple(by_name.get(n) for n in _BLOCK_INPUTS[:ctx.n_inputs])
 
 
 attn_block_forward.register_autograd(_block_backward, setup_context=_block_setup_context)
@@ -553,20 +700,21 @@ def _flash_backward_flops(do_shape, q_shape, k_shape, v_shape, o_shape, lse_shap
 
 
 def _proj_flops(x_shape, wq_shape, wk_shape, wv_shape) -> int:
+    """The q/k/v projection GEMMs (a packed layout: wq is the packed weight, wk/wv None)."""
     T = math.prod(x_shape[:-1])
-    return 2 * T * x_shape[-1] * (wq_shape[0] + wk_shape[0] + wv_shape[0])
+    return 2 * T * x_shape[-1] * sum(s[0] for s in (wq_shape, wk_shape, wv_shape) if s is not None)
 
 
-def _block_qk_shapes(x_shape, wq_shape, wk_shape, n_heads, n_kv_heads):
+def _block_qk_shapes(x_shape, wo_shape, n_heads, n_kv_heads):
     B, S, _ = x_shape
-    D = wq_shape[0] // n_heads
+    D = wo_shape[1] // n_heads
     return (B, S, n_heads, D), (B, S, n_kv_heads, D)
 
 
 @register_flop_formula(torch.ops.fused_ckpt.attn_block_forward)
 def _block_forward_flops(x_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape, wo_shape, bo_shape,
                          pos_shape, mask_shape, n_heads, n_kv_heads, causal, *args, out_shape=None, **kwargs) -> int:
-    q_shape, k_shape = _block_qk_shapes(x_shape, wq_shape, wk_shape, n_heads, n_kv_heads)
+    q_shape, k_shape = _block_qk_shapes(x_shape, wo_shape, n_heads, n_kv_heads)
     T = math.prod(x_shape[:-1])
     return (_proj_flops(x_shape, wq_shape, wk_shape, wv_shape) + _attn_fwd_flops(q_shape, k_shape, causal)
             + 2 * T * wo_shape[0] * wo_shape[1])
@@ -577,9 +725,10 @@ def _block_backward_flops(dy_shape, x_shape, wq_shape, bq_shape, wk_shape, bk_sh
                           q_shape, k_shape, v_shape, o_shape, lse_shape, pos_shape, mask_shape,
                           n_heads, n_kv_heads, causal, scale, rope_theta, needs_grad, *args,
                           out_shape=None, **kwargs) -> int:
-    need_x, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, _ = needs_grad
-    need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv
-    qs, ks = _block_qk_shapes(x_shape, wq_shape, wk_shape, n_heads, n_kv_heads)
+    needs = list(needs_grad) + [False] * (_BLOCK_GRADS - len(needs_grad))
+    need_x, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, _, need_qn, need_kn = needs
+    need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv or need_qn or need_kn
+    qs, ks = _block_qk_shapes(x_shape, wo_shape, n_heads, n_kv_heads)
     T = math.prod(x_shape[:-1])
     d_out, hd = wo_shape
     flops = 0
@@ -591,8 +740,9 @@ def _block_backward_flops(dy_shape, x_shape, wq_shape, bq_shape, wk_shape, bk_sh
         flops += 2 * T * d_out * hd  # dWo = dY^T O
     if need_attn:
         flops += 2 * T * d_out * hd  # dO = dY Wo
-        backend = args[-1] if args else kwargs.get("backend")
+        backend = args[0] if args else kwargs.get("backend")
         flops += _attn_bwd_flops(qs, ks, causal, True, True, _two_kernel_backward(backend))
         for w_shape, need_w in ((wq_shape, need_wq), (wk_shape, need_wk), (wv_shape, need_wv)):
-            flops += 2 * T * w_shape[0] * x_shape[-1] * (int(need_w) + int(need_x))  # dW, dX
+            if w_shape is not None:  # packed: one GEMM each for dW and dX over the packed weight
+                flops += 2 * T * w_shape[0] * x_shape[-1] * (int(need_w) + int(need_x))  # dW, dX
     return flops
