@@ -102,8 +102,28 @@ def _autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+def check_attention_options(softcap, window, dropout_p, causal: bool) -> tuple:
+    """(softcap, window, dropout_p) validated and normalised (float or None, int or None, float)."""
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap)
+                                                                                     and softcap > 0):
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+        softcap = float(softcap)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError("window (a sliding window) needs causal=True: key j is visible from query i iff "
+                             "i - window < j <= i")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return softcap, window, float(dropout_p)
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
-                    key_padding_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                    key_padding_mask: Optional[Tensor] = None, backend: str = "auto", *,
+                    softcap: Optional[float] = None, window: Optional[int] = None,
+                    dropout_p: float = 0.0) -> Tensor:
     """Exact attention whose backward recomputes the probabilities (FlashAttention-2).
 
     Args:
@@ -115,6 +135,15 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         scale: softmax scale, default ``1/sqrt(headdim)``.
         key_padding_mask: bool ``(batch, seqlen_kv)``, True = attend to this key.
         backend: "auto", "triton" or "aten" (see :mod:`fused_ckpt.backend`).
+        softcap: logit soft-capping, ``s = softcap * tanh(s / softcap)`` after the scale and
+            before the masks (Gemma 2 ``attn_logit_softcapping``).
+        window: sliding window (needs causal): query i sees key j iff
+            ``i' - window < j <= i'``, ``i' = i + seqlen_kv - seqlen_q`` (Hugging Face
+            ``sliding_window``).
+        dropout_p: dropout on the attention probabilities (applied whenever > 0, as
+            ``scaled_dot_product_attention``). The mask comes from Philox with a seed and
+            offset drawn from torch's default generator (``torch.manual_seed`` reproduces
+            it), saved as two ints; the backward regenerates it (no mask tensor is kept).
 
     A query that sees no key (all its keys padded, or causal with seqlen_q > seqlen_kv)
     gets a zero output and zero gradients. Saved for backward: q, k, v, the output and the
@@ -125,8 +154,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         g = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
         s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-        s = s.masked_fill(~visible, float("-inf"))          # causal and padding
+        s = softcap * torch.tanh(s / softcap)                 # softcap only
+        s = s.masked_fill(~visible, float("-inf"))          # causal, window and padding
         p = torch.softmax(s, -1).nan_to_num(0.0)             # rows with no key -> 0
+        p = p * keep / (1 - dropout_p)                       # dropout only (keep: the Philox mask)
         out = torch.einsum("bhqk,bkhd->bqhd", p, v)
     """
     from .ops.attention import flash_attn_forward
@@ -138,8 +169,16 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False, got {causal!r}")
     scale = _check_scale(scale, q.shape[-1])
+    softcap, window, dropout_p = check_attention_options(softcap, window, dropout_p, causal)
+    if softcap is None and window is None and dropout_p == 0:  # the op's schema without the options
+        with _autocast_off(q.device.type):
+            return flash_attn_forward(q, k, v, key_padding_mask, causal, scale, be)[0]
+    from .ops.attention import draw_dropout_seed
+
+    seed, offset = draw_dropout_seed() if dropout_p > 0 else (0, 0)
     with _autocast_off(q.device.type):
-        o, _ = flash_attn_forward(q, k, v, key_padding_mask, causal, scale, be)
+        o, _ = flash_attn_forward(q, k, v, key_padding_mask, causal, scale, be, softcap, window, dropout_p,
+                                  seed, offset)
     return o
 
 

@@ -26,6 +26,14 @@ Two paths (``single_pass`` decides):
     GEMMs per pair, 3.5x the forward). Also taken when only dq or only dk/dv is wanted
     (then one kernel runs: 3 GEMMs per pair for dq alone, 4 for dk/dv alone).
 A query with LSE = -inf (it saw no key) gets P = 0 everywhere: its LSE is read as +inf.
+
+Forward options (constexpr flags, as in the forward kernel):
+  * HAS_SOFTCAP: P = exp(C - LSE) with C = softcap * tanh(scale * Q K^T / softcap), recomputed
+    from the raw scores; dS gets the derivative of the cap: dS = P * (dP - delta) * (1 - tanh^2).
+  * HAS_WINDOW: the forward's sliding window; query blocks right of the window are skipped.
+  * HAS_DROPOUT (FlashAttention-2's formulas, keep mask Z regenerated from the same Philox
+    counters): dV = (P * Z / (1 - p))^T dO, dP = (dO V^T) * Z / (1 - p), dS = P * (dP - delta),
+    delta = rowsum(dO * O) with O the dropped output.
 """
 from __future__ import annotations
 
@@ -34,8 +42,9 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, autotune, autotune_candidates, dot_flags, launch
-from .flash_attn_fwd import (LOG2E, MAX_ROWS_256, _kv_stages, _tile_offsets, _visible, check_head_dim,
-                             kpm_arg, prune_by_head_dim, seq_bucket, tile_safe, tiles_within)
+from .flash_attn_fwd import (LOG2E, MAX_ROWS_256, _dropout_keep, _kv_stages, _softcap, _tile_offsets, _visible,
+                             _window_stage, check_head_dim, kpm_arg, option_args, prune_by_head_dim, seq_bucket,
+                             tile_safe, tiles_within)
 
 PRE_BLOCK_M = 64  # delta preprocess: a 64-row tile of dO*O is 16-64 KiB of loads at D=64-256
 
@@ -121,13 +130,17 @@ def _load_lse(lse_base, stride_ls, offs_m, S_q):
 ATOMIC_DQ_REGS = 256
 
 
-def _atomic_dq_regs(cfg: triton.Config, head_dim: int, elem: int) -> int:
+def _atomic_dq_regs(cfg: triton.Config, head_dim: int, elem: int, options: int = 0, atomic: bool = True) -> int:
+    """The estimate above; ``options``: how many of softcap (the tanh tile) and dropout (the
+    keep-mask tile) are on, each one more [BLOCK_N, BLOCK_M] tile; not ``atomic``: without
+    the dQ tile."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    words = 2 * bn * head_dim + bm * head_dim + 2 * bn * bm + (2 * bn + 2 * bm) * head_dim * elem // 4
+    words = (2 * bn * head_dim + bm * head_dim * atomic + (2 + options) * bn * bm
+             + (2 * bn + 2 * bm) * head_dim * elem // 4)
     return words // (32 * cfg.num_warps)
 
 
-def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool) -> bool:
+def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool, options: int = 0) -> bool:
     """Register rules on top of the tile-size pruning, from sm_90 builds (ptxas -v, triton
     3.6 and 3.9, 16-bit inputs; fp32 inputs, whose IEEE dots skip the tensor cores, spill in
     every config of both paths):
@@ -138,7 +151,10 @@ def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool) -> bo
         250 single pass; 16x128 spills 3 KB and 32x64 264 B) and so the only one kept there;
         their 32-row dots use mma.sync, not wgmma. At smaller head dims ptxas gives some of
         those builds too few registers, and they spill a few bytes;
-      * the single pass (ATOMIC_DQ) keeps configs within ATOMIC_DQ_REGS."""
+      * the single pass (ATOMIC_DQ) keeps configs within ATOMIC_DQ_REGS;
+      * with softcap or dropout (``options`` > 0) both paths do, counting their extra tiles:
+        bf16 at head_dim 128 with both, 32x128 on 8 warps spilled 20 B (deterministic) and
+        120 B (single pass) at 255 registers (triton 3.9)."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.num_warps == 4 and 2 * bn * head_dim // (32 * cfg.num_warps) >= 128:
         return False
@@ -146,6 +162,8 @@ def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool) -> bo
         return False
     if head_dim >= 256 and bm * bn > 32 * 32:  # 16x128: 3 KB of spills, 32x64: 264 B (deterministic)
         return False
+    if options:
+        return _atomic_dq_regs(cfg, head_dim, elem, options, atomic) <= ATOMIC_DQ_REGS
     return not atomic or _atomic_dq_regs(cfg, head_dim, elem) <= ATOMIC_DQ_REGS
 
 
@@ -158,10 +176,11 @@ def _prune_dkdv(configs, named_args, **kwargs):
         return kept
     hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
     atomic = bool(kwargs.get("ATOMIC_DQ", named_args.get("ATOMIC_DQ", False)))
+    options = sum(bool(kwargs.get(f, named_args.get(f, False))) for f in ("HAS_SOFTCAP", "HAS_DROPOUT"))
     q = named_args.get("q_ptr")
     elem = q.element_size() if hasattr(q, "element_size") else 2
-    return autotune_candidates([c for c in kept if _dkdv_fits(c, hd, elem, atomic)]
-                               or [min(kept, key=lambda c: _atomic_dq_regs(c, hd, elem))])
+    return autotune_candidates([c for c in kept if _dkdv_fits(c, hd, elem, atomic, options)]
+                               or [min(kept, key=lambda c: _atomic_dq_regs(c, hd, elem, options, atomic))])
 
 
 def _zero_dq_accumulator(nargs, reset_only=False):
@@ -176,7 +195,9 @@ def _dkdv_inner(
     dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, dq_head0, q_tile, do_tile, dq_tile,
     stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls, stride_dqh, stride_dqs,
     offs_n, first_m, n_blocks, GROUP, S_q, S_kv, DIAG, sm_scale,
+    softcap, window, seed, rng_offset, bh0, drop_threshold, drop_scale,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate into dk, dv the query blocks first_m + i * BLOCK_M, i < n_blocks, of each of
@@ -201,16 +222,29 @@ def _dkdv_inner(
         lse = _load_lse(lse_head0 + g64 * stride_lh, stride_ls, offs_m, S_q)
         delta = tl.load(delta_head0 + g64 * stride_lh + offs_m * stride_ls, mask=in_q, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        # s * scale - lse first (one FMA on GPU), base 2 after: see the forward kernel
-        pT = tl.math.exp2((sT * sm_scale - lse[None, :]) * LOG2E)
+        if HAS_SOFTCAP:
+            cT, tT = _softcap(sT * sm_scale, softcap)
+            pT = tl.math.exp2((cT - lse[None, :]) * LOG2E)
+        else:
+            # s * scale - lse first (one FMA on GPU), base 2 after: see the forward kernel
+            pT = tl.math.exp2((sT * sm_scale - lse[None, :]) * LOG2E)
         if MASKED or HAS_KPM:
-            keep = _visible(offs_m[None, :], offs_n[:, None], kv_keep[:, None], S_kv, DIAG, MASKED, HAS_KPM)
+            keep = _visible(offs_m[None, :], offs_n[:, None], kv_keep[:, None], S_kv, DIAG, window, MASKED, HAS_KPM,
+                            HAS_WINDOW and MASKED)
             pT = tl.where(keep, pT, 0.0)
         elif ATOMIC_DQ:
             pT = tl.where(kv_keep[:, None], pT, 0.0)  # kv_keep is offs_n < S_kv here
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        if HAS_DROPOUT:
+            zT = _dropout_keep(seed, rng_offset, bh0 + g, offs_m[None, :], offs_n[:, None], drop_threshold)
+            dv = tl.dot((tl.where(zT, pT, 0.0) * drop_scale).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dpT = tl.where(zT, dpT * drop_scale, 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dsT = dsT.to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=INPUT_PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, D]
@@ -220,7 +254,8 @@ def _dkdv_inner(
 
 
 @autotune(configs=dkdv_configs(),
-          key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM", "ATOMIC_DQ"],
+          key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM", "ATOMIC_DQ",
+               "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT"],
           prune_configs_by={"early_config_prune": _prune_dkdv},
           pre_hook=_zero_dq_accumulator)
 @triton.jit
@@ -236,7 +271,9 @@ def _flash_bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     GROUP, S_q, S_kv, Q_BUCKET, KV_BUCKET, sm_scale,
+    softcap, window, seed, rng_offset, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -264,6 +301,7 @@ def _flash_bwd_dkdv_kernel(
     q_tile = _tile_offsets(stride_qs, stride_qd, BLOCK_M, HEAD_DIM)
     do_tile = _tile_offsets(stride_dos, stride_dod, BLOCK_M, HEAD_DIM)
     h0 = hk * GROUP  # first query head of the group
+    bh0 = b * tl.num_programs(1) * GROUP + h0  # dropout counter of (batch, head h0)
     q_head0 = q_ptr + b * stride_qb + h0 * stride_qh
     do_head0 = do_ptr + b * stride_dob + h0 * stride_doh
     lse_head0 = lse_ptr + b * stride_lb + h0 * stride_lh
@@ -289,13 +327,29 @@ def _flash_bwd_dkdv_kernel(
             q_tile, do_tile, dq_tile,
             stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls, stride_dqh, stride_dqs,
             offs_n, lo, (mid - lo) // BLOCK_M, GROUP, S_q, S_kv, diag, sm_scale,
-            True, HAS_KPM, ATOMIC_DQ, DOT_F32, INPUT_PRECISION, BLOCK_M)
+            softcap, window, seed, rng_offset, bh0, drop_threshold, drop_scale,
+            True, HAS_KPM, ATOMIC_DQ, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, BLOCK_M)
+    full_end = end
+    if HAS_WINDOW:
+        # queries i < n0 + window - diag have every key of the block in their window; those up
+        # to n0 + BLOCK_N - 2 - diag + window see some of it (masked); later ones none (skipped)
+        full_end = tl.minimum(tl.maximum(tl.maximum(n0 + window - diag, 0) // BLOCK_M * BLOCK_M, mid), end)
+        w_end = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag + window, 0), BLOCK_M) * BLOCK_M,
+                                      full_end), end)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, dq_head0,
+            q_tile, do_tile, dq_tile,
+            stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls, stride_dqh, stride_dqs,
+            offs_n, full_end, (w_end - full_end) // BLOCK_M, GROUP, S_q, S_kv, diag, sm_scale,
+            softcap, window, seed, rng_offset, bh0, drop_threshold, drop_scale,
+            True, HAS_KPM, ATOMIC_DQ, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, BLOCK_M)
     dk, dv = _dkdv_inner(
         dk, dv, k, v, kv_keep, q_head0, do_head0, lse_head0, delta_head0, dq_head0,
         q_tile, do_tile, dq_tile,
         stride_qh, stride_qs, stride_doh, stride_dos, stride_lh, stride_ls, stride_dqh, stride_dqs,
-        offs_n, mid, (end - mid) // BLOCK_M, GROUP, S_q, S_kv, diag, sm_scale,
-        False, HAS_KPM, ATOMIC_DQ, DOT_F32, INPUT_PRECISION, BLOCK_M)
+        offs_n, mid, (full_end - mid) // BLOCK_M, GROUP, S_q, S_kv, diag, sm_scale,
+        softcap, window, seed, rng_offset, bh0, drop_threshold, drop_scale,
+        False, HAS_KPM, ATOMIC_DQ, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, BLOCK_M)
 
     dk = dk * sm_scale
     tl.store(dk_ptr + b * stride_dkb + hk * stride_dkh + n64 * stride_dks
@@ -311,8 +365,9 @@ def _flash_bwd_dkdv_kernel(
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, k_tile, v_tile,
     stride_ks, stride_vs, stride_kpms,
-    offs_m, lo, hi, S_kv, DIAG, sm_scale,
+    offs_m, lo, hi, S_kv, DIAG, sm_scale, softcap, window, seed, rng_offset, bh, drop_threshold, drop_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
@@ -325,21 +380,31 @@ def _dq_inner(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        p = tl.math.exp2((s * sm_scale - lse[:, None]) * LOG2E)
+        if HAS_SOFTCAP:
+            c, t = _softcap(s * sm_scale, softcap)
+            p = tl.math.exp2((c - lse[:, None]) * LOG2E)
+        else:
+            p = tl.math.exp2((s * sm_scale - lse[:, None]) * LOG2E)
         if MASKED or HAS_KPM:
             kv_keep = in_kv
             if HAS_KPM:
                 kv_keep = tl.load(kpm_base + offs_n * stride_kpms, mask=in_kv, other=0) != 0
-            keep = _visible(offs_m[:, None], offs_n[None, :], kv_keep[None, :], S_kv, DIAG,
-                            CAUSAL and MASKED, HAS_KPM)
+            keep = _visible(offs_m[:, None], offs_n[None, :], kv_keep[None, :], S_kv, DIAG, window,
+                            CAUSAL and MASKED, HAS_KPM, HAS_WINDOW and MASKED)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            z = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
+            dp = tl.where(z, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
 
-@autotune(configs=dq_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+@autotune(configs=dq_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM",
+                                     "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT"],
           prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 64, max_rows_256=MAX_ROWS_256)})
 @triton.jit
 def _flash_bwd_dq_kernel(
@@ -352,7 +417,9 @@ def _flash_bwd_dq_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     GROUP, S_q, S_kv, Q_BUCKET, KV_BUCKET, sm_scale,
+    softcap, window, seed, rng_offset, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -380,14 +447,25 @@ def _flash_bwd_dq_kernel(
     v_tile = _tile_offsets(stride_vs, stride_vd, BLOCK_N, HEAD_DIM)
 
     diag = S_kv - S_q
+    bh = b * tl.num_programs(1) + h
     full_hi, hi = _kv_stages(m0, S_q, S_kv, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    start = 0
+    if HAS_WINDOW:  # the forward kernel's stages
+        lo, start = _window_stage(m0, S_q, S_kv, window, hi, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, k_tile, v_tile,
+                       stride_ks, stride_vs, stride_kpms, offs_m, lo, start, S_kv, diag, sm_scale,
+                       softcap, window, seed, rng_offset, bh, drop_threshold, drop_scale,
+                       True, CAUSAL, HAS_KPM, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, BLOCK_N)
+        full_hi = tl.maximum(full_hi, start)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, k_tile, v_tile,
-                   stride_ks, stride_vs, stride_kpms, offs_m, 0, full_hi, S_kv, diag, sm_scale,
-                   False, CAUSAL, HAS_KPM, DOT_F32, INPUT_PRECISION, BLOCK_N)
+                   stride_ks, stride_vs, stride_kpms, offs_m, start, full_hi, S_kv, diag, sm_scale,
+                   softcap, window, seed, rng_offset, bh, drop_threshold, drop_scale,
+                   False, CAUSAL, HAS_KPM, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, k_tile, v_tile,
                    stride_ks, stride_vs, stride_kpms, offs_m, full_hi, hi, S_kv, diag, sm_scale,
-                   True, CAUSAL, HAS_KPM, DOT_F32, INPUT_PRECISION, BLOCK_N)
+                   softcap, window, seed, rng_offset, bh, drop_threshold, drop_scale,
+                   True, CAUSAL, HAS_KPM, HAS_SOFTCAP, HAS_WINDOW, HAS_DROPOUT, DOT_F32, INPUT_PRECISION, BLOCK_N)
     dq = dq * sm_scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + m64 * stride_dqs
              + _tile_offsets(stride_dqs, stride_dqd, BLOCK_M, HEAD_DIM),
@@ -405,11 +483,13 @@ def single_pass(need_dq: bool, need_dkdv: bool) -> bool:
 
 def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor, kpm: torch.Tensor | None, causal: bool,
-                   scale: float, need_dq: bool = True, need_dkdv: bool = True
+                   scale: float, need_dq: bool = True, need_dkdv: bool = True,
+                   softcap: float | None = None, window: int | None = None,
+                   dropout: tuple[float, int, int] | None = None,
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """do, o: [B, S_q, H, D]; q: [B, S_q, H, D]; k, v: [B, S_kv, H_kv, D]; lse: [B, H, S_q]
-    fp32; kpm: [B, S_kv] bool or None. Any strides. Returns (dq, dk, dv), contiguous, in the
-    inputs' dtype; None for those not asked for."""
+    fp32; kpm: [B, S_kv] bool or None; softcap, window, dropout: the forward's. Any strides.
+    Returns (dq, dk, dv), contiguous, in the inputs' dtype; None for those not asked for."""
     B, S_q, H, D = q.shape
     S_kv, H_kv = k.shape[1], k.shape[2]
     check_head_dim(D)
@@ -432,8 +512,9 @@ def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M,
     )
     kk, kpm_strides = kpm_arg(kpm, lse)
-    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm is not None, **dot_flags(q.dtype))
-    sizes = (H // H_kv, S_q, S_kv, seq_bucket(S_q), seq_bucket(S_kv), scale)
+    opts, flags = option_args(causal, softcap, window, dropout)
+    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm is not None, **flags, **dot_flags(q.dtype))
+    sizes = (H // H_kv, S_q, S_kv, seq_bucket(S_q), seq_bucket(S_kv), scale, *opts)
     if need_dkdv:
         # single pass: dQ accumulates in fp32 (layout of q); otherwise dq_ptr is never read
         dq_acc = torch.zeros((B, S_q, H, D), device=q.device, dtype=torch.float32) if single else dk
@@ -459,11 +540,12 @@ def aot_specs(B: int = 2, S: int = 4096, H: int = 32, H_kv: int = 8, quick: bool
     from .flash_attn_fwd import aot_variants, attn_ints
 
     specs = []
-    for dtype, prec, D, causal, kpm in aot_variants(quick):
+    for dtype, prec, D, causal, kpm, opts in aot_variants(quick):
         ints = attn_ints(B, S, H, H_kv, D)
-        pre = dict(ints, stride_deltab=H * S, stride_deltah=S, stride_deltas=1)
-        specs.append((_flash_bwd_preprocess_kernel, dtype, dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M), pre))
-        consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, DOT_F32=False, INPUT_PRECISION=prec)
+        if not any(opts.values()):  # the preprocess kernel has no options
+            pre = dict(ints, stride_deltab=H * S, stride_deltah=S, stride_deltas=1)
+            specs.append((_flash_bwd_preprocess_kernel, dtype, dict(HEAD_DIM=D, BLOCK_M=PRE_BLOCK_M), pre))
+        consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm, **opts, DOT_F32=False, INPUT_PRECISION=prec)
         for atomic in (False, True):  # deterministic two-kernel path; single pass
             specs.append((_flash_bwd_dkdv_kernel, dtype, dict(consts, ATOMIC_DQ=atomic), ints))
         specs.append((_flash_bwd_dq_kernel, dtype, consts, ints))

@@ -40,7 +40,7 @@ implementation, chunked over queries; both with the same contract and saved tens
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,24 +87,115 @@ def _aten_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return torch.cat([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype), x[..., 2 * half:]], -1)
 
 
+# --------------------------------------------------------------------------- attention options
+class AttnOptions(NamedTuple):
+    """What the attention computes besides ``softmax(scale q k^T) v`` (all off by default):
+
+    * ``softcap``: logits become ``softcap * tanh(scale q k^T / softcap)`` before the masks
+      (Gemma 2's ``attn_logit_softcapping``);
+    * ``window`` (causal only): key j is visible from query i iff
+      ``i' - window < j <= i'``, ``i' = i + S_kv - S_q`` (Hugging Face's ``sliding_window``);
+    * ``dropout_p``, ``seed``, ``rng_offset``: dropout on the probabilities with a keep mask
+      that is a pure function of (seed, rng_offset, batch, head, query, key) (Philox, see
+      :func:`dropout_keep_mask`), so the backward regenerates it: two ints are saved, no mask.
+    """
+    softcap: Optional[float] = None
+    window: Optional[int] = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    rng_offset: int = 0
+
+    def dropout(self) -> Optional[tuple[float, int, int]]:
+        return (self.dropout_p, self.seed, self.rng_offset) if self.dropout_p > 0 else None
+
+
+PLAIN = AttnOptions()
+
+
+def draw_dropout_seed() -> tuple[int, int]:
+    """(seed, rng_offset) for one dropout call, drawn from torch's default (CPU) generator, so
+    ``torch.manual_seed`` makes runs reproducible (one ``torch.randint`` of two numbers)."""
+    seed, off = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    return seed, off % 2**31
+
+
+# Philox-4x32-10 (Salmon et al. 2011), the generator of triton.language.philox, in int64 torch
+# ops on uint32 values. Products are split into 16-bit halves so no int64 product overflows.
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of the constant ``a`` and uint32s ``b``."""
+    x = a * (b >> 16)  # < 2^48
+    y = a * (b & 0xFFFF)  # < 2^48
+    mid = ((x & 0xFFFF) << 16) + y  # < 2^49
+    return (x >> 16) + (mid >> 32), mid & _M32
+
+
+def philox_word0(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> Tensor:
+    """The first uint32 (as int64) of Philox-4x32-10 keyed by the 64-bit ``seed`` at counters
+    (c0, c1, c2, c3): bit-identical to ``tl.philox(seed, c0, c1, c2, c3)[0]``."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0
+
+
+def dropout_keep_mask(seed: int, rng_offset: int, p: float, batch: int, n_heads: int,
+                      q_idx: Tensor, k_idx: Tensor) -> Tensor:
+    """The attention-dropout keep mask [batch, n_heads, len(q_idx), len(k_idx)] for queries
+    ``q_idx`` and keys ``k_idx`` (int64 positions): the bits the Triton kernels draw (Philox at
+    seed; counter (key, query, batch * n_heads + head, rng_offset)), kept iff the word's top 31
+    bits >= round(p * 2^31). The aten path uses it chunk by chunk; tests use it to build
+    references with the same mask."""
+    from ..kernels.flash_attn_fwd import dropout_threshold
+
+    bh = torch.arange(batch * n_heads, device=q_idx.device, dtype=torch.int64).view(batch, n_heads, 1, 1)
+    r = philox_word0(seed, k_idx.view(1, 1, 1, -1), q_idx.view(1, 1, -1, 1), bh,
+                     torch.tensor(rng_offset, dtype=torch.int64, device=q_idx.device))
+    return (r >> 1) >= dropout_threshold(p)
+
+
 # --------------------------------------------------------------------------- aten math
 def _keep_mask(i0: int, i1: int, S_q: int, S_kv: int, causal: bool, kpm: Optional[Tensor],
-               device) -> Optional[Tensor]:
+               device, window: Optional[int] = None) -> Optional[Tensor]:
     """Visibility of keys for queries [i0, i1): broadcastable to [B, H_kv, G, i1-i0, S_kv]."""
     keep = None
     if causal:
         qi = torch.arange(i0, i1, device=device)[:, None]
         kj = torch.arange(S_kv, device=device)[None, :]
-        keep = (kj <= qi + (S_kv - S_q))[None, None, None]
+        keep = kj <= qi + (S_kv - S_q)
+        if window is not None:
+            keep = keep & (kj > qi + (S_kv - S_q) - window)
+        keep = keep[None, None, None]
     if kpm is not None:
         km = kpm[:, None, None, None, :]
         keep = km if keep is None else keep & km
     return keep
 
 
-def _aten_scores(qc: Tensor, kf: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
+def _aten_scores(qc: Tensor, kf: Tensor, keep: Optional[Tensor], scale: float,
+                 softcap: Optional[float] = None) -> Tensor:
+    """Scaled (and soft-capped) scores [B, H_kv, G, chunk, S_kv], -inf where not ``keep``."""
     s = torch.einsum("bqhgd,bkhd->bhgqk", qc, kf) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     return s if keep is None else s.masked_fill(~keep, float("-inf"))
+
+
+def _aten_dropout(opts: AttnOptions, B: int, H_kv: int, G: int, i0: int, i1: int, S_kv: int, device):
+    """The keep mask of queries [i0, i1) as [B, H_kv, G, i1 - i0, S_kv], or None."""
+    if opts.dropout_p <= 0:
+        return None
+    z = dropout_keep_mask(opts.seed, opts.rng_offset, opts.dropout_p, B, H_kv * G,
+                          torch.arange(i0, i1, device=device), torch.arange(S_kv, device=device))
+    return z.view(B, H_kv, G, i1 - i0, S_kv)
 
 
 def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -118,8 +209,10 @@ def _safe_lse(lse: Tensor) -> Tensor:
     return torch.where(lse == float("-inf"), float("inf"), lse)
 
 
-def _chunk(B: int, H: int, S_kv: int) -> int:
-    return max(1, ATEN_CHUNK_ELEMS // max(B * H * S_kv, 1))
+def _chunk(B: int, H: int, S_kv: int, opts: AttnOptions = PLAIN) -> int:
+    # dropout's Philox keeps about 16 int64 temporaries of the chunk's size alive
+    elems = ATEN_CHUNK_ELEMS // 16 if opts.dropout_p > 0 else ATEN_CHUNK_ELEMS
+    return max(1, elems // max(B * H * S_kv, 1))
 
 
 # --------------------------------------------------------------------------- aten fused CPU kernel
@@ -145,11 +238,12 @@ def _use_cpu_flash(q: Tensor, k: Tensor) -> bool:
             and q.shape[1] > 0 and k.shape[1] > 0)
 
 
-def _cpu_flash_mask(q: Tensor, k: Tensor, kpm: Optional[Tensor], causal: bool):
-    """The kernels' (is_causal, additive float mask [B or 1, 1, S_q or 1, S_kv] or None)."""
+def _cpu_flash_mask(q: Tensor, k: Tensor, kpm: Optional[Tensor], causal: bool, window: Optional[int] = None):
+    """The kernels' (is_causal, additive float mask [B or 1, 1, S_q or 1, S_kv] or None); a
+    sliding window goes into the mask (with causality)."""
     S_q, S_kv = q.shape[1], k.shape[1]
-    is_causal = causal and S_q == S_kv  # top-left == bottom-right; otherwise causality is masked
-    keep = _keep_mask(0, S_q, S_q, S_kv, causal and not is_causal, kpm, q.device)
+    is_causal = causal and S_q == S_kv and window is None  # top-left == bottom-right; else masked
+    keep = _keep_mask(0, S_q, S_q, S_kv, causal and not is_causal, kpm, q.device, window)
     if keep is None:
         return is_causal, None
     keep = keep[:, 0]
@@ -165,27 +259,31 @@ def _bhsd(t: Tensor) -> Tensor:
     return (t if t.stride(-1) == 1 else t.contiguous()).transpose(1, 2)
 
 
-def _dead_rows(kpm: Optional[Tensor], S_q: int, S_kv: int, causal: bool, device) -> Optional[Tensor]:
+def _dead_rows(kpm: Optional[Tensor], S_q: int, S_kv: int, causal: bool, device,
+               window: Optional[int] = None) -> Optional[Tensor]:
     """[B or 1, S_q] bool, True for a query that sees no key; None when every query sees one."""
+    if window is not None:  # from the visibility itself
+        dead = ~_keep_mask(0, S_q, S_q, S_kv, causal, kpm, device, window)[:, 0, 0].any(-1)
+        return dead if dead.any() else None
     last = torch.arange(S_q, device=device) + (S_kv - S_q) if causal else torch.full((S_q,), S_kv - 1, device=device)
     first = 0 if kpm is None else (~kpm).cumprod(-1).sum(-1, keepdim=True)  # first visible key; S_kv: none
     dead = (last < first).view(-1, S_q)
     return dead if dead.any() else None
 
 
-def _cpu_flash_forward(q, k, v, kpm, causal, scale):
-    is_causal, mask = _cpu_flash_mask(q, k, kpm, causal)
+def _cpu_flash_forward(q, k, v, kpm, causal, scale, window=None):
+    is_causal, mask = _cpu_flash_mask(q, k, kpm, causal, window)
     o, lse = _CPU_FLASH_FWD(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, is_causal, attn_mask=mask, scale=scale)
     o, lse = o.transpose(1, 2).to(q.dtype), lse.contiguous()
-    dead = _dead_rows(kpm, q.shape[1], k.shape[1], causal, q.device)
+    dead = _dead_rows(kpm, q.shape[1], k.shape[1], causal, q.device, window)
     if dead is not None:
         o = o.masked_fill(dead[:, :, None, None], 0.0)
         lse = lse.masked_fill(dead[:, None, :], float("-inf"))
     return o.contiguous(), lse
 
 
-def _cpu_flash_backward(do, q, k, v, o, lse, kpm, causal, scale):
-    is_causal, mask = _cpu_flash_mask(q, k, kpm, causal)
+def _cpu_flash_backward(do, q, k, v, o, lse, kpm, causal, scale, window=None):
+    is_causal, mask = _cpu_flash_mask(q, k, kpm, causal, window)
     grads = _CPU_FLASH_BWD(_bhsd(do), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(o), _safe_lse(lse).contiguous(), 0.0, is_causal,
                            attn_mask=mask, scale=scale)
     return tuple(g.transpose(1, 2).to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
@@ -205,12 +303,14 @@ if _CPU_FLASH_BWD not in flop_registry:
 
 
 class AtenAttention:
+    """PyTorch's fused CPU kernels where they apply (``_use_cpu_flash``; not with softcap or
+    dropout, which they cannot do: a sliding window goes in as a mask), else chunked math."""
     name = "aten"
 
     @staticmethod
-    def forward(q, k, v, kpm, causal, scale):
-        if _use_cpu_flash(q, k):
-            return _cpu_flash_forward(q, k, v, kpm, causal, scale)
+    def forward(q, k, v, kpm, causal, scale, opts: AttnOptions = PLAIN):
+        if opts.softcap is None and opts.dropout_p == 0 and _use_cpu_flash(q, k):
+            return _cpu_flash_forward(q, k, v, kpm, causal, scale, opts.window)
         B, S_q, H, D = q.shape
         S_kv, H_kv = k.shape[1], k.shape[2]
         G = H // H_kv
@@ -219,20 +319,24 @@ class AtenAttention:
         kf, vf = _dense(k, acc), _dense(v, acc)
         o = torch.empty((B, S_q, H, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, H_kv, G, S_q), device=q.device, dtype=acc)
-        step = _chunk(B, H, S_kv)
+        step = _chunk(B, H, S_kv, opts)
         for i0 in range(0, S_q, step):
             i1 = min(i0 + step, S_q)
-            s = _aten_scores(qf[:, i0:i1], kf, _keep_mask(i0, i1, S_q, S_kv, causal, kpm, q.device), scale)
+            s = _aten_scores(qf[:, i0:i1], kf, _keep_mask(i0, i1, S_q, S_kv, causal, kpm, q.device, opts.window),
+                             scale, opts.softcap)
             lse_c = torch.logsumexp(s, -1) if S_kv else s.new_full(s.shape[:-1], float("-inf"))
             p = torch.exp(s - _safe_lse(lse_c)[..., None])
+            z = _aten_dropout(opts, B, H_kv, G, i0, i1, S_kv, q.device)
+            if z is not None:
+                p = p * z / (1.0 - opts.dropout_p)
             o[:, i0:i1] = torch.einsum("bhgqk,bkhd->bqhgd", p, vf).reshape(B, i1 - i0, H, D).to(q.dtype)
             lse[..., i0:i1] = lse_c
         return o, lse.view(B, H, S_q)
 
     @staticmethod
-    def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv):
-        if _use_cpu_flash(q, k):  # one kernel computes all three
-            dq, dk, dv = _cpu_flash_backward(do, q, k, v, o, lse, kpm, causal, scale)
+    def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv, opts: AttnOptions = PLAIN):
+        if opts.softcap is None and opts.dropout_p == 0 and _use_cpu_flash(q, k):  # one kernel computes all three
+            dq, dk, dv = _cpu_flash_backward(do, q, k, v, o, lse, kpm, causal, scale, opts.window)
             return (dq if need_dq else None), (dk if need_dkdv else None), (dv if need_dkdv else None)
         B, S_q, H, D = q.shape
         S_kv, H_kv = k.shape[1], k.shape[2]
@@ -246,16 +350,24 @@ class AtenAttention:
         dq = torch.empty((B, S_q, H, D), device=q.device, dtype=q.dtype) if need_dq else None
         dk = torch.zeros((B, S_kv, H_kv, D), device=q.device, dtype=acc)
         dv = torch.zeros((B, S_kv, H_kv, D), device=q.device, dtype=acc)
-        step = _chunk(B, H, S_kv)
+        step = _chunk(B, H, S_kv, opts)
         for i0 in range(0, S_q, step):
             i1 = min(i0 + step, S_q)
-            keep = _keep_mask(i0, i1, S_q, S_kv, causal, kpm, q.device)
-            s = _aten_scores(qf[:, i0:i1], kf, keep, scale)
+            keep = _keep_mask(i0, i1, S_q, S_kv, causal, kpm, q.device, opts.window)
+            s = _aten_scores(qf[:, i0:i1], kf, keep, scale, opts.softcap)
             p = torch.exp(s - lse2[..., i0:i1, None])
             dp = torch.einsum("bqhgd,bkhd->bhgqk", dof[:, i0:i1], vf)
+            z = _aten_dropout(opts, B, H_kv, G, i0, i1, S_kv, q.device)
+            pd = p
+            if z is not None:  # FlashAttention-2: dV from the dropped P, dP through the mask
+                pd = p * z / (1.0 - opts.dropout_p)
+                dp = dp * z / (1.0 - opts.dropout_p)
             ds = p * (dp - delta[..., i0:i1, None])
+            if opts.softcap is not None:  # d(capped)/d(scaled) = 1 - tanh^2, tanh = capped / softcap
+                t = (s / opts.softcap).masked_fill(p == 0, 0.0)
+                ds = ds * (1 - t * t)
             if need_dkdv:
-                dv += torch.einsum("bhgqk,bqhgd->bkhd", p, dof[:, i0:i1])
+                dv += torch.einsum("bhgqk,bqhgd->bkhd", pd, dof[:, i0:i1])
                 dk += torch.einsum("bhgqk,bqhgd->bkhd", ds, qf[:, i0:i1]) * scale
             if need_dq:
                 dq[:, i0:i1] = (torch.einsum("bhgqk,bkhd->bqhgd", ds, kf) * scale).reshape(B, i1 - i0, H, D)
@@ -272,16 +384,17 @@ class TritonAttention:
     name = "triton"
 
     @staticmethod
-    def forward(q, k, v, kpm, causal, scale):
+    def forward(q, k, v, kpm, causal, scale, opts: AttnOptions = PLAIN):
         from ..kernels.flash_attn_fwd import flash_attn_fwd
         check_backend_dtype("triton", q.dtype, "q")
-        return flash_attn_fwd(q, k, v, kpm, causal, scale)
+        return flash_attn_fwd(q, k, v, kpm, causal, scale, opts.softcap, opts.window, opts.dropout())
 
     @staticmethod
-    def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv):
+    def backward(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv, opts: AttnOptions = PLAIN):
         from ..kernels.flash_attn_bwd import flash_attn_bwd
         check_backend_dtype("triton", q.dtype, "q")
-        return flash_attn_bwd(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv)
+        return flash_attn_bwd(do, q, k, v, o, lse, kpm, causal, scale, need_dq, need_dkdv,
+                              opts.softcap, opts.window, opts.dropout())
 
     @staticmethod
     def rope(x, cos, sin, inverse=False):
@@ -297,13 +410,18 @@ ATTN_BACKENDS = {"triton": TritonAttention, "aten": AtenAttention}
 # --------------------------------------------------------------------------- flash attention op
 @torch.library.custom_op("fused_ckpt::flash_attn_forward", mutates_args=())
 def flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                       causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    """(o [B, S_q, H, D], lse [B, H, S_q])."""
-    return ATTN_BACKENDS[backend].forward(q, k, v, key_padding_mask, causal, scale)
+                       causal: bool, scale: float, backend: str, softcap: Optional[float] = None,
+                       window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
+                       rng_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """(o [B, S_q, H, D], lse [B, H, S_q]); softcap, window, dropout: :class:`AttnOptions`
+    (the seed and offset are inputs: the op itself is deterministic)."""
+    opts = AttnOptions(softcap, window, dropout_p, seed, rng_offset)
+    return ATTN_BACKENDS[backend].forward(q, k, v, key_padding_mask, causal, scale, opts)
 
 
 @flash_attn_forward.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, backend):
+def _(q, k, v, key_padding_mask, causal, scale, backend, softcap=None, window=None, dropout_p=0.0, seed=0,
+      rng_offset=0):
     B, S_q, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, S_q), dtype=lse_dtype(q.dtype))
 
@@ -311,26 +429,32 @@ def _(q, k, v, key_padding_mask, causal, scale, backend):
 @torch.library.custom_op("fused_ckpt::flash_attn_backward", mutates_args=())
 def flash_attn_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-                        needs_grad: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                        needs_grad: list[bool], backend: str, softcap: Optional[float] = None,
+                        window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
+                        rng_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv); ``needs_grad`` flags them in that order (dk and dv come from one kernel, so
-    either flag computes both); unflagged ones come back as empty placeholders."""
+    either flag computes both); unflagged ones come back as empty placeholders. The options
+    must be the forward's (dropout: the same seed and offset regenerate the same mask)."""
     need_q, need_k, need_v = needs_grad
+    opts = AttnOptions(softcap, window, dropout_p, seed, rng_offset)
     dq, dk, dv = ATTN_BACKENDS[backend].backward(do, q, k, v, o, lse, key_padding_mask, causal, scale,
-                                                 need_q, need_k or need_v)
+                                                 need_q, need_k or need_v, opts)
     return (dq if need_q else _empty(q)), (dk if need_k else _empty(k)), (dv if need_v else _empty(v))
 
 
 @flash_attn_backward.register_fake
-def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, needs_grad, backend):
+def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, needs_grad, backend, softcap=None, window=None,
+      dropout_p=0.0, seed=0, rng_offset=0):
     return tuple(t.new_empty(t.shape) if n else t.new_empty((0,)) for t, n in zip((q, k, v), needs_grad))
 
 
 def _flash_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, backend = inputs
+    q, k, v, key_padding_mask, causal, scale, backend, *options = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
     ctx.mark_non_differentiable(lse)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.options, ctx.n_inputs = tuple(options), len(inputs)  # softcap, window, dropout_p, seed, rng_offset
 
 
 def _no_double_backward(what: str) -> None:
@@ -343,8 +467,9 @@ def _flash_backward(ctx, grad_o, grad_lse):
     _no_double_backward("flash attention")
     q, k, v, o, lse, kpm = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:3])
-    grads = flash_attn_backward(grad_o, q, k, v, o, lse, kpm, ctx.causal, ctx.scale, needs, ctx.backend)
-    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 4
+    grads = flash_attn_backward(grad_o, q, k, v, o, lse, kpm, ctx.causal, ctx.scale, needs, ctx.backend,
+                                *ctx.options)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * (ctx.n_inputs - 3)
 
 
 flash_attn_forward.register_autograd(_flash_backward, setup_context=_flash_setup_context)
