@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fused_ckpt import FusedCheckpointedBlock
+from fused_ckpt.modules.block import NORM_NAMES
 from fused_ckpt.reference import ffn_reference
 
 from .helpers import SavedTensors, assert_close_by_rule
@@ -27,27 +28,37 @@ def _rope(t, theta):  # t: (B, S, H, D), Hugging Face rotate_half convention
 
 
 def reference_block(blk: FusedCheckpointedBlock, p: dict, x: torch.Tensor) -> torch.Tensor:
-    """The same block in plain PyTorch (SDPA attention), with parameters ``p`` by name."""
-    def norm(t, prefix):
+    """The same block in plain PyTorch (SDPA attention), with parameters ``p`` by name, for the
+    block's norm placement and kind (``norm_offset``: Gemma's ``(1 + w)``)."""
+    def norm(t, i):
+        prefix = NORM_NAMES[blk.placement].get(i)
+        if prefix is None:
+            return t
         if blk.norm == "rmsnorm":
             tf = t.float() if t.dtype != torch.float64 else t
             y = tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + blk.norm_eps)
-            return (y * p[f"{prefix}.weight"].to(y.dtype)).to(t.dtype)
+            return (y * (p[f"{prefix}.weight"].to(y.dtype) + blk.norm_offset)).to(t.dtype)
         return F.layer_norm(t, t.shape[-1:], p[f"{prefix}.weight"], p[f"{prefix}.bias"], blk.norm_eps)
 
+    def ffn(t):
+        return ffn_reference(t, p["mlp.fc1.weight"], p.get("mlp.fc1.bias"), p["mlp.fc2.weight"],
+                             p.get("mlp.fc2.bias"), blk.mlp.activation)
+
     a = blk.self_attn
-    n1 = norm(x, "input_layernorm")
-    q = F.linear(n1, p["self_attn.q_proj.weight"]).view(B, S, a.n_heads, a.head_dim)
-    k = F.linear(n1, p["self_attn.k_proj.weight"]).view(B, S, a.n_kv_heads, a.head_dim)
-    v = F.linear(n1, p["self_attn.v_proj.weight"]).view(B, S, a.n_kv_heads, a.head_dim)
+    n1 = norm(x, 1)
+    lin = lambda t, n: F.linear(t, p[f"self_attn.{n}.weight"], p.get(f"self_attn.{n}.bias"))  # noqa: E731
+    q = lin(n1, "q_proj").view(B, S, a.n_heads, a.head_dim)
+    k = lin(n1, "k_proj").view(B, S, a.n_kv_heads, a.head_dim)
+    v = lin(n1, "v_proj").view(B, S, a.n_kv_heads, a.head_dim)
     q, k = _rope(q, a.rope_theta), _rope(k, a.rope_theta)
     rep = a.n_heads // a.n_kv_heads
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
                                        v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)
-    h = x + F.linear(o.transpose(1, 2).reshape(B, S, -1), p["self_attn.o_proj.weight"])
-    n2 = norm(h, "post_attention_layernorm")
-    return h + ffn_reference(n2, p["mlp.fc1.weight"], p.get("mlp.fc1.bias"), p["mlp.fc2.weight"],
-                             p.get("mlp.fc2.bias"), blk.mlp.activation)
+    attn = norm(lin(o.transpose(1, 2).reshape(B, S, -1), "o_proj"), 3)
+    if blk.placement == "parallel":
+        return x + attn + ffn(norm(x, 2))
+    h = x + attn
+    return h + norm(ffn(norm(h, 2)), 4)
 
 
 def _make(norm="rmsnorm", activation="swiglu", recompute="full", dtype=torch.float32, backend="aten", **kw):
@@ -56,8 +67,10 @@ def _make(norm="rmsnorm", activation="swiglu", recompute="full", dtype=torch.flo
                                  recompute=recompute, dtype=dtype, backend=backend, **kw)
     with torch.no_grad():  # non-trivial norm weights
         for n, prm in blk.named_parameters():
-            if "layernorm" in n:
-                prm.uniform_(0.5, 1.5)
+            if "layernorm" in n and n.endswith("weight"):
+                prm.uniform_(0.5, 1.5) if not blk.norm_offset else prm.uniform_(-0.5, 0.5)
+            elif "layernorm" in n or n.endswith("bias"):
+                prm.uniform_(-0.3, 0.3)
     return blk
 
 
@@ -105,6 +118,60 @@ def test_full_recompute_saves_x_and_norm_stats(norm):
     expected = x.numel() * 4 + 2 * stats * B * S * 4
     assert s.total_bytes(blk.parameters()) == expected == blk.saved_bytes(B, S)
     y.sum().backward()
+
+
+# norm kinds of the families: Llama RMSNorm, Gemma (1 + w) RMSNorm, LayerNorm with bias (GPT-2, NeoX)
+NORM_KINDS = {"rms": dict(norm="rmsnorm"), "rms1p": dict(norm="rmsnorm", norm_offset=1.0),
+              "ln_bias": dict(norm="layernorm", activation="gelu", bias=True)}
+
+
+@pytest.mark.parametrize("recompute", ["full", None])
+@pytest.mark.parametrize("kind", list(NORM_KINDS))
+@pytest.mark.parametrize("placement", ["pre", "sandwich", "post", "parallel"])
+def test_placements_match_float64(placement, kind, recompute):
+    """Every norm placement with every norm kind: output, dx and every parameter gradient
+    against the float64 block by the 2x rule (aten), whole-block and per-module paths."""
+    kw = dict(NORM_KINDS[kind])
+    blk = _make(kw.pop("norm"), kw.pop("activation", "swiglu"), recompute, placement=placement, **kw)
+    assert sorted(n for n, _ in blk.named_children()) == sorted(
+        ["self_attn", "mlp", *NORM_NAMES[placement].values()])
+    check_block(blk, torch.float32)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("placement,kind", [("sandwich", "rms1p"), ("parallel", "ln_bias")])
+def test_placements_triton(placement, kind):
+    kw = dict(NORM_KINDS[kind])
+    check_block(_make(kw.pop("norm"), kw.pop("activation", "swiglu"), "full", backend="triton",
+                      placement=placement, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("placement,n_stats", [("pre", 2), ("sandwich", 4), ("post", 2), ("parallel", 1)])
+def test_full_recompute_saves_x_and_each_norms_stats(placement, n_stats, norm):
+    """"full" keeps x and the per-row statistics of each norm ("parallel": N2 shares N1's),
+    as blk.saved_bytes and the planner's per-layer option predict."""
+    from fused_ckpt.policy.discovery import build_layers  # noqa: F401 (the planner reads the block)
+
+    blk = _make(norm, recompute="full", placement=placement)
+    x = torch.randn(B, S, D_MODEL, requires_grad=True)
+    with SavedTensors() as s:
+        y = blk(x)
+    stats = 2 if norm == "layernorm" else 1
+    expected = x.numel() * 4 + n_stats * stats * B * S * 4
+    assert s.total_bytes(blk.parameters()) == expected == blk.saved_bytes(B, S)
+    y.sum().backward()
+    blk.recompute = None
+    with SavedTensors() as s:
+        blk(x)
+    assert s.total_bytes(blk.parameters()) == blk.saved_bytes(B, S)
+
+
+def test_bad_placement_arguments():
+    with pytest.raises(ValueError, match="placement must be one of"):
+        FusedCheckpointedBlock(D_MODEL, HEADS, D_FF, placement="postnorm")
+    with pytest.raises(ValueError, match="norm_offset"):
+        FusedCheckpointedBlock(D_MODEL, HEADS, D_FF, norm="layernorm", norm_offset=1.0)
 
 
 @pytest.mark.parametrize("attn,ffn", [("qkv", True), ("all", False), (False, "none")])

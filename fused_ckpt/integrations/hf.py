@@ -92,7 +92,7 @@ from torch import nn
 from ..modules.attention import FusedCheckpointedAttention
 from ..modules.block import FusedCheckpointedBlock
 from ..modules.ffn import FusedCheckpointedFFN, FusedSharedFFN  # noqa: F401 (FusedSharedFFN: documented)
-from ..modules.norm import FusedRMSNorm
+from ..modules.norm import FusedLayerNorm, FusedRMSNorm
 from ..policy import CheckpointPlan, _hf_gc_guard, apply_checkpointing, find_layers, install_hf_guard
 
 # Hugging Face activation names -> the base function they compute.
@@ -242,46 +242,109 @@ class FusedHFAttention(FusedCheckpointedAttention):
 
 
 # ============================================================================ decoder layers
-_LAYER_PARTS = {"input_layernorm": FusedRMSNorm, "self_attn": FusedHFAttention,
-                "post_attention_layernorm": FusedRMSNorm, "mlp": FusedCheckpointedFFN}
+@dataclass(frozen=True)
+class _LayerRow:
+    """One row of the family table: how a Hugging Face decoder layer's children map to the
+    roles of :class:`FusedCheckpointedBlock` (``attn``, ``mlp``, norms 1..4 by position: 1 before
+    the attention, 2 before the MLP, 3 after the attention, 4 after the MLP, see
+    :mod:`fused_ckpt.ops.block`). ``placements``: the candidate norm placements with the norms'
+    child names, tried in order; the one the layer's forward agrees with on a probe is taken.
+    ``dropouts``: ``nn.Dropout`` children on the residual branches (optional; must be inactive).
+    Norm kinds (RMSNorm, ``(1 + w)`` RMSNorm, LayerNorm with bias) are not in the table: each norm
+    is identified by evaluating it (:func:`_convert_norm`)."""
+
+    families: str
+    attn: str
+    mlp: str
+    placements: dict
+    dropouts: tuple = ()
+
+
+_PRE = {1: "input_layernorm", 2: "post_attention_layernorm"}
+_LAYER_ROWS = (
+    _LayerRow("Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3", "self_attn", "mlp", {"pre": _PRE},
+              ("resid_attn_dropout", "resid_mlp_dropout")),
+    _LayerRow("Gemma2, Gemma3", "self_attn", "mlp",
+              {"sandwich": {1: "input_layernorm", 3: "post_attention_layernorm", 2: "pre_feedforward_layernorm",
+                            4: "post_feedforward_layernorm"}}),
+    _LayerRow("OLMo2", "self_attn", "mlp", {"post": {3: "post_attention_layernorm", 4: "post_feedforward_layernorm"}}),
+    _LayerRow("GPT-2", "attn", "mlp", {"pre": {1: "ln_1", 2: "ln_2"}}),
+    _LayerRow("GPT-NeoX (use_parallel_residual True / False)", "attention", "mlp", {"parallel": _PRE, "pre": _PRE},
+              ("post_attention_dropout", "post_mlp_dropout")),
+)
+_LAYOUT_MATH = {
+    "pre": "the pre-norm residual layout h = x + attn(n1(x)); y = h + mlp(n2(h))",
+    "sandwich": "the sandwich-norm residual layout h = x + n3(attn(n1(x))); y = h + n4(mlp(n2(h)))",
+    "post": "the post-norm residual layout h = x + n3(attn(x)); y = h + n4(mlp(h))",
+    "parallel": "the parallel residual layout y = x + attn(n1(x)) + mlp(n2(x))",
+}
+
+
+def _layer_row(parts: dict) -> tuple:
+    """``(row, norm placements)`` of the family table whose roles name exactly ``parts`` (the
+    layer's children, optional dropouts aside), or ``(None, reason)``."""
+    names = set(parts)
+    for row in _LAYER_ROWS:
+        core = names - set(row.dropouts)
+        fits = {pl: norms for pl, norms in row.placements.items()
+                if core == {row.attn, row.mlp, *norms.values()}}
+        if fits:
+            return row, fits
+    return None, (f"its parts {sorted(names)} match no layer layout of the family table "
+                  f"(integrations/hf.py _LAYER_ROWS: {'; '.join(r.families for r in _LAYER_ROWS)})")
 
 
 class FusedHFDecoderLayer(FusedCheckpointedBlock):
-    """A Hugging Face pre-norm decoder layer (Llama, Mistral, Qwen2)
-    whose four parts fused_ckpt already replaced, as a :class:`FusedCheckpointedBlock`: with
-    ``recompute="full"`` it keeps only its input and the two norms' per-row statistics, like
-    Hugging Face's per-layer checkpointing, but the backward recomputes inside the fused kernels
-    and stops before the FFN's forward.
+    """A Hugging Face decoder layer whose parts fused_ckpt already replaced, as a
+    :class:`FusedCheckpointedBlock`: pre-norm (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2,
+    GPT-NeoX sequential), sandwich norms (Gemma2/3), post-norms (OLMo2) or the parallel residual
+    (GPT-NeoX), with the norm kind each family uses; the layout comes from the family table
+    (``_LAYER_ROWS``) and is checked by evaluation. With ``recompute="full"`` it keeps only its
+    input and the norms' per-row statistics, less than Hugging Face's per-layer checkpointing,
+    and the backward recomputes inside the fused kernels.
 
-    It takes the Hugging Face decoder-layer call (``hidden_states, attention_mask, position_ids,
-    cache/past_key_values, use_cache, position_embeddings, **kwargs``) and returns the hidden
-    states. Calls the whole-block path cannot take exactly (a KV cache with gradients off, a mask
-    that is not causal + key padding) and calls under the per-module dials (``recompute=None``)
-    run the original layer's own forward on the fused parts, which handle the Hugging Face call
-    themselves. Parameter names are the layer's own (the state dict is unchanged).
+    It takes the Hugging Face layer's own call (bound to its signature: Llama's keywords, GPT-2's
+    positional ``(hidden_states, cache, attention_mask, encoder_hidden_states, ...)``, GPT-NeoX's
+    ``layer_past``, ...) and returns what the layer returns. Calls the whole-block path cannot
+    take exactly (a KV cache with gradients off, a mask that is not causal + key padding,
+    cross-attention inputs, attention weights asked for) and calls under the per-module dials
+    (``recompute=None``) run the original layer's own forward on the fused parts, which handle
+    the Hugging Face call themselves. Module names and the state dict are the layer's own.
     """
 
     @classmethod
     def from_hf(cls, layer: nn.Module, backend: str):
-        """``(block, detail)``, or ``(None, reason)`` when ``layer`` is not a pre-norm layer made of
-        exactly the four fused parts. The layout is checked by evaluation: the layer's own forward
-        and the block's must agree on a probe."""
+        """``(block, detail)``, or ``(None, reason)`` when ``layer`` is not a layout of the family
+        table made of fused parts, or its forward does not compute that layout on a probe."""
         parts = dict(layer.named_children())
-        if set(parts) != set(_LAYER_PARTS):
-            extra = sorted(set(parts) - set(_LAYER_PARTS)) or sorted(set(_LAYER_PARTS) - set(parts))
-            return None, f"parts {extra} differ from the Llama layout (input_layernorm, self_attn, " \
-                         "post_attention_layernorm, mlp)"
-        for name, kind in _LAYER_PARTS.items():
-            if not isinstance(parts[name], kind):
-                return None, f"{name} is a {type(parts[name]).__name__}, not a {kind.__name__}"
+        row, placements = _layer_row(parts)
+        if row is None:
+            return None, placements
+        attn, mlp = parts[row.attn], parts[row.mlp]
+        if not isinstance(attn, FusedHFAttention):
+            return None, f"{row.attn} is a {type(attn).__name__}, not a FusedHFAttention"
+        if not isinstance(mlp, FusedCheckpointedFFN):
+            return None, f"{row.mlp} is a {type(mlp).__name__}, not a FusedCheckpointedFFN"
+        for name in row.dropouts:
+            d = parts.get(name)
+            if d is not None and not (isinstance(d, nn.Dropout) and d.p == 0):
+                return None, (f"{name} is {d!r}: dropout on the residual branch is not replayed inside the "
+                              "whole-layer block (left to the layer's own code)")
+        norm_names = sorted({n for norms in placements.values() for n in norms.values()})
+        kinds = {}
+        for name in norm_names:
+            n = parts[name]
+            if not isinstance(n, (FusedRMSNorm, FusedLayerNorm)):
+                return None, f"{name} is a {type(n).__name__}, not a FusedRMSNorm or FusedLayerNorm"
+            kinds[name] = (type(n).__name__, getattr(n, "offset", 0.0), n.eps, getattr(n, "bias", None) is not None)
+        if len(set(kinds.values())) > 1:
+            return None, f"the norms differ in kind, (1 + w) offset, eps or bias: {kinds}"
         if layer._parameters or layer._buffers:
             return None, "the layer holds its own parameters or buffers"
-        why = _config_refusal(getattr(parts["self_attn"], "config", None), layer, _L, _own_classes(layer))
+        why = _config_refusal(getattr(attn, "config", None), layer, _L, _own_classes(layer))
         if why is not None:
             return None, why
-        n1, n2 = parts["input_layernorm"], parts["post_attention_layernorm"]
-        if n1.eps != n2.eps:
-            return None, f"the two norms' eps differ ({n1.eps} vs {n2.eps})"
+        first = parts[norm_names[0]]
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for k, v in layer.__dict__.items():  # hidden_size, attention_type, ... (read by HF model loops)
@@ -289,45 +352,61 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
                 new.__dict__[k] = v
         for name, child in parts.items():  # the layer's own order: parameters and state dict keep theirs
             setattr(new, name, child)
-        new.norm, new.norm_eps, new.recompute, new.backend = "rmsnorm", n1.eps, "full", backend
+        new.norm = "rmsnorm" if isinstance(first, FusedRMSNorm) else "layernorm"
+        new.norm_offset, new.norm_eps = getattr(first, "offset", 0.0), first.eps
+        new.recompute, new.backend = "full", backend
         new.gradient_checkpointing = False
         new.train(layer.training)
         new.__dict__["_hf_forward"] = type(layer).forward
+        new.__dict__["_hf_signature"] = sig = inspect.signature(type(layer).forward)
+        new.__dict__["_hf_first"] = list(sig.parameters)[1]  # the hidden states
         new.__dict__["_hf_cache_kw"] = _cache_kw(type(layer).forward)
-        why = _same_as_hf(new, layer)
-        if why is not None:
-            return None, why
-        return new, "FusedHFDecoderLayer: whole-layer recompute"
+        tried = []
+        for placement, norms in placements.items():
+            new.placement = placement
+            new.__dict__["_fused_roles"] = {"attn": row.attn, "mlp": row.mlp, **norms}
+            why = _same_as_hf(new, layer)
+            if why is None:
+                kind = {"FusedRMSNorm": "RMSNorm", "FusedLayerNorm": "LayerNorm"}[type(first).__name__]
+                kind = "(1 + w) RMSNorm" if new.norm_offset else kind
+                return new, f"FusedHFDecoderLayer: whole-layer recompute ({row.families.split(' (')[0]} " \
+                            f"row; {placement} placement, {kind})"
+            tried.append(_LAYOUT_MATH[placement])
+        return None, f"its forward is not {' nor '.join(tried)} ({why})"
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, use_cache=False,
-                position_embeddings=None, **kwargs):
+    def forward(self, *args, **kwargs):
+        bound = self._hf_signature.bind(self, *args, **kwargs)
+        a = dict(bound.arguments)
+        var_kw = next((n for n, p in self._hf_signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+        extra = dict(a.pop(var_kw, {})) if var_kw else {}
+        a.update(extra)
+        hidden_states = a[self._hf_first]
         cache = None
-        for key in _CACHE_KEYS:  # the name differs across transformers versions
-            c = kwargs.pop(key, None)
+        for key in _CACHE_KEYS:  # the name differs across families and transformers versions
+            c = a.get(key)
             cache = c if c is not None else cache
         generating = cache is not None and not (self.training and torch.is_grad_enabled())
-        if not generating and not kwargs.get("output_attentions") and self._whole_block_recompute(hidden_states) \
-                and not self.self_attn.window_exceeded(hidden_states.shape[1]):
+        plain = not generating and not a.get("output_attentions") and a.get("encoder_hidden_states") is None
+        if plain and self._whole_block_recompute(hidden_states) \
+                and not self.attention.window_exceeded(hidden_states.shape[1]):
             B, S = hidden_states.shape[0], hidden_states.shape[1]
-            kpm = _key_padding(attention_mask, B, S)
+            kpm = _key_padding(a.get("attention_mask"), B, S)
             # eager rows that see no key need the attention's fix-up, which the block cannot
             # apply inside itself: the layer's own forward runs on the fused parts
-            if kpm is not _UNSUPPORTED and self.self_attn.eager_dead_rows(kpm) is None:
+            if kpm is not _UNSUPPORTED and self.attention.eager_dead_rows(kpm) is None:
                 if cache is not None:
                     _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
                           "(as with Hugging Face checkpointing); pass use_cache=False")
-                y = self._full_recompute(hidden_states, _positions(position_ids, B, S), kpm)
+                pos = _positions(a.get("position_ids"), B, S) if self.attention.rope_theta is not None else None
+                y = self._full_recompute(hidden_states, pos, kpm)
                 return (y,) if self._hf_tuple else y
-        kwargs.update(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
-                      position_embeddings=position_embeddings)
-        kwargs[self._hf_cache_kw] = cache
-        return self._hf_forward(self, hidden_states, **kwargs)
+        return self._hf_forward(self, *args, **kwargs)
 
 
 def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
     """None when the original layer's forward (on the fused parts) equals the block's."""
-    w = block.mlp._ffn_tensors()[2]
-    d = block.mlp.d_model
+    w = block.ffn._ffn_tensors()[2]
+    d = block.ffn.d_model
     x = torch.randn(1, 3, d, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
     pos = torch.arange(3, device=w.device)[None]
     with torch.no_grad():
@@ -342,16 +421,18 @@ def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
     tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
     if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
             not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
-        return "its forward is not the pre-norm residual layout h = x + attn(norm1(x)); y = h + mlp(norm2(h))"
+        err = (got.float() - want.float()).abs().max().item() if isinstance(want, torch.Tensor) and \
+            want.shape == got.shape else float("nan")
+        return f"max difference {err:.2e} on a probe"
     return None
 
 
-_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _cache_kw(forward) -> str:
     """The KV-cache keyword of a Hugging Face forward (transformers 5: ``cache``; 4.x:
-    ``past_key_values`` or ``past_key_value``)."""
+    ``past_key_values`` or ``past_key_value``; GPT-NeoX layers: ``layer_past``)."""
     params = inspect.signature(forward).parameters
     return next((k for k in _CACHE_KEYS if k in params), "past_key_values")
 
@@ -429,7 +510,7 @@ def _mlp_layout(m: nn.Module) -> Optional[str]:
         return "packed_gated"
     if has("c_fc", "c_proj") and not hasattr(m, "c_attn"):
         return "gpt2"
-    if has("fc1", "fc2"):
+    if has("fc1", "fc2") or has("dense_h_to_4h", "dense_4h_to_h"):
         return "fc"
     return None
 
@@ -540,7 +621,8 @@ _FIELDS = {
     "residual_multiplier": _Field(_L, "scaling of the residual branches", (None, 1.0)),
     "hidden_dropout": _Field(_L, "dropout on the residual branches", _NONE_OR_ZERO),
     "resid_pdrop": _Field(_L, "dropout on the residual branches", _NONE_OR_ZERO),
-    "use_parallel_residual": _Field(_L, "a parallel attention/MLP residual", (None, False)),
+    "use_parallel_residual": _Field(_C, "the parallel attention/MLP residual (GPT-NeoX): the layer's placement "
+                                    "is the one its forward agrees with on a probe"),
     "intermediate_size": _Field(_L, "read from the MLP's weights"), "n_inner": _Field(_L, "read from the MLP's weights"),
     # --- checked by evaluation when converting norms and MLPs
     "rms_norm_eps": _Field(_C, _NORM), "layer_norm_eps": _Field(_C, _NORM), "norm_eps": _Field(_C, _NORM),
@@ -678,29 +760,60 @@ class PatchReport:
 
 
 # ============================================================================ patching
-def _convert_rmsnorm(m: nn.Module, backend: str) -> Optional[FusedRMSNorm]:
-    """A FusedRMSNorm for a Llama-style RMSNorm (``weight`` and ``variance_epsilon``, computing
-    ``w * x * rsqrt(mean(x^2) + eps)``), identified by evaluating it in fp32 on probe rows, so
-    Gemma's ``(1 + w)`` variant and other look-alikes are left alone. None if it does not match."""
+# The norm kinds patch_hf_model adopts: (report detail, fp32 math of the candidate, how to build it).
+# Each candidate is evaluated against the module on probe rows; the first that matches is taken.
+def _rms(offset):
+    return lambda x, w, b, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (w.float() + offset)
+
+
+_NORM_KINDS = (
+    ("FusedRMSNorm", _rms(0.0), "rms", 0.0),                 # Llama, Mistral, Qwen2/3, Phi-3, OLMo2
+    ("FusedRMSNorm (1 + w)", _rms(1.0), "rms", 1.0),         # Gemma, Gemma2, Gemma3
+    ("FusedLayerNorm", lambda x, w, b, eps: nn.functional.layer_norm(  # GPT-2, GPT-NeoX (with bias)
+        x, x.shape[-1:], w.float(), None if b is None else b.float(), eps), "ln", 0.0),
+)
+
+
+def _convert_norm(m: nn.Module, backend: str):
+    """``(fused norm, detail)`` for a norm module that computes one of ``_NORM_KINDS``: Llama's
+    RMSNorm ``w * x * rsqrt(mean(x^2) + eps)``, Gemma's ``(1 + w)`` RMSNorm, or LayerNorm (with or
+    without bias), identified by evaluating the module in fp32 on probe rows (not by its class),
+    or ``(None, reason)``. The fused norm holds the module's own ``weight`` / ``bias`` Parameters."""
     w = getattr(m, "weight", None)
+    b = getattr(m, "bias", None)
     eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float) or w.is_meta:
-        return None
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float):
+        return None, "no 1-D weight and float eps / variance_epsilon (not a norm fused_ckpt knows)"
+    if w.is_meta:
+        return None, "meta weights: the norm cannot be identified by evaluating it"
+    if b is not None and (not isinstance(b, torch.Tensor) or b.shape != w.shape):
+        return None, "its bias is not a tensor of the weight's shape"
     d = w.shape[0]
-    probe = torch.randn(3, d, generator=torch.Generator().manual_seed(0)).to(w.device)
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.randn(3, d, generator=gen) * 2 + 0.5).to(w.device)
     with torch.no_grad():
         m32 = _float_copy(m)
         try:
             got = m32(probe)
-        except Exception:
-            return None
-        want = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-    if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6):
-        return None
-    new = FusedRMSNorm(d, eps, device="meta", dtype=w.dtype, backend=backend)
-    new.weight = w  # the same Parameter object (the meta placeholder is dropped)
+        except Exception as e:  # noqa: BLE001 (the probe call does not fit this module)
+            return None, f"its forward could not be evaluated ({type(e).__name__}: {e})"
+        for detail, math, kind, offset in _NORM_KINDS:
+            if kind == "rms" and b is not None:
+                continue
+            want = math(probe, m32.weight, getattr(m32, "bias", None), eps)
+            if got.shape == want.shape and torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6):
+                break
+        else:
+            return None, ("computes none of Llama's RMSNorm, Gemma's (1 + w) RMSNorm or LayerNorm on a probe "
+                          f"(eps {eps})")
+    if kind == "rms":
+        new = FusedRMSNorm(d, eps, device="meta", dtype=w.dtype, backend=backend, offset=offset)
+        new.weight = w  # the same Parameter object (the meta placeholder is dropped)
+    else:
+        new = FusedLayerNorm(d, eps, device="meta", dtype=w.dtype, backend=backend, bias=b is not None)
+        new.weight, new.bias = w, b
     new.train(m.training)
-    return new
+    return new, detail
 
 
 def _float_copy(m: nn.Module) -> nn.Module:
@@ -786,15 +899,18 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
             report.hf_checkpointing_disabled.append(lname)
     if norm:
         for qname, child in list(model.named_modules()):
-            if isinstance(child, FusedRMSNorm) or "norm" not in type(child).__name__.lower():
-                continue
-            new = _convert_rmsnorm(child, backend)
-            if new is None:
-                report.left_alone.append((qname, type(child).__name__, "not a Llama-style RMSNorm"))
+            if isinstance(child, (FusedRMSNorm, FusedLayerNorm)) or "norm" not in type(child).__name__.lower():
                 continue
             parent_name, _, cname = qname.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, cname, new)
-            report.replaced.append((qname, type(child).__name__, "FusedRMSNorm"))
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if isinstance(parent, FusedCheckpointedAttention):
+                continue  # QK-norms: the fused attention reads their weights itself
+            new, detail = _convert_norm(child, backend)
+            if new is None:
+                report.left_alone.append((qname, type(child).__name__, f"norm not fused: {detail}"))
+                continue
+            setattr(parent, cname, new)
+            report.replaced.append((qname, type(child).__name__, detail))
     if blocks:
         layers = [_convert_layer(model, layer, names[id(layer)], backend, report) for layer in layers]
     if fused_loss and isinstance(getattr(model, "lm_head", None), nn.Module):

@@ -1,4 +1,5 @@
-"""``FusedCheckpointedBlock``: a pre-norm transformer block built from the fused modules."""
+"""``FusedCheckpointedBlock``: a transformer block (pre-norm, sandwich-norm, post-norm or
+parallel residual) built from the fused modules."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -7,34 +8,67 @@ import torch
 from torch import nn
 
 from ..accounting import attention_saved_bytes
-from ..ops.block import PARAM_NAMES, BlockFullRecompute, BlockSpec, full_saved_bytes
+from ..ops.block import (PARAM_NAMES, PLACEMENT_NORMS, PLACEMENTS, BlockFullRecompute, BlockSpec,
+                         full_saved_bytes)
 from ..ops.norm import norm_saved_bytes
+from ._swap import swapped_child, warn_unfused
 from .attention import FusedCheckpointedAttention
 from .ffn import FusedCheckpointedFFN
 from .norm import FusedLayerNorm, FusedRMSNorm
 
 BLOCK_RECOMPUTE = ("full", None)
 
+# The norms' submodule names for each placement (Hugging Face's names: Llama / Gemma2 / OLMo2 /
+# GPT-NeoX); index 1: before the attention, 2: before the FFN, 3: after the attention, 4: after
+# the FFN (ops/block.py PLACEMENT_NORMS).
+NORM_NAMES = {
+    "pre": {1: "input_layernorm", 2: "post_attention_layernorm"},
+    "sandwich": {1: "input_layernorm", 3: "post_attention_layernorm", 2: "pre_feedforward_layernorm",
+                 4: "post_feedforward_layernorm"},
+    "post": {3: "post_attention_layernorm", 4: "post_feedforward_layernorm"},
+    "parallel": {1: "input_layernorm", 2: "post_attention_layernorm"},
+}
+
+
+def attention_block_inputs(a: nn.Module) -> tuple:
+    """``(tensors, options)`` of a fused attention module for the block op: tensors keyed by
+    the block's PARAM_NAMES (wq ... bo, q_norm_w, k_norm_w; read where they live) and the
+    attention keywords (qk_norm_eps, qk_norm_offset, rotary_dim, qkv_layout). An attention
+    module that defines ``_block_inputs()`` returns them itself (packed or QK-normed ones)."""
+    own = getattr(a, "_block_inputs", None)
+    if own is not None:
+        return own()
+    tensors = {"wq": a.q_proj.weight, "bq": a.q_proj.bias, "wk": a.k_proj.weight, "bk": a.k_proj.bias,
+               "wv": a.v_proj.weight, "bv": a.v_proj.bias, "wo": a.o_proj.weight, "bo": a.o_proj.bias,
+               "q_norm_w": None, "k_norm_w": None}
+    return tensors, {}
+
 
 class FusedCheckpointedBlock(nn.Module):
-    """Pre-norm transformer block (Llama layout)::
+    """Transformer block from the fused modules, with the norm placement ``placement``::
 
-        h = x + self_attn(input_layernorm(x))
-        y = h + mlp(post_attention_layernorm(h))
+        "pre"       h = x + self_attn(input_layernorm(x)); y = h + mlp(post_attention_layernorm(h))
+        "sandwich"  h = x + post_attention_layernorm(self_attn(input_layernorm(x)))
+                    y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))    (Gemma2/3)
+        "post"      h = x + post_attention_layernorm(self_attn(x))
+                    y = h + post_feedforward_layernorm(mlp(h))                                (OLMo2)
+        "parallel"  y = x + self_attn(input_layernorm(x)) + mlp(post_attention_layernorm(x))  (GPT-NeoX)
 
     ==============  ===========================================  ===============================
     ``recompute``   kept for backward (besides parameters)       recomputed in backward
     ==============  ===========================================  ===============================
-    ``"full"``      x and the per-row norm statistics            the whole block from x (see
-                                                                 :mod:`fused_ckpt.ops.block`)
+    ``"full"``      x and the per-row norm statistics (which:    the whole block from x (see
+                    :mod:`fused_ckpt.ops.block`)                 :mod:`fused_ckpt.ops.block`)
     ``None``        what each submodule's own dial keeps:        what each submodule's dial
-                    norms x / h and their statistics,            says
+                    each norm its input and statistics,          says
                     ``self_attn.recompute``, ``mlp.recompute``
     ==============  ===========================================  ===============================
 
-    Submodules: ``input_layernorm`` / ``post_attention_layernorm`` (:class:`FusedRMSNorm` or
-    :class:`FusedLayerNorm`), ``self_attn`` (:class:`FusedCheckpointedAttention`, parameter
-    names of Hugging Face ``LlamaAttention``), ``mlp`` (:class:`FusedCheckpointedFFN`).
+    Submodules: the norms named in :data:`NORM_NAMES` (:class:`FusedRMSNorm`, with
+    ``norm_offset=1.0`` Gemma's ``(1 + w)`` form, or :class:`FusedLayerNorm`), ``self_attn``
+    (:class:`FusedCheckpointedAttention`, parameter names of Hugging Face ``LlamaAttention``),
+    ``mlp`` (:class:`FusedCheckpointedFFN`). Subclasses built around other modules (Hugging Face
+    layers: GPT-2's ``ln_1``/``attn``, ...) set ``_roles`` (role -> submodule name).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, n_kv_heads: Optional[int] = None,
@@ -42,40 +76,77 @@ class FusedCheckpointedBlock(nn.Module):
                  causal: bool = True, rope_theta: Optional[float] = 10000.0, bias: bool = False,
                  recompute: Optional[str] = "full", attn_recompute: Union[str, bool] = "qkv",
                  ffn_recompute: Union[str, bool] = True, device=None, dtype=None, *,
-                 chunk_tokens: int = 0, backend: str = "auto"):
+                 chunk_tokens: int = 0, backend: str = "auto", placement: str = "pre", norm_offset: float = 0.0):
         super().__init__()
         if norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {norm!r}")
         if recompute not in BLOCK_RECOMPUTE:
             raise ValueError(f"recompute must be one of {BLOCK_RECOMPUTE}, got {recompute!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if norm_offset and norm != "rmsnorm":
+            raise ValueError(f"norm_offset={norm_offset} is for RMSNorm ((1 + w), Gemma); got norm={norm!r}")
         factory = dict(device=device, dtype=dtype)
-        self.norm = norm
+        self.norm, self.placement, self.norm_offset = norm, placement, float(norm_offset)
         self.norm_eps = norm_eps if norm_eps is not None else (1e-6 if norm == "rmsnorm" else 1e-5)
-        Norm = FusedRMSNorm if norm == "rmsnorm" else FusedLayerNorm
-        self.input_layernorm = Norm(d_model, self.norm_eps, backend=backend, **factory)
+        names = NORM_NAMES[placement]
+
+        def make_norm():
+            if norm == "rmsnorm":
+                return FusedRMSNorm(d_model, self.norm_eps, backend=backend, offset=norm_offset, **factory)
+            return FusedLayerNorm(d_model, self.norm_eps, backend=backend, **factory)
+
+        if 1 in names:
+            self.input_layernorm = make_norm()
         self.self_attn = FusedCheckpointedAttention(d_model, n_heads, n_kv_heads, causal=causal, bias=bias,
                                                     rope_theta=rope_theta, recompute=attn_recompute,
                                                     backend=backend, **factory)
-        self.post_attention_layernorm = Norm(d_model, self.norm_eps, backend=backend, **factory)
+        for i in (3, 2, 4):  # Hugging Face's registration order
+            if i in names:
+                setattr(self, names[i], make_norm())
         self.mlp = FusedCheckpointedFFN(d_model, d_ff, activation, bias=bias, recompute=ffn_recompute,
                                         chunk_tokens=chunk_tokens, backend=backend, **factory)
         self.recompute = recompute
         self.backend = backend
 
+    # ------------------------------------------------------------------ roles
+    @property
+    def _roles(self) -> dict:
+        """role ("attn", "mlp", or a norm index 1..4) -> submodule name."""
+        roles = self.__dict__.get("_fused_roles")
+        if roles is None:
+            roles = {"attn": "self_attn", "mlp": "mlp", **NORM_NAMES[self.placement]}
+        return roles
+
+    @property
+    def attention(self) -> nn.Module:
+        return getattr(self, self._roles["attn"])
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self._roles["mlp"])
+
+    def norm_module(self, i: int) -> Optional[nn.Module]:
+        """The norm at position ``i`` (1: before the attention, 2: before the FFN, 3: after the
+        attention, 4: after the FFN), or None when the placement has none there."""
+        name = self._roles.get(i)
+        return getattr(self, name) if name is not None else None
+
     def _spec(self) -> BlockSpec:
-        a, m = self.self_attn, self.mlp
+        a, m = self.attention, self.ffn
+        _, opts = attention_block_inputs(a)
         return BlockSpec(self.norm, self.norm_eps, a.n_heads, a.n_kv_heads, a.causal, a.scale,
-                         a.rope_theta, m.activation, m.chunk_tokens, self.backend)
+                         a.rope_theta, m.activation, m.chunk_tokens, self.backend, placement=self.placement,
+                         norm_offset=self.norm_offset, **opts)
 
     def _params(self) -> list:
-        n1, n2, a, m = self.input_layernorm, self.post_attention_layernorm, self.self_attn, self.mlp
-        tensors = {
-            "norm1_w": n1.weight, "norm1_b": getattr(n1, "bias", None),
-            "wq": a.q_proj.weight, "bq": a.q_proj.bias, "wk": a.k_proj.weight, "bk": a.k_proj.bias,
-            "wv": a.v_proj.weight, "bv": a.v_proj.bias, "wo": a.o_proj.weight, "bo": a.o_proj.bias,
-            "norm2_w": n2.weight, "norm2_b": getattr(n2, "bias", None),
-        }
-        w1, b1, w2, b2, w1u, b1u = m._ffn_tensors()  # the MLP's weights where they live
+        tensors, _ = attention_block_inputs(self.attention)
+        tensors = dict(tensors)
+        for i in (1, 2, 3, 4):
+            n = self.norm_module(i)
+            tensors[f"norm{i}_w"] = None if n is None else n.weight
+            tensors[f"norm{i}_b"] = None if n is None else getattr(n, "bias", None)
+        w1, b1, w2, b2, w1u, b1u = self.ffn._ffn_tensors()  # the MLP's weights where they live
         tensors.update(w1=w1, b1=b1, w2=w2, b2=b2, w1u=w1u, b1u=b1u)
         return [tensors[n] for n in PARAM_NAMES]
 
@@ -83,14 +154,45 @@ class FusedCheckpointedBlock(nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._whole_block_recompute(x):
             return self._full_recompute(x, position_ids, key_padding_mask)
-        h = x + self.self_attn(self.input_layernorm(x), position_ids, key_padding_mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        n = self.norm_module
+        a = self.attention(n(1)(x) if n(1) is not None else x, position_ids, key_padding_mask)
+        if n(3) is not None:
+            a = n(3)(a)
+        if self.placement == "parallel":
+            return (self.ffn(n(2)(x)) + a) + x
+        h = x + a
+        f = self.ffn(n(2)(h) if n(2) is not None else h)
+        return h + (n(4)(f) if n(4) is not None else f)
 
     def _whole_block_recompute(self, x: torch.Tensor) -> bool:
         """Whether this call takes the whole-block path: ``recompute="full"`` and a backward
-        will run (without one there is nothing to save, and the submodules run as they are)."""
-        return self.recompute == "full" and torch.is_grad_enabled() and (
+        will run (without one there is nothing to save, and the submodules run as they are), and
+        the parts are still the fused modules with the children they were built from (else the
+        submodules run: each takes its exact unfused path, e.g. around PEFT LoRA wrappers)."""
+        if self.recompute != "full" or not torch.is_grad_enabled():
+            return False
+        why = self._parts_changed()
+        if why is not None:
+            warn_unfused(self, why)
+            return False
+        return (
             x.requires_grad or any(p is not None and p.requires_grad for p in self._params()))
+
+    def _parts_changed(self):
+        """None when the whole-block op can read every weight it needs from the parts, else why not
+        (a part that is no longer a fused module, or a fused part whose children were replaced)."""
+        a, m = self.attention, self.ffn
+        if not isinstance(a, FusedCheckpointedAttention) or not isinstance(m, FusedCheckpointedFFN):
+            return f"its attention / MLP are now {type(a).__name__} / {type(m).__name__}, not fused modules"
+        for role, part in (("attention", a), ("MLP", m)):
+            why = swapped_child(part)
+            if why is not None:
+                return f"its {role}'s {why}"
+        for i in (1, 2, 3, 4):
+            n = self.norm_module(i)
+            if n is not None and not isinstance(n, (FusedRMSNorm, FusedLayerNorm)):
+                return f"its norm {self._roles[i]} is now a {type(n).__name__}, not a fused norm"
+        return None
 
     def _full_recompute(self, x: torch.Tensor, position_ids: Optional[torch.Tensor],
                         key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -98,19 +200,33 @@ class FusedCheckpointedBlock(nn.Module):
             raise ValueError(f"x must be (batch, seqlen, d_model), got shape {tuple(x.shape)}")
         return BlockFullRecompute.apply(self._spec(), x, position_ids, key_padding_mask, *self._params())
 
+    def norm_count(self) -> int:
+        return len(PLACEMENT_NORMS[self.placement])
+
+    def full_saved_bytes(self, tokens: int, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes the whole-block "full" path keeps for ``tokens`` tokens (x and the norms'
+        per-row statistics, :func:`fused_ckpt.ops.block.full_saved_bytes`)."""
+        elem = torch.empty((), dtype=dtype or self.ffn.param_dtype).element_size()
+        return full_saved_bytes(tokens, self.ffn.d_model, elem, self.norm == "layernorm", self.placement)
+
+    def norms_saved_bytes(self, tokens: int, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes the block's norms keep under the per-module dials (each its input and
+        statistics)."""
+        elem = torch.empty((), dtype=dtype or self.ffn.param_dtype).element_size()
+        return self.norm_count() * norm_saved_bytes(tokens, self.ffn.d_model, elem, self.norm == "layernorm")
+
     def saved_bytes(self, batch: int, seq: int, dtype: Optional[torch.dtype] = None) -> int:
         """Activation bytes this block keeps for backward (parameters, position ids and masks
         excluded) at its current dials."""
-        dtype = dtype or self.mlp.param_dtype
+        dtype = dtype or self.ffn.param_dtype
         elem = torch.empty((), dtype=dtype).element_size()
-        tokens, d = batch * seq, self.mlp.d_model
-        layer_norm = self.norm == "layernorm"
+        tokens = batch * seq
         if self.recompute == "full":
-            return full_saved_bytes(tokens, d, elem, layer_norm)
-        a = self.self_attn
-        attn = attention_saved_bytes(tokens, d, a.n_heads, a.n_kv_heads, a.head_dim, a.recompute, elem)
-        norms = 2 * norm_saved_bytes(tokens, d, elem, layer_norm)
-        return norms + attn + self.mlp.saved_bytes(tokens, dtype=dtype)
+            return self.full_saved_bytes(tokens, dtype)
+        a = self.attention
+        attn = attention_saved_bytes(tokens, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.recompute, elem)
+        return self.norms_saved_bytes(tokens, dtype) + attn + self.ffn.saved_bytes(tokens, dtype=dtype)
 
     def extra_repr(self) -> str:
-        return f"norm={self.norm!r}, recompute={self.recompute!r}"
+        return (f"norm={self.norm!r}, placement={self.placement!r}"
+                + (f", norm_offset={self.norm_offset}" if self.norm_offset else "") + f", recompute={self.recompute!r}")

@@ -110,7 +110,8 @@ class FusedCheckpointedFFN(nn.Module):
         (``fc1``/``act``/``fc2``, identity norm, zero dropout); Hugging Face gated MLPs
         (``gate_proj``/``up_proj``/``down_proj``/``act_fn``: Llama, Mistral, Qwen2, Gemma);
         packed gated MLPs (``gate_up_proj``/``down_proj``: Phi-3); GPT-2 MLPs
-        (``c_fc``/``c_proj`` Conv1D with transposed weights). The activation is identified by
+        (``c_fc``/``c_proj`` Conv1D with transposed weights); GPT-NeoX MLPs
+        (``dense_h_to_4h``/``act``/``dense_4h_to_h``). The activation is identified by
         evaluating the module's activation on probe values, not by its class name.
         """
         kind, parts = _match_mlp(mlp)
@@ -271,6 +272,9 @@ def _match_mlp(mlp: nn.Module):
             raise ValueError("from_module: GPT-2 MLP with active dropout is not supported "
                              "(set resid_pdrop=0 or call .eval())")
         return "gpt2", (mlp.c_fc, mlp.act, mlp.c_proj)
+    if has("dense_h_to_4h", "act", "dense_4h_to_h") and _is_linear(mlp.dense_h_to_4h) and \
+            _is_linear(mlp.dense_4h_to_h):  # GPT-NeoX
+        return "sequential", (mlp.dense_h_to_4h, mlp.act, mlp.dense_4h_to_h)
     if has("fc1", "act", "fc2") and _is_linear(mlp.fc1) and _is_linear(mlp.fc2):
         for extra in ("drop", "drop1", "drop2", "norm"):
             if not _is_noop(getattr(mlp, extra, None)):

@@ -1,27 +1,38 @@
-"""A whole pre-norm transformer block recomputed from its input: the "full" recompute contract.
+"""A whole transformer block recomputed from its input: the "full" recompute contract.
 
-    h = x + attn(norm1(x))
-    y = h + ffn(norm2(h))
+Norm placements (``BlockSpec.placement``; N1..N4 are the block's norms, absent ones skipped)::
+
+    "pre"       h = x + attn(N1(x));          y = h + ffn(N2(h))          Llama, GPT-2, GPT-NeoX (sequential)
+    "sandwich"  h = x + N3(attn(N1(x)));      y = h + N4(ffn(N2(h)))      Gemma2, Gemma3
+    "post"      h = x + N3(attn(x));          y = h + N4(ffn(h))          OLMo2
+    "parallel"  y = x + attn(N1(x)) + ffn(N2(x))                          GPT-NeoX use_parallel_residual
+
+All norms of a block are of one kind (``norm``: RMSNorm, with ``norm_offset=1.0`` Gemma's
+``(1 + w)``, or LayerNorm with or without bias) and one epsilon.
 
 ==========  =========================================  =====================================
 recompute   saved for backward (besides parameters)    recomputed in backward
 ==========  =========================================  =====================================
-"full"      x, the per-row statistics of both norms    norm1 (from x and its statistics, no
-            (rstd; and mean for LayerNorm), and the    reduction), q/k/v, attention output,
-            position ids / key-padding mask when       o_proj, h, norm2; then the FFN's own
-            given                                      backward (its hidden layer recomputed
-                                                       inside the fused kernel)
+"full"      x, and the fp32 per-row statistics of      every norm (from its input and its
+            each norm (rstd; and mean for LayerNorm):  statistics, no reduction), q/k/v, the
+            N1 and N2 ("pre"), N1..N4 ("sandwich"),    attention output, o_proj, h; the FFN's
+            N3 and N4 ("post"), N1 once ("parallel":   output only when N4 needs it as its
+            N2 normalises the same x with the same     input ("sandwich", "post"); then the
+            eps, so its statistics are N1's); the      FFN's own backward (its hidden layer
+            position ids / key-padding mask when given recomputed inside the fused kernel)
 ==========  =========================================  =====================================
 
-The backward stops early: the FFN's forward is not re-run (its backward op recomputes
-Z = norm2(h) W1^T in registers), so the block costs one forward of the attention half plus the
-FFN's up-projection GEMM on top of eager -- the same GEMM work as non-reentrant
-``torch.utils.checkpoint`` of the block, with fused kernels throughout. The parameters are
-inputs of the autograd Function (saved as themselves), never read from the modules in
-backward, so FSDP's unsharded parameters are the ones used. The backward is an explicit chain
-of the ops' own backward functions (FFN, norm2, attention block, norm1), with no autograd graph
-inside it, so ``torch.compile(fullgraph=True)`` traces the block; under autocast it redoes the
-forward's casts and casts each gradient back, as the casts' own backward would.
+(:func:`full_saved_bytes` counts these bytes.) Without N4 the backward stops early: the FFN's
+forward is not re-run (its backward op recomputes Z = N2(h) W1^T in registers), so the block
+costs one forward of the attention half plus the FFN's up-projection GEMM on top of eager --
+the same GEMM work as non-reentrant ``torch.utils.checkpoint`` of the block, with fused kernels
+throughout. With N4 ("sandwich", "post") the FFN's output is N4's input, so the FFN forward is
+re-run too (what checkpointing the block also does). The parameters are inputs of the autograd
+Function (saved as themselves), never read from the modules in backward, so FSDP's unsharded
+parameters are the ones used. The backward is an explicit chain of the ops' own backward
+functions (N4, FFN, N2, N3, attention block, N1), with no autograd graph inside it, so
+``torch.compile(fullgraph=True)`` traces the block; under autocast it redoes the forward's casts
+and casts each gradient back, as the casts' own backward would.
 """
 from __future__ import annotations
 
@@ -38,21 +49,38 @@ from ..functional_attention import (_autocast, _autocast_off, _check_positions, 
 from .attention import attn_block_backward, attn_block_forward
 from .ffn import ffn_backward
 from .norm import _prepare as _prepare_norm
-from .norm import (layer_norm, layer_norm_apply, layer_norm_backward, rms_norm, rms_norm_apply,
-                   rms_norm_backward)
+from .norm import (layer_norm, layer_norm_apply, layer_norm_apply_stats, layer_norm_backward, rms_norm,
+                   rms_norm_apply, rms_norm_apply_stats, rms_norm_backward)
 
 # Flat parameter order of the Function's inputs (None where a module has no such tensor).
+# norm1: before the attention, norm2: before the FFN, norm3: after the attention (sandwich /
+# post), norm4: after the FFN (sandwich / post); q_norm_w / k_norm_w: the attention's QK-norm.
 PARAM_NAMES = ("norm1_w", "norm1_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
-               "norm2_w", "norm2_b", "w1", "b1", "w2", "b2", "w1u", "b1u")
+               "norm2_w", "norm2_b", "w1", "b1", "w2", "b2", "w1u", "b1u",
+               "norm3_w", "norm3_b", "norm4_w", "norm4_b", "q_norm_w", "k_norm_w")
 # w1u / b1u: a separate up-projection weight and bias (w1 / b1 then hold the gate's), None when
-# w1 is one packed [2f, d] weight or the FFN is ungated
+# w1 is one packed [2f, d] weight or the FFN is ungated. wk/bk/wv/bv are None when wq holds a
+# packed qkv weight (BlockSpec.qkv_layout "packed" or "neox").
+
+PLACEMENTS = ("pre", "sandwich", "post", "parallel")
+# which norms each placement has (1: before attention, 2: before FFN, 3: after attention, 4: after FFN)
+PLACEMENT_NORMS = {"pre": (1, 2), "sandwich": (1, 2, 3, 4), "post": (3, 4), "parallel": (1, 2)}
 
 
-def full_saved_bytes(tokens: int, d_model: int, elem: int, layer_norm: bool) -> int:
-    """Bytes the "full" contract keeps (position ids and masks aside): x (elem each) and each
-    norm's fp32 per-row statistics (rstd; and mean for LayerNorm)."""
+def saved_norm_stats(placement: str) -> int:
+    """How many norms' per-row statistics the "full" contract keeps for ``placement``
+    ("parallel": N1's, which N2 shares)."""
+    if placement not in PLACEMENT_NORMS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    return 1 if placement == "parallel" else len(PLACEMENT_NORMS[placement])
+
+
+def full_saved_bytes(tokens: int, d_model: int, elem: int, layer_norm: bool, placement: str = "pre") -> int:
+    """Bytes the "full" contract keeps (position ids and masks aside): x (elem each) and the
+    fp32 per-row statistics (rstd; and mean for LayerNorm) of the norms
+    :func:`saved_norm_stats` counts."""
     stats = 2 if layer_norm else 1
-    return tokens * d_model * elem + 2 * stats * tokens * 4
+    return tokens * d_model * elem + saved_norm_stats(placement) * stats * tokens * 4
 
 
 @dataclass(frozen=True)
@@ -67,22 +95,76 @@ class BlockSpec:
     activation: str
     chunk_tokens: int
     backend: str
+    placement: str = "pre"  # see PLACEMENTS
+    norm_offset: float = 0.0  # 1.0: Gemma's (1 + w) RMSNorm
+    # the attention's options (fused_attention_block's keywords)
+    qk_norm_eps: float = 1e-6
+    qk_norm_offset: float = 0.0
+    rotary_dim: Optional[int] = None
+    qkv_layout: str = "separate"
+
+    def has(self, i: int) -> bool:
+        return i in PLACEMENT_NORMS[self.placement]
 
 
 def _norm(spec: BlockSpec, x: Tensor, w, b):
     """Forward norm returning (y, statistics tuple)."""
     if spec.norm == "rmsnorm":
-        y, rstd = rms_norm(x, w, spec.eps, spec.backend, return_stats=True)
+        y, rstd = rms_norm(x, w, spec.eps, spec.backend, return_stats=True, offset=spec.norm_offset)
         return y, (rstd,)
     y, mean, rstd = layer_norm(x, w, b, spec.eps, spec.backend, return_stats=True)
     return y, (mean, rstd)
+
+
+def _norm_apply_fwd(spec: BlockSpec, x: Tensor, w, b, stats):
+    """Forward norm from statistics computed earlier (N2 of the parallel layout)."""
+    if spec.norm == "rmsnorm":
+        return rms_norm_apply_stats(x, w, stats[0], spec.backend, offset=spec.norm_offset)
+    return layer_norm_apply_stats(x, w, b, stats[0], stats[1], spec.backend)
+
+
+def _attn_options(spec: BlockSpec, p: dict) -> dict:
+    return dict(q_norm=p["q_norm_w"], k_norm=p["k_norm_w"], qk_norm_eps=spec.qk_norm_eps,
+                qk_norm_offset=spec.qk_norm_offset, rotary_dim=spec.rotary_dim, qkv_layout=spec.qkv_layout)
 
 
 def _attention(spec: BlockSpec, n1: Tensor, p: dict, position_ids, mask, recompute):
     return fused_attention_block(
         n1, p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"], p["wo"], p["bo"], spec.n_heads,
         spec.n_kv_heads, causal=spec.causal, scale=spec.scale, rope_theta=spec.rope_theta,
-        position_ids=position_ids, key_padding_mask=mask, recompute=recompute, backend=spec.backend)
+        position_ids=position_ids, key_padding_mask=mask, recompute=recompute, backend=spec.backend,
+        **_attn_options(spec, p))
+
+
+def _ffn(spec: BlockSpec, n2: Tensor, p: dict) -> Tensor:
+    return fused_ffn(n2, p["w1"], p["b1"], p["w2"], p["b2"], spec.activation, chunk_tokens=spec.chunk_tokens,
+                     backend=spec.backend, w_up=p["w1u"], b_up=p["b1u"])
+
+
+def block_forward_math(spec: BlockSpec, x: Tensor, p: dict, position_ids, mask, recompute="all"):
+    """``(y, {norm index: statistics})``: the block's forward for ``spec.placement`` (the
+    statistics of every norm applied)."""
+    stats = {}
+    a_in = x
+    if spec.has(1):
+        a_in, stats[1] = _norm(spec, x, p["norm1_w"], p["norm1_b"])
+    a = _attention(spec, a_in, p, position_ids, mask, recompute)
+    del a_in
+    if spec.has(3):
+        a, stats[3] = _norm(spec, a, p["norm3_w"], p["norm3_b"])
+    if spec.placement == "parallel":  # N2 normalises x, as N1 does: N1's statistics
+        f = _ffn(spec, _norm_apply_fwd(spec, x, p["norm2_w"], p["norm2_b"], stats[1]), p)
+        return (f + a) + x, stats  # Hugging Face GPT-NeoX's order: mlp + attn + x
+    h = x + a
+    del a
+    f_in = h
+    if spec.has(2):
+        f_in, stats[2] = _norm(spec, h, p["norm2_w"], p["norm2_b"])
+    f = _ffn(spec, f_in, p)
+    del f_in
+    if spec.has(4):
+        f, stats[4] = _norm(spec, f, p["norm4_w"], p["norm4_b"])
+    return h + f, stats
 
 
 class BlockFullRecompute(torch.autograd.Function):
@@ -90,17 +172,12 @@ class BlockFullRecompute(torch.autograd.Function):
     def forward(ctx, spec: BlockSpec, x, position_ids, mask, *params):
         p = dict(zip(PARAM_NAMES, params))
         with torch.no_grad():
-            n1, stats1 = _norm(spec, x, p["norm1_w"], p["norm1_b"])
-            h = x + _attention(spec, n1, p, position_ids, mask, "all")
-            del n1
-            n2, stats2 = _norm(spec, h, p["norm2_w"], p["norm2_b"])
-            y = h + fused_ffn(n2, p["w1"], p["b1"], p["w2"], p["b2"], spec.activation,
-                              chunk_tokens=spec.chunk_tokens, backend=spec.backend, w_up=p["w1u"], b_up=p["b1u"])
+            y, stats = block_forward_math(spec, x, p, position_ids, mask, "all")
         ctx.spec = spec
-        ctx.n_stats = len(stats1)
+        ctx.stat_keys = [(i, len(stats[i])) for i in sorted(stats)]
         dev = x.device.type  # the backward recomputes under the same autocast state, as checkpoint does
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.save_for_backward(x, position_ids, mask, *stats1, *stats2, *params)
+        ctx.save_for_backward(x, position_ids, mask, *[t for i in sorted(stats) for t in stats[i]], *params)
         return y
 
     @staticmethod
@@ -110,75 +187,120 @@ class BlockFullRecompute(torch.autograd.Function):
         spec: BlockSpec = ctx.spec
         saved = ctx.saved_tensors
         x, position_ids, mask = saved[:3]
-        k = ctx.n_stats
-        stats1, stats2 = saved[3:3 + k], saved[3 + k:3 + 2 * k]
-        p = dict(zip(PARAM_NAMES, saved[3 + 2 * k:]))
+        stats, at = {}, 3
+        for i, n in ctx.stat_keys:
+            stats[i], at = saved[at:at + n], at + n
+        if spec.placement == "parallel":
+            stats[2] = stats[1]
+        p = dict(zip(PARAM_NAMES, saved[at:]))
         needs = dict(zip(PARAM_NAMES, ctx.needs_input_grad[4:]))
         need_x = ctx.needs_input_grad[1]
         dev, ac_on, ac_dtype = ctx.autocast
+        autocast = lambda: torch.autocast(dev, dtype=ac_dtype, enabled=ac_on)  # noqa: E731
+        grads = {}
         # Explicit chain of the ops' own backward functions (no autograd graph: traceable by
         # torch.compile). Under autocast the forward ran every op on autocast-cast inputs; the
         # same casts are redone here and each gradient is cast back to its tensor's dtype, as
         # the casts' own backward would.
-        with torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
+        with autocast():
             xc, n1w, n1b, be_n = _prepare_norm(x, p["norm1_w"], p["norm1_b"], spec.backend)
-            wq, bq, wk, bk, wv, bv, wo, bo = _autocast(p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"],
-                                                       p["wo"], p["bo"], device_type=dev)
+            wq, bq, wk, bk, wv, bv, wo, bo, qn, kn = _autocast(
+                p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"], p["wo"], p["bo"], p["q_norm_w"], p["k_norm_w"],
+                device_type=dev)
         be_a = resolve_backend(spec.backend, x.device, wq.dtype)  # the dtype the forward's attention ran in
         B, S = x.shape[0], x.shape[1]
         pos = _check_positions(position_ids, B, S, x.device) if position_ids is not None else None
-        scale = _check_scale(spec.scale, p["wq"].shape[0] // spec.n_heads)
+        scale = _check_scale(spec.scale, p["wo"].shape[1] // spec.n_heads)
         attn_args = (position_ids if pos is None else pos, mask, spec.n_heads, spec.n_kv_heads, spec.causal, scale,
                      spec.rope_theta)
+        attn_opts = dict(q_norm=qn, k_norm=kn, qk_norm_eps=spec.qk_norm_eps, qk_norm_offset=spec.qk_norm_offset,
+                         rotary_dim=spec.rotary_dim, qkv_layout=spec.qkv_layout)
+        # 1. recompute: N1 from its statistics, the attention half (keeping q, k, v, o), N3, h, N2
         with _autocast_off(dev):
-            # 1. recompute: norm1 from its statistics, the attention half (keeping q, k, v, o), norm2
-            n1 = _norm_apply(spec, xc, n1w, n1b, stats1, be_n)
-            y_a, o, lse, q, k_, v = attn_block_forward(n1, wq, bq, wk, bk, wv, bv, wo, bo, *attn_args, "none", be_a)
-            h = x + y_a
-        with torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
+            n1 = _norm_apply(spec, xc, n1w, n1b, stats[1], be_n) if spec.has(1) else xc
+            y_a, o, lse, q, k_, v = attn_block_forward(n1, wq, bq, wk, bk, wv, bv, wo, bo, *attn_args, "none", be_a,
+                                                       **attn_opts)
+        a, n3 = y_a, None
+        if spec.has(3):
+            with autocast():
+                y_ac, n3w, n3b, _ = _prepare_norm(y_a, p["norm3_w"], p["norm3_b"], spec.backend)
+            with _autocast_off(dev):
+                a = _norm_apply(spec, y_ac, n3w, n3b, stats[3], be_n)
+            n3 = (y_ac, n3w)
+        with _autocast_off(dev):
+            h = x if spec.placement == "parallel" else x + a
+        with autocast():
             hc, n2w, n2b, _ = _prepare_norm(h, p["norm2_w"], p["norm2_b"], spec.backend)
         with _autocast_off(dev):
-            n2 = _norm_apply(spec, hc, n2w, n2b, stats2, be_n)
-            # 2. the FFN's own backward: Z recomputed inside the fused kernel, no FFN forward
+            n2 = _norm_apply(spec, hc, n2w, n2b, stats[2], be_n) if spec.has(2) else hc
+        # 2. N4's backward, on the FFN's output recomputed with the forward's casts
+        g_f = dy
+        if spec.has(4):
+            with torch.no_grad(), autocast():
+                f = _ffn(spec, n2, p)
+                fc, n4w, n4b, _ = _prepare_norm(f, p["norm4_w"], p["norm4_b"], spec.backend)
+            with _autocast_off(dev):
+                g_f, grads["norm4_w"], grads["norm4_b"] = _norm_grad(spec, dy.to(fc.dtype), fc, n4w, stats[4],
+                                                                    needs["norm4_w"], needs["norm4_b"], be_n)
+            del f, fc
+        with _autocast_off(dev):
+            # 3. the FFN's own backward: Z recomputed inside the fused kernel, no FFN forward
             ct = n2.dtype
             cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
             ffn_names = ("w1", "b1", "w2", "b2", "w1u", "b1u")  # the op's gradient order
             ffn_needs = [True] + [needs[n] for n in ffn_names]
             be = resolve_backend(spec.backend, x.device, ct)
-            g_n2, *ffn_grads = ffn_backward(dy.to(ct), n2, None, None, cast(p["w1"]), cast(p["b1"]), cast(p["w2"]),
+            g_n2, *ffn_grads = ffn_backward(g_f.to(ct), n2, None, None, cast(p["w1"]), cast(p["b1"]), cast(p["w2"]),
                                             spec.activation, ffn_needs, spec.chunk_tokens, be, cast(p["w1u"]),
                                             cast(p["b1u"]))
-            grads = dict(zip(ffn_names, ffn_grads))
-            # 3. norm2, then dL/dh = dy (residual) + norm2's share
-            dh_n, grads["norm2_w"], grads["norm2_b"] = _norm_grad(spec, g_n2, hc, n2w, stats2, needs["norm2_w"],
-                                                                  needs["norm2_b"], be_n)
-            dh = dy + dh_n.to(h.dtype)
-            # 4. the attention half, then norm1; dL/dx = dh (residual) + norm1's share
-            attn_names = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+            grads.update(zip(ffn_names, ffn_grads))
+            # 4. N2; then dL/dh = dy (residual) + the FFN branch's share (not for "parallel")
+            if spec.has(2):
+                dh_n, grads["norm2_w"], grads["norm2_b"] = _norm_grad(spec, g_n2, hc, n2w, stats[2],
+                                                                      needs["norm2_w"], needs["norm2_b"], be_n)
+            else:
+                dh_n = g_n2
+            del n2
+            if spec.placement == "parallel":
+                dx_f, dh = dh_n, dy  # the FFN branch's share of dL/dx; the attention branch sees dy
+            else:
+                dh = dy + dh_n.to(h.dtype)
+            # 5. N3, the attention half, then N1; dL/dx = dh (residual) + the attention branch's share
+            g_a = dh
+            if n3 is not None:
+                g_a, grads["norm3_w"], grads["norm3_b"] = _norm_grad(spec, dh.to(n3[0].dtype), n3[0], n3[1], stats[3],
+                                                                    needs["norm3_w"], needs["norm3_b"], be_n)
+            attn_names = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "q_norm_w", "k_norm_w")
             up = need_x or needs["norm1_w"] or needs["norm1_b"]
             attn_needs = [up] + [needs[n] for n in attn_names]
-            d_n1, *attn_grads = attn_block_backward(dh.to(y_a.dtype), n1, wq, bq, wk, bk, wv, bv, wo, q, k_, v, o, lse,
-                                                    *attn_args, attn_needs, be_a)
+            d_n1, *attn_grads = attn_block_backward(g_a.to(y_a.dtype), n1, wq, bq, wk, bk, wv, bv, wo, q, k_, v, o,
+                                                    lse, *attn_args, attn_needs, be_a, **attn_opts)
             grads.update(zip(attn_names, attn_grads))
             dx = None
             if up:
-                dx_n, grads["norm1_w"], grads["norm1_b"] = _norm_grad(spec, d_n1, xc, n1w, stats1, needs["norm1_w"],
-                                                                      needs["norm1_b"], be_n)
-                dx = dh + dx_n.to(x.dtype) if need_x else None
-        out = [grads[n].to(p[n].dtype) if needs[n] else None for n in PARAM_NAMES]
+                if spec.has(1):
+                    dx_n, grads["norm1_w"], grads["norm1_b"] = _norm_grad(spec, d_n1, xc, n1w, stats[1],
+                                                                          needs["norm1_w"], needs["norm1_b"], be_n)
+                else:
+                    dx_n = d_n1
+                if need_x:
+                    dx = dh + dx_n.to(x.dtype)
+                    if spec.placement == "parallel":
+                        dx = dx + dx_f.to(x.dtype)
+        out = [grads[n].to(p[n].dtype) if needs[n] and grads.get(n) is not None else None for n in PARAM_NAMES]
         return (None, dx, None, None, *out)
 
 
 def _norm_apply(spec: BlockSpec, x, w, b, stats, backend):
     if spec.norm == "rmsnorm":
-        return rms_norm_apply(x, w, stats[0], backend)
+        return rms_norm_apply(x, w, stats[0], backend, spec.norm_offset)
     return layer_norm_apply(x, w, b, stats[0], stats[1], backend)
 
 
 def _norm_grad(spec: BlockSpec, dy, x, w, stats, need_w: bool, need_b: bool, backend):
     """(dx, dw, db) of a norm from its statistics (dw / db None where not needed)."""
     if spec.norm == "rmsnorm":
-        dx, dw = rms_norm_backward(dy, x, w, stats[0], [True, need_w], backend)
+        dx, dw = rms_norm_backward(dy, x, w, stats[0], [True, need_w], backend, spec.norm_offset)
         return dx, (dw if need_w else None), None
     dx, dw, db = layer_norm_backward(dy, x, w, stats[0], stats[1], [True, need_w, need_b], backend)
     return dx, (dw if need_w else None), (db if need_b else None)

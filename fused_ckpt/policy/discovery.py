@@ -13,7 +13,6 @@ from torch import nn
 from ..modules.attention import FusedCheckpointedAttention
 from ..modules.block import FusedCheckpointedBlock
 from ..modules.ffn import FusedCheckpointedFFN
-from ..ops.norm import norm_saved_bytes
 from .dials import (ATTENTION_DIALS, FFN_DIALS, Option, _norm_dial, attention_recompute_flops, attention_saved_bytes,
                     block_full_option)
 
@@ -195,18 +194,17 @@ def _block_alternatives(layer: nn.Module, ctx: "_Context") -> list:
         return []
     if ctx.batch is None:  # chosen by the uniform policies all the same; bytes unknown
         return [Option("full", None, None)]
-    a, m = layer.self_attn, layer.mlp
+    a, m = layer.attention, layer.ffn  # whatever the layer names them (self_attn, attn, attention)
     dtype = ctx.dtype or m.param_dtype
     return [block_full_option(ctx.batch, ctx.seq, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.causal,
                               m.recompute_flops(ctx.tokens, recompute=True), m.fc1_rows,
-                              torch.empty((), dtype=dtype).element_size(), layer.norm == "layernorm")]
+                              torch.empty((), dtype=dtype).element_size(), layer.norm == "layernorm",
+                              layer.placement, 2 * ctx.tokens * m.d_model * (m.fc1_rows + m.d_ff))]
 
 
 def _block_norm_bytes(layer: nn.Module, ctx: "_Context") -> int:
-    """What a FusedCheckpointedBlock's two norms keep when its submodules' dials govern."""
-    dtype = ctx.dtype or layer.mlp.param_dtype
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * norm_saved_bytes(ctx.batch * ctx.seq, layer.mlp.d_model, elem, layer.norm == "layernorm")
+    """What a FusedCheckpointedBlock's norms keep when its submodules' dials govern."""
+    return layer.norms_saved_bytes(ctx.batch * ctx.seq, ctx.dtype)
 
 
 def _is_fused_block(m: nn.Module) -> bool:
