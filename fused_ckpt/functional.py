@@ -99,7 +99,8 @@ def ffn_save_count(recompute) -> int:
 
 def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
               activation: str = "gelu", recompute: bool = True, *, chunk_tokens: int = 0,
-              backend: str = "auto", w_up: Tensor | None = None, b_up: Tensor | None = None) -> Tensor:
+              backend: str = "auto", w_up: Tensor | None = None, b_up: Tensor | None = None,
+              dropout_p: float = 0.0) -> Tensor:
     """Fused FFN ``act(x W1^T + b1) W2^T + b2`` whose backward recomputes the hidden layer.
 
     Args:
@@ -118,6 +119,10 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             weight (and bias), ``w1`` / ``b1`` then being the gate's (Llama's ``gate_proj`` /
             ``up_proj``). Read where they live (any strides), never concatenated; each gets its
             own gradient.
+        dropout_p: dropout on the output (GPT-2's MLP ``dropout(c_proj(...))``), applied
+            whenever > 0 (a module passes 0 in eval mode); the mask is replayed in backward
+            from a Philox seed drawn from torch's default generator, nothing else is saved
+            (:mod:`fused_ckpt.ops.dropout`).
 
     Equivalent PyTorch::
 
@@ -125,6 +130,7 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         h = act(z)                                  # gated: act(z[..., :f]) * z[..., f:]
         y = torch.nn.functional.linear(h, w2, b2)
         # with w_up: h = act(linear(x, w1, b1)) * linear(x, w_up, b_up)
+        y = torch.nn.functional.dropout(y, dropout_p)   # with the replayed mask
     """
     from .ops.ffn import ffn_forward
 
@@ -140,6 +146,8 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
     save = ffn_save_count(recompute)
     if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be a non-negative int (0 = automatic), got {chunk_tokens!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     be = resolve_backend(backend, x.device, x.dtype)
     tensors = (x, w1, b1, w2, b2, w_up, b_up)
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -150,4 +158,8 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         else:
             y, _, _ = ffn_forward(x, w1, b1, w2, b2, activation, save if grad_needed else 0,
                                   chunk_tokens, be, w_up, b_up)
+        if dropout_p:
+            from .ops.dropout import replayed_dropout
+
+            y = replayed_dropout(y, dropout_p, be)
     return y

@@ -190,7 +190,8 @@ def fused_attention_block(
     key_padding_mask: Optional[Tensor] = None, recompute: Union[str, bool] = "qkv",
     backend: str = "auto", q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None,
     qk_norm_eps: float = 1e-6, qk_norm_offset: float = 0.0, rotary_dim: Optional[int] = None,
-    qkv_layout: str = "separate",
+    qkv_layout: str = "separate", softcap: Optional[float] = None, window: Optional[int] = None,
+    dropout_p: float = 0.0, out_dropout_p: float = 0.0,
 ) -> Tensor:
     """Self-attention block ``o_proj(attention(rope(norm(q_proj x)), rope(norm(k_proj x)), v_proj x))``
     as one op whose backward recomputes what ``recompute`` says (table in
@@ -220,6 +221,12 @@ def fused_attention_block(
             ``c_attn.weight.t()``; wk, bk, wv, bv None) or "neox" (wq ``[3 H D, d]`` with
             rows interleaved per head, ``view(H, 3, D, d)``, as GPT-NeoX ``query_key_value``;
             H_kv = H). Gradients land on the packed weight (one GEMM each for dW and dx).
+        softcap, window, dropout_p: the attention options of :func:`flash_attention` (logit
+            soft-capping, sliding window, dropout on the probabilities); dropout_p applies
+            whenever > 0 (a module passes 0 in eval mode).
+        out_dropout_p: dropout on the block output (GPT-2 ``resid_dropout``, GPT-NeoX
+            ``post_attention_dropout``), replayed in backward (:mod:`fused_ckpt.ops.dropout`).
+            Both dropouts draw one (seed, offset) from torch's default generator per call.
 
     Equivalent PyTorch::
 
@@ -227,8 +234,9 @@ def fused_attention_block(
         k = rope(rms_norm(F.linear(x, wk, bk).view(B, S, H_kv, D), k_norm))
         v = F.linear(x, wv, bv).view(B, S, H_kv, D)
         y = F.linear(flash_attention(q, k, v, causal, scale, key_padding_mask).flatten(2), wo, bo)
+        y = F.dropout(y, out_dropout_p)                      # with the replayed mask
     """
-    from .ops.attention import attn_block_forward
+    from .ops.attention import attn_block_forward, draw_dropout_seed
 
     mode = recompute_mode(recompute)
     if not isinstance(x, Tensor):
@@ -251,13 +259,23 @@ def fused_attention_block(
     if rope_theta is not None and (not isinstance(rope_theta, (int, float)) or isinstance(rope_theta, bool)
                                    or not rope_theta > 0):
         raise ValueError(f"rope_theta must be a positive number or None, got {rope_theta!r}")
+    softcap, window, dropout_p = check_attention_options(softcap, window, dropout_p, bool(causal))
+    options = {}
+    if softcap is not None or window is not None or dropout_p > 0:  # else: the schema without them
+        seed, offset = draw_dropout_seed() if dropout_p > 0 else (0, 0)
+        options = dict(softcap=softcap, window=window, dropout_p=dropout_p, seed=seed, rng_offset=offset)
     with _autocast_off(x.device.type):
         y = attn_block_forward(x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask,
                                n_heads, n_kv_heads, bool(causal), scale,
                                None if rope_theta is None else float(rope_theta), mode, be,
                                q_norm=q_norm, k_norm=k_norm, qk_norm_eps=float(qk_norm_eps),
                                qk_norm_offset=float(qk_norm_offset), rotary_dim=rotary_dim,
-                               qkv_layout=qkv_layout)[0]
+                               qkv_layout=qkv_layout, **options)[0]
+    if out_dropout_p:
+        from .ops.dropout import replayed_dropout
+
+        with _autocast_off(x.device.type):
+            y = replayed_dropout(y, out_dropout_p, be)
     return y
 
 

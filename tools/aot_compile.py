@@ -210,7 +210,7 @@ def kernel_specs(quick: bool = False):
                 continue
             ffn = [s for s in ffn if s[0] is _gemm_kernel and s[1]["ACCUMULATE"] or s[1].get("GATED")]
         specs += [(k, dtype, dict(c, **dots), ints) for k, c, ints in ffn]
-    for mod in ("norm", "rope", "linear_ce", "flash_attn_fwd", "flash_attn_bwd"):  # other kernels list their own specs
+    for mod in ("norm", "rope", "linear_ce", "flash_attn_fwd", "flash_attn_bwd", "dropout"):  # other kernels list their own specs
         try:
             m = __import__(f"fused_ckpt.kernels.{mod}", fromlist=["x"])
         except ImportError:

@@ -12,7 +12,7 @@ Ops
     tile by tile, as FlashAttention.
 
 ``fused_ckpt::attn_block_forward(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, position_ids,
-key_padding_mask, n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend)
+key_padding_mask, n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend, ...)
 -> (y, o, lse, q, k, v)``
     the whole attention block ``y = o_proj(attention(rope(q_proj x), rope(k_proj x), v_proj x))``
     with o_proj inside the op, so autograd saves nothing the contract does not list:
@@ -27,7 +27,9 @@ key_padding_mask, n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend)
     ======  ===============================================  ===================================
 
     plus ``position_ids`` and ``key_padding_mask`` when given (int64 [B or 1, S] and bool
-    [B, S]). The parameters Wq, bq, Wk, bk, Wv, bv, Wo are saved as themselves (bo is not
+    [B, S]). Both ops take the attention options of :class:`AttnOptions` (softcap, window,
+    dropout_p with its seed and rng_offset: ints, kept as such; the dropout mask is
+    regenerated, also when "all" recomputes o). The parameters Wq, bq, Wk, bk, Wv, bv, Wo are saved as themselves (bo is not
     needed). Outputs the mode does not keep come back as empty placeholders (custom ops return
     tensors only): o is empty for "all", q/k/v are empty unless "none".
 
@@ -566,6 +568,8 @@ def attn_block_forward(
     mode: str, backend: str,
     q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None, qk_norm_eps: float = 1e-6,
     qk_norm_offset: float = 0.0, rotary_dim: Optional[int] = None, qkv_layout: str = "separate",
+    softcap: Optional[float] = None, window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
+    rng_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y [B, S, d_out], o [B, S, H*D] or empty, lse [B, H, S], q, k, v or empty); see the
     module docstring for which outputs each ``mode`` fills (with QK-norm, the q and k kept by
@@ -578,7 +582,8 @@ def attn_block_forward(
     keep_qkv = mode == "none"
     q = _rotate(be, _qk_norm(q0, q_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
     k = _rotate(be, _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
-    o, lse = be.forward(q, k, v, key_padding_mask, causal, scale)
+    o, lse = be.forward(q, k, v, key_padding_mask, causal, scale,
+                        AttnOptions(softcap, window, dropout_p, seed, rng_offset))
     o = o.view(B, S, n_heads * feats.head_dim)
     y = F.linear(o, wo, bo)
     if not keep_qkv:
@@ -593,7 +598,7 @@ def attn_block_forward(
 @attn_block_forward.register_fake
 def _(x, wq, bq, wk, bk, wv, bv, wo, bo, position_ids, key_padding_mask, n_heads, n_kv_heads,
       causal, scale, rope_theta, mode, backend, q_norm=None, k_norm=None, qk_norm_eps=1e-6, qk_norm_offset=0.0,
-      rotary_dim=None, qkv_layout="separate"):
+      rotary_dim=None, qkv_layout="separate", softcap=None, window=None, dropout_p=0.0, seed=0, rng_offset=0):
     B, S, _ = x.shape
     D = wo.shape[1] // n_heads
     y = x.new_empty((B, S, wo.shape[0]))
@@ -634,6 +639,8 @@ def attn_block_backward(
     needs_grad: list[bool], backend: str,
     q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None, qk_norm_eps: float = 1e-6,
     qk_norm_offset: float = 0.0, rotary_dim: Optional[int] = None, qkv_layout: str = "separate",
+    softcap: Optional[float] = None, window: Optional[int] = None, dropout_p: float = 0.0, seed: int = 0,
+    rng_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo, dq_norm, dk_norm), flagged by
     ``needs_grad`` in that order (9 or 11 flags; unflagged: empty placeholders; packed
@@ -651,6 +658,7 @@ def attn_block_backward(
     dy2 = dy.reshape(B * S, wo.shape[0])
     acc = lse_dtype(dy.dtype)  # bias sums: fp32, fp64 for fp64
     tables = _tables(x, feats.head_dim, position_ids, rope_theta, rotary_dim)
+    opts = AttnOptions(softcap, window, dropout_p, seed, rng_offset)
     need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv or need_qn or need_kn
     q0 = k0 = rq = rk = None
     if need_attn or (o is None and need_wo):
@@ -667,7 +675,7 @@ def attn_block_backward(
             kn, rk = _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)
             k = _rotate(be, kn, tables)
     if o is None and (need_attn or need_wo):
-        o = be.forward(q, k, v, key_padding_mask, causal, scale)[0]
+        o = be.forward(q, k, v, key_padding_mask, causal, scale, opts)[0]  # same seed: same dropout mask
     out: list[Optional[Tensor]] = [None] * _BLOCK_GRADS
     if need_wo:
         out[7] = _weight_grad(dy2, o.reshape(B * S, wo.shape[1]), wo)
@@ -676,7 +684,7 @@ def attn_block_backward(
     if need_attn:
         do = _heads(dy2.mm(wo).view(B, S, wo.shape[1]), n_heads)
         dq, dk, dv = be.backward(do, q, k, v, o.view(do.shape), lse, key_padding_mask, causal, scale,
-                                 True, True)
+                                 True, True, opts)
         del do
         dq = _rotate(be, dq, tables, inverse=True)
         dk = _rotate(be, dk, tables, inverse=True)
@@ -708,7 +716,8 @@ def attn_block_backward(
 @attn_block_backward.register_fake
 def _(dy, x, wq, bq, wk, bk, wv, bv, wo, q, k, v, o, lse, position_ids, key_padding_mask,
       n_heads, n_kv_heads, causal, scale, rope_theta, needs_grad, backend, q_norm=None, k_norm=None,
-      qk_norm_eps=1e-6, qk_norm_offset=0.0, rotary_dim=None, qkv_layout="separate"):
+      qk_norm_eps=1e-6, qk_norm_offset=0.0, rotary_dim=None, qkv_layout="separate", softcap=None, window=None,
+      dropout_p=0.0, seed=0, rng_offset=0):
     needs = list(needs_grad) + [False] * (_BLOCK_GRADS - len(needs_grad))
     packed = qkv_layout != "separate"
     like = (x, wq, bq, None if packed else wk, None if packed else bk, None if packed else wv,
@@ -729,10 +738,12 @@ def _(dy, x, wq, bq, wk, bk, wv, bv, wo, q, k, v, o, lse, position_ids, key_padd
 # the op's inputs, in order (the autograd wrapper reads them by name)
 _BLOCK_INPUTS = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "position_ids", "key_padding_mask",
                  "n_heads", "n_kv_heads", "causal", "scale", "rope_theta", "mode", "backend",
-                 "q_norm", "k_norm", "qk_norm_eps", "qk_norm_offset", "rotary_dim", "qkv_layout")
+                 "q_norm", "k_norm", "qk_norm_eps", "qk_norm_offset", "rotary_dim", "qkv_layout",
+                 "softcap", "window", "dropout_p", "seed", "rng_offset")
 _BLOCK_GRAD_INPUTS = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "q_norm", "k_norm")
 _BLOCK_DEFAULTS = {"q_norm": None, "k_norm": None, "qk_norm_eps": 1e-6, "qk_norm_offset": 0.0, "rotary_dim": None,
-                   "qkv_layout": "separate"}
+                   "qkv_layout": "separate", "softcap": None, "window": None, "dropout_p": 0.0, "seed": 0,
+                   "rng_offset": 0}
 
 
 def _block_setup_context(ctx, inputs, output):
@@ -750,7 +761,8 @@ def _block_setup_context(ctx, inputs, output):
     for t in output[1:]:
         ctx.mark_non_differentiable(t)
     ctx.args = (a["n_heads"], a["n_kv_heads"], a["causal"], a["scale"], a["rope_theta"])
-    ctx.kwargs = {n: a[n] for n in ("qk_norm_eps", "qk_norm_offset", "rotary_dim", "qkv_layout")}
+    ctx.kwargs = {n: a[n] for n in ("qk_norm_eps", "qk_norm_offset", "rotary_dim", "qkv_layout",
+                                    "softcap", "window", "dropout_p", "seed", "rng_offset")}
     ctx.backend = a["backend"]
     ctx.n_inputs = len(inputs)
 
