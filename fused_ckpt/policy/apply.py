@@ -13,6 +13,7 @@ from .policies import MemoryBudget, Policy, resolve_policy
 from .report import CheckpointPlan, PlanRow
 from .wrap import set_checkpoint
 
+
 def apply_checkpointing(model: nn.Module, policy: Union[str, Policy] = "full", *, tokens: Optional[int] = None,
                         batch: Optional[int] = None, seq: Optional[int] = None,
                         layers: Optional[Sequence[nn.Module]] = None,

@@ -9,6 +9,7 @@ from .dials import FULL, NONE
 from .discovery import LayerSpec, Site
 from .solver import solve_budget
 
+
 class Policy:
     """Maps layers to dials: ``assign(layers)`` returns, per layer, ``{site name: dial}``."""
 

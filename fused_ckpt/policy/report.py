@@ -7,6 +7,7 @@ from typing import Any, Optional
 from ..units import format_bytes
 from .policies import PerLayer
 
+
 @dataclass
 class PlanRow:
     layer: Optional[int]        # None for rows outside the layers (embeddings, head, loss)

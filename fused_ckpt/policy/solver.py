@@ -9,6 +9,7 @@ from ..units import format_bytes
 from .dials import DIALS, Option
 from .discovery import LayerSpec
 
+
 class BudgetTooSmall(ValueError):
     """The budget is below the least memory any assignment of dials needs."""
 

@@ -7,6 +7,7 @@ import types
 import torch
 from torch import nn
 
+
 def _checkpointed_forward(self, *args, **kwargs):
     """Instance ``forward`` installed on a checkpoint site: non-reentrant checkpoint of the
     module's own forward. A ``hidden_states`` keyword goes positional so that the checkpoint
