@@ -92,6 +92,7 @@ from torch import nn
 from ..modules.attention import FusedCheckpointedAttention
 from ..modules.block import FusedCheckpointedBlock
 from ..modules.ffn import FusedCheckpointedFFN, FusedSharedFFN  # noqa: F401 (FusedSharedFFN: documented)
+from ..modules._swap import swapped_child, warn_unfused
 from ..modules.norm import FusedLayerNorm, FusedRMSNorm
 from ..policy import CheckpointPlan, _hf_gc_guard, apply_checkpointing, find_layers, install_hf_guard
 
@@ -131,6 +132,10 @@ class FusedHFAttention(FusedCheckpointedAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, position_ids=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        why = swapped_child(self)
+        if why is not None:  # a projection replaced after patching (PEFT LoRA, ...): Hugging Face's code on it
+            warn_unfused(self, why)
+            return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
         training = self.training and torch.is_grad_enabled()
         if cache is not None and not training:
             return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
@@ -893,6 +898,7 @@ def patch_hf_model(model: nn.Module, policy="full", *, mlp: bool = True, attenti
                 report.left_alone.append((q, type(child).__name__, why))
                 continue
             setattr(layer, cname, new)
+            new.__dict__["_fused_qualname"] = q  # named in the warning of a later unfused fallback
             report.replaced.append((q, type(child).__name__, f"{type(new).__name__}: {why}"))
             patched = True
         if patched and install_hf_guard(layer):
@@ -938,12 +944,18 @@ def _convert_layer(model: nn.Module, layer: nn.Module, qname: str, backend: str,
             return layer
     parent_name, _, cname = qname.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, cname, new)
+    new.__dict__["_fused_qualname"] = qname
     install_hf_guard(new)
     report.replaced.append((qname, type(layer).__name__, why))
     return new
 
 
 def _convert_mlp(child, layout, cfg_act, backend):
+    from .peft import projection_refusal
+
+    why = projection_refusal(child)  # PEFT wrappers, quantized linears: their weight is not their math
+    if why is not None:
+        return None, why
     try:
         new = FusedCheckpointedFFN.from_module(child, backend=backend, share_parameters=True)
     except ValueError as e:
@@ -967,7 +979,10 @@ def _convert_mlp(child, layout, cfg_act, backend):
 
 
 def _convert_attention(child, cfg, backend, rotaries=()):
-    why = _attention_refusal(child, cfg, rotaries)
+    from .peft import projection_refusal
+
+    why = projection_refusal(child)  # PEFT wrappers, quantized linears: their weight is not their math
+    why = why if why is not None else _attention_refusal(child, cfg, rotaries)
     if why is not None:
         return None, why
     try:

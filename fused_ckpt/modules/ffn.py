@@ -8,6 +8,7 @@ from torch import nn
 
 from ..activations import ACTIVATIONS, GELU, Activation, GELU_TANH, RELU, SILU, get_activation
 from ..functional import ffn_save_count, fused_ffn
+from ._swap import record_children, swapped_child, warn_unfused
 
 _BASE_NAMES = {RELU: "relu", GELU: "gelu", GELU_TANH: "gelu_tanh", SILU: "silu"}
 _GATED_NAMES = {SILU: "swiglu", GELU: "geglu", GELU_TANH: "geglu_tanh"}
@@ -50,6 +51,7 @@ class FusedCheckpointedFFN(nn.Module):
         self.backend = backend
         self.fc1 = nn.Linear(d_model, act.fc1_rows(d_ff), bias=bias, device=device, dtype=dtype)
         self.fc2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+        record_children(self, ("fc1", "fc2"))
 
     def _ffn_tensors(self) -> tuple:
         """(w1, b1, w2, b2, w_up, b_up) as :func:`fused_ffn` takes them, read from the parameters
@@ -57,9 +59,28 @@ class FusedCheckpointedFFN(nn.Module):
         return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        why = swapped_child(self)
+        if why is not None:  # e.g. a PEFT LoRA wrapper around a projection: its weight alone is not the math
+            warn_unfused(self, why)
+            return self._unfused_forward(x)
         w1, b1, w2, b2, w_up, b_up = self._ffn_tensors()
         return fused_ffn(x, w1, b1, w2, b2, self.activation, self.recompute, chunk_tokens=self.chunk_tokens,
                          backend=self.backend, w_up=w_up, b_up=b_up)
+
+    def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact unfused path, calling the current submodules (a PEFT LoRA wrapper adds its
+        low-rank terms, a quantized linear its own matmul): the source MLP's own forward when the
+        module shares a non-Sequential MLP's submodules, else ``fc2(act(fc1(x)))`` (gated:
+        ``fc2(act(gate(x)) * up(x))``) through the children."""
+        src = self.__dict__.get("_source_forward")
+        if src is not None:
+            return src(self, x)
+        m, act = self._modules, get_activation(self.activation)
+        fc1, fc2 = m[getattr(self, "_fc1_name", "fc1")], m[getattr(self, "_fc2_name", "fc2")]
+        up_name = getattr(self, "_up_name", None)
+        if up_name is not None:
+            return fc2(act.base_fn(fc1(x)) * m[up_name](x))
+        return fc2(act.hidden(fc1(x)))
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -202,6 +223,15 @@ class FusedSharedFFN(FusedCheckpointedFFN):
         self.chunk_tokens = chunk_tokens
         self.backend = backend
         self.train(mlp.training)
+        # forward-time guard: the projections read by the fused op (modules/_swap.py); a swapped
+        # one runs the source MLP's own forward (non-Sequential sources) on the current children
+        record_children(self, [n for n in (self._fc1_name, self._up_name, self._fc2_name) if n is not None])
+        if not isinstance(mlp, nn.Sequential):
+            self.__dict__["_source_forward"] = type(mlp).forward
+            for k, v in mlp.__dict__.items():  # config, hidden_size, ... (read by that forward)
+                if not k.startswith("_") and k != "training" and k not in self.__dict__ \
+                        and not isinstance(v, (nn.Module, torch.Tensor)):
+                    self.__dict__[k] = v
 
     def _ffn_tensors(self) -> tuple:
         m = self._modules
