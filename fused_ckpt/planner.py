@@ -3,10 +3,14 @@ per-layer recompute dials, the predicted memory, the recompute overhead and a ve
 
 What is counted (the *scope*)
 -----------------------------
-For a Llama-family model (Llama, Mistral, Qwen2; a built-in name, a ``config.json``, a
-``PretrainedConfig`` or a Hugging Face model), the prediction is for the model as
-:func:`fused_ckpt.integrations.hf.patch_hf_model` leaves it (every attention, MLP and RMSNorm fused,
-each decoder layer a whole-layer block; a sliding window longer than seq does not matter), trained
+For a model described by a :class:`~fused_ckpt.configs.ModelConfig` (Llama, Mistral, Qwen2 from a
+``config.json``, a ``PretrainedConfig`` or a Hugging Face model; also the built-in Qwen3, Gemma2
+and GPT-NeoX sizes), the prediction is for the model as
+:func:`fused_ckpt.integrations.hf.patch_hf_model` makes it when it fuses every attention, MLP and
+norm and makes each decoder layer a whole-layer block (a sliding window longer than seq does not
+matter; where the fused kernels cannot run a part -- a head_dim other than 32/64/128/256, a
+window shorter than seq -- the plan says so in a note and its rows are what the fused part would
+keep), trained
 with ``model(input_ids, labels=labels)`` in one dtype (no autocast). "Activations" are all the
 bytes autograd keeps for backward during that forward, counted once per storage, parameters
 excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, deduplicated:
@@ -14,16 +18,21 @@ excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, dedupli
 ======================  ======================================================================
 item                    bytes kept for backward (T = batch * seq tokens, e = dtype size)
 ======================  ======================================================================
-token embedding         the token ids, 8 T
-each RMSNorm            (patched to FusedRMSNorm) its input e T d and the fp32 rstd 4 T
+token embedding         the token ids, 8 T (Gemma's sqrt(d) scale: + its 0-dim tensor, e)
+each norm               (patched to FusedRMSNorm / FusedLayerNorm) its input e T d and the fp32
+                        rstd 4 T (LayerNorm: and the mean, 4 T); 2 per layer, 4 for sandwich
+                        norms (Gemma2); parallel residual (GPT-NeoX): both norms read x, kept once
 attention (fused)       x e T d, lse 4 T H; + output e T H D ("qkv", False); + q, k, v (False)
-MLP (fused)             x e T d; + pre-activation e T 2f (False, "none"); + activation e T f ("none")
+MLP (fused)             x e T d; + pre-activation e T F1 (False, "none"; F1 = 2f gated, f
+                        ungated); + activation e T f ("none")
 residual adds           nothing
-decoder layer, "full"   (whole-layer block) x e T d and both norms' fp32 rstd 2 x 4 T, instead of
-                        its norms', attention's and MLP's items above
+decoder layer, "full"   (whole-layer block) x e T d and the norms' fp32 statistics
+                        (:func:`fused_ckpt.ops.block.full_saved_bytes`), instead of its norms',
+                        attention's and MLP's items above
 LM head + loss          a site of its own (kind "head", :func:`head_options`), one of
-  "logits" (eager)      F.linear's input e T d; HF ForCausalLMLoss: fp32 log-softmax 4 T V,
-                        shifted targets 8 T, the loss weight 4
+  "logits" (eager)      F.linear's input e T d; Gemma2's final softcap: + tanh's output e T V;
+                        HF ForCausalLMLoss: fp32 log-softmax 4 T V, shifted targets 8 T, the
+                        loss weight 4
   True                  :class:`fused_ckpt.FusedLinearCrossEntropy` recompute=True: x e T d,
                         fp32 lse 4 T, targets 8 T; recomputes the logits GEMM (2 T d V FLOPs)
   False                 recompute=False: dX e T d and dW e V d (no GEMM recomputed; the
@@ -46,7 +55,7 @@ counts AdamW by default (its budget is a device budget); ``--optimizer none`` co
 only. The plan's first lines say which.
 
 FLOPs: the model's forward + backward = GEMMs (forward 2 T x parameters of each matrix, backward
-twice that) plus attention (forward 4 B H S^2 D, half when causal; backward 2.5x forward); the
+twice that; biases and elementwise work not counted) plus attention (forward 4 B H S^2 D, half when causal; backward 2.5x forward); the
 recompute overhead is the recompute FLOPs of the chosen dials as a percentage of that.
 
 For any other ``nn.Module`` the scope is the dial-controlled sites of :mod:`fused_ckpt.policy`
@@ -61,6 +70,7 @@ import torch
 from torch import nn
 
 from .configs import ModelConfig, load_config
+from .functional_attention import HEAD_DIMS
 from .policy import (ATTENTION_DIALS, FFN_DIALS, HEAD_DIALS, NONE, BudgetTooSmall, CheckpointPlan, LayerSpec, Option,
                      PerLayer, PlanRow, Site, attention_forward_flops, attention_recompute_flops,
                      attention_saved_bytes, block_full_option, build_layers, solve_budget)
@@ -102,13 +112,28 @@ def rmsnorm_saved_bytes(tokens: int, d: int, elem: int) -> int:
     return norm_saved_bytes(tokens, d, elem, layer_norm=False)
 
 
+def _norm_bytes(cfg: ModelConfig, tokens: int, elem: int) -> int:
+    """One patched norm of ``cfg`` (FusedRMSNorm or FusedLayerNorm): input + fp32 statistics."""
+    from .ops.norm import norm_saved_bytes
+
+    return norm_saved_bytes(tokens, cfg.hidden_size, elem, layer_norm=cfg.norm == "layernorm")
+
+
+def _layer_norms_bytes(cfg: ModelConfig, tokens: int, elem: int) -> int:
+    """What a layer's norms keep when the site dials govern: each its input and statistics; with
+    a parallel residual both norms normalise the same x, which is kept once."""
+    n = cfg.norms_per_layer * _norm_bytes(cfg, tokens, elem)
+    return n - tokens * cfg.hidden_size * elem if cfg.placement == "parallel" else n
+
+
 def loss_saved_bytes(tokens: int, vocab: int) -> int:
     """Hugging Face ForCausalLMLoss (mean reduction): fp32 log-softmax, int64 shifted targets,
     the fp32 total weight."""
     return 4 * tokens * vocab + 8 * tokens + 4
 
 
-def head_options(tokens: int, d_model: int, vocab: int, elem: int, bias: bool = False) -> dict:
+def head_options(tokens: int, d_model: int, vocab: int, elem: int, bias: bool = False,
+                 softcap: Optional[float] = None) -> dict:
     """The LM head + loss site's dials -> :class:`Option` (saved bytes, recompute FLOPs, aux).
 
     "logits": eager ``lm_head`` + Hugging Face's ForCausalLMLoss (F.linear keeps its input, the
@@ -117,11 +142,12 @@ def head_options(tokens: int, d_model: int, vocab: int, elem: int, bias: bool = 
     (:func:`fused_ckpt.ops.linear_ce.linear_ce_saved_bytes`, gradients of x, W and b when
     ``bias``). FLOPs: recompute=True adds one logits GEMM in backward; recompute=False runs the
     backward GEMMs in the forward instead (same total: 0 extra); aux (tie-break) is the
-    softmax values recomputed."""
+    softmax values recomputed. ``softcap`` (Gemma2's final logit softcap): the eager head's
+    ``tanh`` keeps its output, e T V more; the fused op keeps nothing more."""
     from .ops.linear_ce import linear_ce_recompute_flops, linear_ce_saved_bytes
 
     T, d, V = tokens, d_model, vocab
-    eager = elem * T * d + loss_saved_bytes(T, V)
+    eager = elem * T * d + loss_saved_bytes(T, V) + (elem * T * V if softcap is not None else 0)
     return {
         True: Option(True, linear_ce_saved_bytes(T, d, V, True, elem),
                      linear_ce_recompute_flops(T, d, V, True), T * V),
@@ -162,37 +188,39 @@ def _head_dials(model_or_config, head) -> tuple:
 def _config_layers(cfg: ModelConfig, batch: int, seq: int, e: int) -> list[LayerSpec]:
     T = batch * seq
     d, f, H, Hkv, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    fc1 = 2 * f
+    g = cfg.gated
+    fc1 = 2 * f if g else f
     from .ops.ffn import ffn_recompute_flops, ffn_saved_bytes
     from .functional import ffn_save_count
 
-    ffn_opts = {dl: Option(dl, ffn_saved_bytes(T, d, f, True, ffn_save_count(dl), e),
-                           ffn_recompute_flops(T, d, f, True, ffn_save_count(dl)),
+    ffn_opts = {dl: Option(dl, ffn_saved_bytes(T, d, f, g, ffn_save_count(dl), e),
+                           ffn_recompute_flops(T, d, f, g, ffn_save_count(dl)),
                            0 if dl == "none" else T * fc1) for dl in FFN_DIALS}
     attn_opts = {dl: Option(dl, attention_saved_bytes(T, d, H, Hkv, D, dl, e),
                             attention_recompute_flops(batch, seq, d, H, Hkv, D, True, dl),
-                            0 if dl is False else T * (H + Hkv) * D) for dl in ATTENTION_DIALS}
-    norm = rmsnorm_saved_bytes(T, d, e)
-    # patch_hf_model's layers are whole blocks; beyond a sliding window they run Hugging Face's code
-    windowed = cfg.sliding_window is not None and seq > cfg.sliding_window
-    alts = [] if windowed else [
-        block_full_option(batch, seq, d, H, Hkv, D, True, ffn_opts[True].recompute_flops, fc1, e)]
+                            0 if dl is False else T * (H + Hkv) * cfg.rotated_dims) for dl in ATTENTION_DIALS}
+    norms = _layer_norms_bytes(cfg, T, e)
+    full = [block_full_option(batch, seq, d, H, Hkv, D, True, ffn_opts[True].recompute_flops, fc1, e,
+                              cfg.norm == "layernorm", cfg.placement, 2 * T * d * (fc1 + f))]
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
         sites = [Site(i, f"{p}.self_attn", "attention", "attention", attn_opts), Site(i, f"{p}.mlp", "ffn", "ffn", ffn_opts)]
-        if alts:  # the norms' bytes count only when the site dials govern
-            layers.append(LayerSpec(i, p, sites, alternatives=alts, site_bytes=2 * norm))
+        # patch_hf_model's layers are whole blocks; beyond a sliding window they run Hugging Face's code
+        if not (cfg.windowed(i) and seq > cfg.sliding_window):  # the norms count only when the site dials govern
+            layers.append(LayerSpec(i, p, sites, alternatives=full, site_bytes=norms))
         else:
-            layers.append(LayerSpec(i, p, sites, fixed=[(f"{p}.input_layernorm", norm),
-                                                        (f"{p}.post_attention_layernorm", norm)]))
+            layers.append(LayerSpec(i, p, sites, fixed=[(f"{p} (norms)", norms)]))
     return layers
 
 
 def _config_globals(cfg: ModelConfig, T: int, e: int, include_loss: bool) -> list[tuple[str, int]]:
     """Rows outside the layers and the head site (the head's input counts here only without loss)."""
     d = cfg.hidden_size
-    rows = [("model.embed_tokens (token ids)", 8 * T), ("model.norm", rmsnorm_saved_bytes(T, d, e))]
+    rows = [("model.embed_tokens (token ids)", 8 * T)]
+    if cfg.embed_scale:
+        rows.append(("model.embed_tokens (sqrt(d) scale)", e))
+    rows.append(("model.norm", _norm_bytes(cfg, T, e)))
     if not include_loss:
         rows.append(("lm_head (input)", e * T * d))
     return rows
@@ -203,7 +231,7 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int) -> int:
     T = batch * seq
     d, f, H, Hkv, D, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.vocab_size)
-    gemm = 2 * T * (d * (H + 2 * Hkv) * D + H * D * d + 3 * d * f)
+    gemm = 2 * T * (d * (H + 2 * Hkv) * D + H * D * d + (3 if cfg.gated else 2) * d * f)
     attn = attention_forward_flops(batch, seq, H, D, True)
     head = 2 * T * d * V
     return cfg.num_layers * (3 * gemm + attn + (5 * attn) // 2) + 3 * head
@@ -334,7 +362,8 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
          optimizer: Optional[str] = None, *, include_loss: bool = True, head=None) -> Plan:
     """Choose recompute dials for ``batch`` x ``seq`` tokens under ``budget`` (bytes or "24GiB").
 
-    ``model_or_config``: "llama-7b", "llama3-8b", "mistral-7b", "qwen2-7b", a path to a Hugging
+    ``model_or_config``: a built-in name (:data:`fused_ckpt.configs.BUILTIN_CONFIGS`: "llama-7b",
+    "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-8b", "gemma2-9b", "gpt-neox-20b"), a path to a Hugging
     Face ``config.json``, a dict / ``PretrainedConfig`` / :class:`ModelConfig`, a Hugging Face
     model (its config), or any ``nn.Module`` with fused modules. ``budget``: bytes (an int or an
     integral float such as 1.5e11) or a string ("24GiB", "80 GB", "1.5e11"), see
@@ -379,15 +408,21 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
         layers = _config_layers(cfg, batch, seq, e)
         globals_ = _config_globals(cfg, T, e, include_loss)
         if include_loss:
-            opts = head_options(T, cfg.hidden_size, cfg.vocab_size, e)
+            opts = head_options(T, cfg.hidden_size, cfg.vocab_size, e, softcap=cfg.final_logit_softcap)
             allowed = _head_dials(model_or_config, head)
             head_site = Site(None, "lm_head + loss", "head", "head", {dl: opts[dl] for dl in allowed})
         n_params = cfg.num_parameters()
         flops = model_flops(cfg, batch, seq)
         if cfg.sliding_window is not None and seq > cfg.sliding_window:
-            notes.append(f"sliding window {cfg.sliding_window} < seq {seq}: modelled as full causal fused attention, "
-                         "but at this length a patched model runs Hugging Face's attention and layer code "
-                         "(the prediction does not hold)")
+            w = cfg.window_every
+            which = "" if w == 1 else f" (layers 0, {w}, {2 * w}, ...)"
+            notes.append(f"sliding window {cfg.sliding_window} < seq {seq}{which}: modelled as full causal fused "
+                         "attention, but at this length a patched model runs Hugging Face's attention and layer "
+                         "code (the prediction does not hold)")
+        if cfg.head_dim not in HEAD_DIMS:
+            notes.append(f"head_dim {cfg.head_dim}: the fused attention kernels take {HEAD_DIMS}, so a patched model "
+                         "leaves the attention (and the whole-layer block) to Hugging Face; the attention and block "
+                         "rows are what a fused attention would keep (the prediction does not hold)")
         if not include_loss:
             notes.append("loss not counted")
     weight = n_params * e

@@ -142,7 +142,9 @@ def test_builtin_shapes():
     assert {k: (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.vocab_size)
             for k, c in BUILTIN_CONFIGS.items()} == {
         "llama-7b": (4096, 11008, 32, 32, 32, 32000), "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
-        "mistral-7b": (4096, 14336, 32, 32, 8, 32000), "qwen2-7b": (3584, 18944, 28, 28, 4, 152064)}
+        "mistral-7b": (4096, 14336, 32, 32, 8, 32000), "qwen2-7b": (3584, 18944, 28, 28, 4, 152064),
+        "qwen3-8b": (4096, 12288, 36, 32, 8, 151936), "gemma2-9b": (3584, 14336, 42, 16, 8, 256000),
+        "gpt-neox-20b": (6144, 24576, 44, 64, 64, 50432)}  # the new three: tests/test_planner_configs.py
     assert 6.7e9 < BUILTIN_CONFIGS["llama-7b"].num_parameters() < 6.8e9
     assert 7.2e9 < BUILTIN_CONFIGS["mistral-7b"].num_parameters() < 7.3e9
     assert 7.6e9 < BUILTIN_CONFIGS["qwen2-7b"].num_parameters() < 7.7e9
