@@ -187,6 +187,19 @@ def test_no_import_cycles(graph):
         " <-> ".join(c) for c in found)
 
 
+# the order fused_ckpt/policy/__init__.py documents: each file imports only files before it
+POLICY_ORDER = ("dials", "discovery", "solver", "policies", "wrap", "hf_guard", "report", "apply")
+
+
+def test_policy_files_import_only_the_files_above_them(graph):
+    pkg = f"{PKG}.policy"
+    files = sorted(m.rpartition(".")[2] for m in graph if m.startswith(pkg + "."))
+    assert files == sorted(POLICY_ORDER), "a policy file is missing from POLICY_ORDER (and the package docstring)"
+    wrong = [(f, t) for i, f in enumerate(POLICY_ORDER) for t in sorted(graph[f"{pkg}.{f}"])
+             if t == pkg or (t.startswith(pkg + ".") and t.rpartition(".")[2] not in POLICY_ORDER[:i])]
+    assert not wrong, f"policy files importing files below them (or the package): {wrong}"
+
+
 def test_kernels_ops_modules_do_not_import_higher_layers(graph):
     found = upward_imports(graph)
     assert not found, "kernels/ops/modules import a higher layer:\n" + "\n".join(f"{a} -> {b}" for a, b in found)

@@ -48,8 +48,8 @@ Recompute FLOPs: the GEMM and attention FLOPs the backward spends recomputing: f
 ``2 T d (H + 2 H_kv) D``, "all" also the attention forward ``4 B H S^2 D`` (half when causal,
 FlashAttention's convention); checkpoint sites: unknown (``None``).
 
-Files (dependencies run down this list, never up; the package imports the module layer, which
-never imports it back):
+Files, in dependency order: each imports only files above it (tests/test_layering.py checks
+it); the package imports the module layer, which never imports it back.
 
 ==================  =========================================================================
 ``dials.py``        dial constants, :class:`Option`, the per-site cost formulas
