@@ -301,3 +301,32 @@ def test_opcheck_with_options(backend):
     o, lse = flash_attn_forward(q.detach(), k.detach(), v.detach(), *args[3:])
     torch.library.opcheck(flash_attn_backward, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse,
                                                 None, True, 0.25, [True, True, False], backend, 4.0, 5, 0.2, 123, 4))
+
+
+def test_window_flop_formulas():
+    """FlopCounterMode sees the visible (query, key) pairs of a sliding window (the kernels skip
+    the tiles outside it): forward 4 * B * H * D * pairs, backward 2.5x, in the flash op and in
+    the attention block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fused_ckpt.functional_attention import fused_attention_block
+
+    def count(fn):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    B, S_q, S_kv, H, D, W = 1, 12, 20, 2, 32, 5
+    pairs = sum(len([j for j in range(S_kv) if i + 8 - W < j <= i + 8]) for i in range(S_q))
+    q, k, v = (t.requires_grad_() for t in _inputs(B, S_q, S_kv, H, H, D, torch.float32))
+    fwd = count(lambda: flash_attention(q, k, v, causal=True, window=W, backend="aten"))
+    assert fwd == 4 * B * H * D * pairs
+    total = count(lambda: flash_attention(q, k, v, causal=True, window=W, backend="aten").sum().backward())
+    assert total == fwd + 5 * fwd // 2
+    x = torch.randn(1, 16, 64, requires_grad=True)
+    w = [torch.randn(64, 64, requires_grad=True) for _ in range(4)]
+    blk = lambda **kw: fused_attention_block(x, w[0], None, w[1], None, w[2], None, w[3], None, 2,  # noqa: E731
+                                             backend="aten", **kw)
+    pairs_sq = sum(min(i + 1, 4) for i in range(16))
+    assert count(blk) - count(lambda: blk(window=4)) == 4 * 2 * 32 * (16 * 16 // 2 - pairs_sq)

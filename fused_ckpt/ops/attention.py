@@ -784,10 +784,14 @@ attn_block_forward.register_autograd(_block_backward, setup_context=_block_setup
 # --------------------------------------------------------------------------- FLOP formulas
 # FlopCounterMode cannot see inside a custom op, so each op states the GEMM FLOPs its
 # implementation performs (masks by key padding are data-dependent: counted as dense).
-def attention_pairs2(S_q: int, S_kv: int, causal: bool) -> int:
+def attention_pairs2(S_q: int, S_kv: int, causal: bool, window: Optional[int] = None) -> int:
     """Twice the (query, key) pairs the score GEMMs cover (twice, to stay an integer): all of
     them; for causal attention half of a square (the FlashAttention convention, FLOPs halved)
-    and the exact visible count of a non-square one (bottom-right aligned)."""
+    and the exact visible count of a non-square one (bottom-right aligned); with a sliding
+    window the exact visible count (the kernels skip the tiles outside the windows)."""
+    if window is not None:
+        diag = S_kv - S_q
+        return 2 * sum(max(0, min(S_kv, i + diag + 1) - max(0, i + diag - window + 1)) for i in range(S_q))
     if not causal:
         return 2 * S_q * S_kv
     if S_q == S_kv:
@@ -796,9 +800,9 @@ def attention_pairs2(S_q: int, S_kv: int, causal: bool) -> int:
     return 2 * sum(min(S_kv, max(0, i + diag + 1)) for i in range(S_q))
 
 
-def _attn_fwd_flops(q_shape, k_shape, causal: bool) -> int:
+def _attn_fwd_flops(q_shape, k_shape, causal: bool, window: Optional[int] = None) -> int:
     B, S_q, H, D = q_shape
-    return 2 * B * H * D * attention_pairs2(S_q, k_shape[1], causal)  # S = Q K^T, O = P V: 2 x 2 per pair
+    return 2 * B * H * D * attention_pairs2(S_q, k_shape[1], causal, window)  # S = Q K^T, O = P V: 2 x 2 per pair
 
 
 def _two_kernel_backward(backend) -> bool:
@@ -809,13 +813,13 @@ def _two_kernel_backward(backend) -> bool:
 
 
 def _attn_bwd_flops(q_shape, k_shape, causal: bool, need_dq: bool, need_dkdv: bool,
-                    two_kernels: bool = False) -> int:
+                    two_kernels: bool = False, window: Optional[int] = None) -> int:
     """GEMMs per visible (query, key) pair: dK/dV need S, dV, dP, dK (4); dQ needs S, dP, dQ (3);
     all three in one pass share S and dP (5 = 2.5x the forward: the aten path and the Triton
     single-pass backward); the deterministic Triton backward's two kernels both compute S and dP
     (7 = 3.5x)."""
     B, S_q, H, D = q_shape
-    per_gemm = B * H * D * attention_pairs2(S_q, k_shape[1], causal)  # 2 FLOPs per pair and D
+    per_gemm = B * H * D * attention_pairs2(S_q, k_shape[1], causal, window)  # 2 FLOPs per pair and D
     if need_dq and need_dkdv:
         return per_gemm * (7 if two_kernels else 5)
     return per_gemm * (4 * need_dkdv + 3 * need_dq)
@@ -823,7 +827,8 @@ def _attn_bwd_flops(q_shape, k_shape, causal: bool, need_dq: bool, need_dkdv: bo
 
 @register_flop_formula(torch.ops.fused_ckpt.flash_attn_forward)
 def _flash_forward_flops(q_shape, k_shape, v_shape, mask_shape, causal, *args, out_shape=None, **kwargs) -> int:
-    return _attn_fwd_flops(q_shape, k_shape, causal)
+    window = kwargs.get("window", args[3] if len(args) > 3 else None)  # after scale, backend, softcap
+    return _attn_fwd_flops(q_shape, k_shape, causal, window)
 
 
 @register_flop_formula(torch.ops.fused_ckpt.flash_attn_backward)
@@ -832,8 +837,9 @@ def _flash_backward_flops(do_shape, q_shape, k_shape, v_shape, o_shape, lse_shap
     if q_shape[1] == 0 or k_shape[1] == 0:
         return 0
     backend = args[0] if args else kwargs.get("backend")
+    window = kwargs.get("window", args[2] if len(args) > 2 else None)  # after backend, softcap
     return _attn_bwd_flops(q_shape, k_shape, causal, needs_grad[0], needs_grad[1] or needs_grad[2],
-                           _two_kernel_backward(backend))
+                           _two_kernel_backward(backend), window)
 
 
 def _proj_flops(x_shape, wq_shape, wk_shape, wv_shape) -> int:
@@ -853,7 +859,8 @@ def _block_forward_flops(x_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_sha
                          pos_shape, mask_shape, n_heads, n_kv_heads, causal, *args, out_shape=None, **kwargs) -> int:
     q_shape, k_shape = _block_qk_shapes(x_shape, wo_shape, n_heads, n_kv_heads)
     T = math.prod(x_shape[:-1])
-    return (_proj_flops(x_shape, wq_shape, wk_shape, wv_shape) + _attn_fwd_flops(q_shape, k_shape, causal)
+    window = kwargs.get("window", args[11] if len(args) > 11 else None)  # the op's keyword
+    return (_proj_flops(x_shape, wq_shape, wk_shape, wv_shape) + _attn_fwd_flops(q_shape, k_shape, causal, window)
             + 2 * T * wo_shape[0] * wo_shape[1])
 
 
@@ -868,17 +875,18 @@ def _block_backward_flops(dy_shape, x_shape, wq_shape, bq_shape, wk_shape, bk_sh
     qs, ks = _block_qk_shapes(x_shape, wo_shape, n_heads, n_kv_heads)
     T = math.prod(x_shape[:-1])
     d_out, hd = wo_shape
+    window = kwargs.get("window", args[8] if len(args) > 8 else None)  # the op's keyword
     flops = 0
     if q_shape is None and (need_attn or (o_shape is None and need_wo)):
         flops += _proj_flops(x_shape, wq_shape, wk_shape, wv_shape)  # recompute q, k, v
     if o_shape is None and (need_attn or need_wo):
-        flops += _attn_fwd_flops(qs, ks, causal)  # recompute the attention output
+        flops += _attn_fwd_flops(qs, ks, causal, window)  # recompute the attention output
     if need_wo:
         flops += 2 * T * d_out * hd  # dWo = dY^T O
     if need_attn:
         flops += 2 * T * d_out * hd  # dO = dY Wo
         backend = args[0] if args else kwargs.get("backend")
-        flops += _attn_bwd_flops(qs, ks, causal, True, True, _two_kernel_backward(backend))
+        flops += _attn_bwd_flops(qs, ks, causal, True, True, _two_kernel_backward(backend), window)
         for w_shape, need_w in ((wq_shape, need_wq), (wk_shape, need_wk), (wv_shape, need_wv)):
             if w_shape is not None:  # packed: one GEMM each for dW and dX over the packed weight
                 flops += 2 * T * w_shape[0] * x_shape[-1] * (int(need_w) + int(need_x))  # dW, dX
