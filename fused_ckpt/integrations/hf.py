@@ -393,16 +393,16 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
         generating = cache is not None and not (self.training and torch.is_grad_enabled())
         plain = not generating and not a.get("output_attentions") and a.get("encoder_hidden_states") is None
         if plain and self._whole_block_recompute(hidden_states) \
-                and not self.attention.window_exceeded(hidden_states.shape[1]):
+                and not self.block_attention.window_exceeded(hidden_states.shape[1]):
             B, S = hidden_states.shape[0], hidden_states.shape[1]
             kpm = _key_padding(a.get("attention_mask"), B, S)
             # eager rows that see no key need the attention's fix-up, which the block cannot
             # apply inside itself: the layer's own forward runs on the fused parts
-            if kpm is not _UNSUPPORTED and self.attention.eager_dead_rows(kpm) is None:
+            if kpm is not _UNSUPPORTED and self.block_attention.eager_dead_rows(kpm) is None:
                 if cache is not None:
                     _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
                           "(as with Hugging Face checkpointing); pass use_cache=False")
-                pos = _positions(a.get("position_ids"), B, S) if self.attention.rope_theta is not None else None
+                pos = _positions(a.get("position_ids"), B, S) if self.block_attention.rope_theta is not None else None
                 y = self._full_recompute(hidden_states, pos, kpm)
                 return (y,) if self._hf_tuple else y
         return self._hf_forward(self, *args, **kwargs)
@@ -410,8 +410,8 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
 
 def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
     """None when the original layer's forward (on the fused parts) equals the block's."""
-    w = block.ffn._ffn_tensors()[2]
-    d = block.ffn.d_model
+    w = block.block_ffn._ffn_tensors()[2]
+    d = block.block_ffn.d_model
     x = torch.randn(1, 3, d, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
     pos = torch.arange(3, device=w.device)[None]
     with torch.no_grad():
@@ -629,6 +629,8 @@ _FIELDS = {
     "use_parallel_residual": _Field(_C, "the parallel attention/MLP residual (GPT-NeoX): the layer's placement "
                                     "is the one its forward agrees with on a probe"),
     "intermediate_size": _Field(_L, "read from the MLP's weights"), "n_inner": _Field(_L, "read from the MLP's weights"),
+    "add_cross_attention": _Field(_L, "cross-attention inside the layer (GPT-2 as a decoder of an encoder)",
+                                  (None, False)),
     # --- checked by evaluation when converting norms and MLPs
     "rms_norm_eps": _Field(_C, _NORM), "layer_norm_eps": _Field(_C, _NORM), "norm_eps": _Field(_C, _NORM),
     "norm_epsilon": _Field(_C, _NORM), "layer_norm_epsilon": _Field(_C, _NORM),

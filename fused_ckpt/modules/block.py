@@ -119,11 +119,11 @@ class FusedCheckpointedBlock(nn.Module):
         return roles
 
     @property
-    def attention(self) -> nn.Module:
+    def block_attention(self) -> nn.Module:
         return getattr(self, self._roles["attn"])
 
     @property
-    def ffn(self) -> nn.Module:
+    def block_ffn(self) -> nn.Module:
         return getattr(self, self._roles["mlp"])
 
     def norm_module(self, i: int) -> Optional[nn.Module]:
@@ -133,20 +133,20 @@ class FusedCheckpointedBlock(nn.Module):
         return getattr(self, name) if name is not None else None
 
     def _spec(self) -> BlockSpec:
-        a, m = self.attention, self.ffn
+        a, m = self.block_attention, self.block_ffn
         _, opts = attention_block_inputs(a)
         return BlockSpec(self.norm, self.norm_eps, a.n_heads, a.n_kv_heads, a.causal, a.scale,
                          a.rope_theta, m.activation, m.chunk_tokens, self.backend, placement=self.placement,
                          norm_offset=self.norm_offset, **opts)
 
     def _params(self) -> list:
-        tensors, _ = attention_block_inputs(self.attention)
+        tensors, _ = attention_block_inputs(self.block_attention)
         tensors = dict(tensors)
         for i in (1, 2, 3, 4):
             n = self.norm_module(i)
             tensors[f"norm{i}_w"] = None if n is None else n.weight
             tensors[f"norm{i}_b"] = None if n is None else getattr(n, "bias", None)
-        w1, b1, w2, b2, w1u, b1u = self.ffn._ffn_tensors()  # the MLP's weights where they live
+        w1, b1, w2, b2, w1u, b1u = self.block_ffn._ffn_tensors()  # the MLP's weights where they live
         tensors.update(w1=w1, b1=b1, w2=w2, b2=b2, w1u=w1u, b1u=b1u)
         return [tensors[n] for n in PARAM_NAMES]
 
@@ -155,13 +155,13 @@ class FusedCheckpointedBlock(nn.Module):
         if self._whole_block_recompute(x):
             return self._full_recompute(x, position_ids, key_padding_mask)
         n = self.norm_module
-        a = self.attention(n(1)(x) if n(1) is not None else x, position_ids, key_padding_mask)
+        a = self.block_attention(n(1)(x) if n(1) is not None else x, position_ids, key_padding_mask)
         if n(3) is not None:
             a = n(3)(a)
         if self.placement == "parallel":
-            return (self.ffn(n(2)(x)) + a) + x
+            return (self.block_ffn(n(2)(x)) + a) + x
         h = x + a
-        f = self.ffn(n(2)(h) if n(2) is not None else h)
+        f = self.block_ffn(n(2)(h) if n(2) is not None else h)
         return h + (n(4)(f) if n(4) is not None else f)
 
     def _whole_block_recompute(self, x: torch.Tensor) -> bool:
@@ -181,7 +181,7 @@ class FusedCheckpointedBlock(nn.Module):
     def _parts_changed(self):
         """None when the whole-block op can read every weight it needs from the parts, else why not
         (a part that is no longer a fused module, or a fused part whose children were replaced)."""
-        a, m = self.attention, self.ffn
+        a, m = self.block_attention, self.block_ffn
         if not isinstance(a, FusedCheckpointedAttention) or not isinstance(m, FusedCheckpointedFFN):
             return f"its attention / MLP are now {type(a).__name__} / {type(m).__name__}, not fused modules"
         for role, part in (("attention", a), ("MLP", m)):
@@ -206,26 +206,26 @@ class FusedCheckpointedBlock(nn.Module):
     def full_saved_bytes(self, tokens: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes the whole-block "full" path keeps for ``tokens`` tokens (x and the norms'
         per-row statistics, :func:`fused_ckpt.ops.block.full_saved_bytes`)."""
-        elem = torch.empty((), dtype=dtype or self.ffn.param_dtype).element_size()
-        return full_saved_bytes(tokens, self.ffn.d_model, elem, self.norm == "layernorm", self.placement)
+        elem = torch.empty((), dtype=dtype or self.block_ffn.param_dtype).element_size()
+        return full_saved_bytes(tokens, self.block_ffn.d_model, elem, self.norm == "layernorm", self.placement)
 
     def norms_saved_bytes(self, tokens: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes the block's norms keep under the per-module dials (each its input and
         statistics)."""
-        elem = torch.empty((), dtype=dtype or self.ffn.param_dtype).element_size()
-        return self.norm_count() * norm_saved_bytes(tokens, self.ffn.d_model, elem, self.norm == "layernorm")
+        elem = torch.empty((), dtype=dtype or self.block_ffn.param_dtype).element_size()
+        return self.norm_count() * norm_saved_bytes(tokens, self.block_ffn.d_model, elem, self.norm == "layernorm")
 
     def saved_bytes(self, batch: int, seq: int, dtype: Optional[torch.dtype] = None) -> int:
         """Activation bytes this block keeps for backward (parameters, position ids and masks
         excluded) at its current dials."""
-        dtype = dtype or self.ffn.param_dtype
+        dtype = dtype or self.block_ffn.param_dtype
         elem = torch.empty((), dtype=dtype).element_size()
         tokens = batch * seq
         if self.recompute == "full":
             return self.full_saved_bytes(tokens, dtype)
-        a = self.attention
+        a = self.block_attention
         attn = attention_saved_bytes(tokens, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.recompute, elem)
-        return self.norms_saved_bytes(tokens, dtype) + attn + self.ffn.saved_bytes(tokens, dtype=dtype)
+        return self.norms_saved_bytes(tokens, dtype) + attn + self.block_ffn.saved_bytes(tokens, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"norm={self.norm!r}, placement={self.placement!r}"

@@ -126,7 +126,7 @@ def _ffn_site(layer: int, name: str, m: FusedCheckpointedFFN, ctx: _Context) -> 
 
 def _attention_site(layer: int, name: str, m: nn.Module, ctx: _Context) -> Site:
     opts = {}
-    dtype = ctx.dtype or m.q_proj.weight.dtype
+    dtype = ctx.dtype or next(m.parameters()).dtype
     e = torch.empty((), dtype=dtype).element_size()
     lse = 8 if dtype == torch.float64 else 4
     for d in ATTENTION_DIALS:
@@ -194,7 +194,7 @@ def _block_alternatives(layer: nn.Module, ctx: "_Context") -> list:
         return []
     if ctx.batch is None:  # chosen by the uniform policies all the same; bytes unknown
         return [Option("full", None, None)]
-    a, m = layer.attention, layer.ffn  # whatever the layer names them (self_attn, attn, attention)
+    a, m = layer.block_attention, layer.block_ffn  # whatever the layer names them (self_attn, attn, attention)
     dtype = ctx.dtype or m.param_dtype
     return [block_full_option(ctx.batch, ctx.seq, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.causal,
                               m.recompute_flops(ctx.tokens, recompute=True), m.fc1_rows,
