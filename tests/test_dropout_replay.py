@@ -176,3 +176,58 @@ def test_block_dropout_reproducible_and_eval_free():
     assert not torch.equal(run(0, dropout_p=0.3), run(0))
     with pytest.raises(ValueError, match="window"):
         run(0, window=4, causal=False)
+
+
+# --------------------------------------------------------------------------- eager references
+@pytest.mark.parametrize("backend", ["aten"])  # Triton == torch masks: test_dropout_op_values_and_backward
+def test_hf_gpt2_attention_and_mlp_in_train_mode(backend):
+    """Hugging Face GPT-2 attention and MLP modules in train mode at their default dropout 0.1
+    (attention probabilities, resid_dropout, MLP dropout), run eagerly under
+    fused_dropout_masks(), against the fused block and FFN after the same torch.manual_seed:
+    outputs and every gradient by the 2x rule (float64 eager reference, fp32 eager as
+    PyTorch's error). The module alone gets no causal mask from HF (the model builds it), so
+    the block runs non-causal here."""
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
+
+    from fused_ckpt.ops.dropout import fused_dropout_masks
+
+    cfg = GPT2Config(n_embd=64, n_head=2, n_layer=1)
+    cfg._attn_implementation = "eager"
+    assert cfg.attn_pdrop == cfg.resid_pdrop == 0.1
+    torch.manual_seed(0)
+    att, mlp = GPT2Attention(cfg, layer_idx=0).train(), GPT2MLP(256, cfg).train()
+    x = torch.randn(2, 20, 64, device=DEV)
+    dy = torch.randn(2, 20, 64, device=DEV)
+
+    def eager(dtype):
+        a, m = [type(mod)(*args).to(DEV, dtype).train() for mod, args in ((att, (cfg, 0)), (mlp, (256, cfg)))]
+        a.load_state_dict(att.state_dict()), m.load_state_dict(mlp.state_dict())
+        xx = x.to(dtype).requires_grad_()
+        with fused_dropout_masks():
+            torch.manual_seed(7)
+            y = m(a(xx)[0])
+        params = [xx, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+                  m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+        return (y, *torch.autograd.grad(y, params, dy.to(dtype)))
+
+    a, m = att.to(DEV), mlp.to(DEV)
+    xx = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    h = fused_attention_block(xx, a.c_attn.weight.t(), a.c_attn.bias, None, None, None, None, a.c_proj.weight.t(),
+                              a.c_proj.bias, 2, causal=False, qkv_layout="packed", recompute="all", backend=backend,
+                              dropout_p=0.1, out_dropout_p=0.1)
+    y = fused_ffn(h, m.c_fc.weight.t(), m.c_fc.bias, m.c_proj.weight.t(), m.c_proj.bias, "gelu_tanh",
+                  backend=backend, dropout_p=0.1)
+    params = [xx, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+              m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+    got = (y, *torch.autograd.grad(y, params, dy))
+    ref, pt = eager(torch.float64), eager(torch.float32)
+    names = ("y", "dx", "dc_attn.w", "dc_attn.b", "dc_proj.w", "dc_proj.b", "dc_fc.w", "dc_fc.b", "dmlp.c_proj.w",
+             "dmlp.c_proj.b")
+    assert (y == 0).float().mean() > 0.05  # the MLP dropout is on
+    for name, g, r, p in zip(names, got, ref, pt):
+        assert_close_by_rule(g, r, p, name)
+    torch.manual_seed(8)  # another seed, other masks
+    assert (fused_ffn(h, m.c_fc.weight.t(), m.c_fc.bias, m.c_proj.weight.t(), m.c_proj.bias, "gelu_tanh",
+                      backend=backend, dropout_p=0.1) != y).any()

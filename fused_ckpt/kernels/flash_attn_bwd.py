@@ -128,6 +128,13 @@ def _load_lse(lse_base, stride_ls, offs_m, S_q):
 # (32x128 on 8 warps at head_dim 128: 255 registers); the next ones, 272 (32x64 on 8 warps at
 # head_dim 256) and 288 (32x64 on 4 warps at 128), spill.
 ATOMIC_DQ_REGS = 256
+# With softcap or dropout on, the estimate counts their tiles and both paths must stay within
+# this: bf16 builds at head_dim 64 with every option (triton 3.9) spilled 60 B (deterministic,
+# estimate 240) and 124 B (single pass, 256) in 64x128 on 8 warps; every config estimated at
+# <= 192 built clean (at most 240 registers) except two single-pass builds with every option
+# on: 32x32 on 4 warps at head_dim 128 (8 B; 32x64 on 8 warps, listed first, is clean) and 32x32
+# on 8 warps at head_dim 256 (32 B; the one tile kept there; the deterministic path is clean).
+OPTIONS_REGS = 224
 
 
 def _atomic_dq_regs(cfg: triton.Config, head_dim: int, elem: int, options: int = 0, atomic: bool = True) -> int:
@@ -152,9 +159,9 @@ def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool, optio
         their 32-row dots use mma.sync, not wgmma. At smaller head dims ptxas gives some of
         those builds too few registers, and they spill a few bytes;
       * the single pass (ATOMIC_DQ) keeps configs within ATOMIC_DQ_REGS;
-      * with softcap or dropout (``options`` > 0) both paths do, counting their extra tiles:
-        bf16 at head_dim 128 with both, 32x128 on 8 warps spilled 20 B (deterministic) and
-        120 B (single pass) at 255 registers (triton 3.9)."""
+      * with softcap or dropout (``options`` > 0) both paths keep configs within OPTIONS_REGS,
+        counting their extra tiles (bf16 at head_dim 128 with both: 32x128 on 8 warps spilled
+        20 B deterministic and 120 B single pass, triton 3.9)."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.num_warps == 4 and 2 * bn * head_dim // (32 * cfg.num_warps) >= 128:
         return False
@@ -163,7 +170,7 @@ def _dkdv_fits(cfg: triton.Config, head_dim: int, elem: int, atomic: bool, optio
     if head_dim >= 256 and bm * bn > 32 * 32:  # 16x128: 3 KB of spills, 32x64: 264 B (deterministic)
         return False
     if options:
-        return _atomic_dq_regs(cfg, head_dim, elem, options, atomic) <= ATOMIC_DQ_REGS
+        return _atomic_dq_regs(cfg, head_dim, elem, options, atomic) <= OPTIONS_REGS
     return not atomic or _atomic_dq_regs(cfg, head_dim, elem) <= ATOMIC_DQ_REGS
 
 

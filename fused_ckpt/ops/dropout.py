@@ -15,7 +15,10 @@ the op before it is unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import check_backend_dtype
@@ -85,3 +88,39 @@ def replayed_dropout(x: Tensor, p: float, backend: str) -> Tensor:
         return x
     seed, offset = draw_dropout_seed()
     return dropout_replay(x, float(p), seed, offset, backend)
+
+
+# --------------------------------------------------------------------------- eager references
+def dropout_like_fused(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """``torch.nn.functional.dropout`` drawing what the fused ops draw: one (seed, offset) from
+    torch's default generator per call, the attention-probability mask of
+    :func:`fused_ckpt.ops.attention.dropout_keep_mask` for a 4-D input (read as probabilities
+    [B, H, S_q, S_kv]) and the elementwise mask of :func:`dropout_keep` otherwise. For tests:
+    an eager model run under :func:`fused_dropout_masks` after ``torch.manual_seed(s)`` uses the
+    masks a fused model run after ``torch.manual_seed(s)`` uses, call for call (when the two
+    make their dropout calls in the same order). Differentiable (a plain product)."""
+    from .attention import dropout_keep_mask
+
+    if not training or p == 0:
+        return x
+    seed, off = draw_dropout_seed()
+    if x.dim() == 4:
+        B, H, S_q, S_kv = x.shape
+        keep = dropout_keep_mask(seed, off, p, B, H, torch.arange(S_q, device=x.device),
+                                 torch.arange(S_kv, device=x.device))
+    else:
+        keep = dropout_keep(seed, off, p, 0, x.numel(), x.device).view(x.shape)
+    return x * keep * (1.0 / (1.0 - p))
+
+
+@contextlib.contextmanager
+def fused_dropout_masks():
+    """Within the block, ``torch.nn.functional.dropout`` (and so ``nn.Dropout``) is
+    :func:`dropout_like_fused`: eager references (e.g. unpatched Hugging Face GPT-2 in train
+    mode) then drop exactly what the fused ops drop."""
+    saved = F.dropout
+    F.dropout = dropout_like_fused
+    try:
+        yield
+    finally:
+        F.dropout = saved
