@@ -2,7 +2,9 @@
 ForCausalLMLoss through the fused linear cross-entropy (no [tokens, vocab] logits), with the same
 loss and every parameter gradient as the unpatched model (fp32): padding labels, tied embeddings,
 Gemma-2's final-logit softcapping, gradient accumulation with num_items_in_batch, logits_to_keep;
-calls without labels and generate() unchanged; heads computing something else left alone."""
+calls without labels and generate() unchanged; heads computing something else left alone; and
+the same for every causal-LM family this project patches (Mistral, Qwen2, Qwen3, Gemma, Gemma-3,
+Phi-3, OLMo-2, GPT-2, GPT-NeoX), tiny configs built in place."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 from fused_ckpt.accounting import SavedTensors  # noqa: E402
 from fused_ckpt.integrations.hf import fused_loss_head, patch_hf_model  # noqa: E402
 from fused_ckpt.modules.linear_ce import FusedLinearCrossEntropy  # noqa: E402
+
+from .helpers import assert_close_by_rule  # noqa: E402
 
 V, B, S, D = 96, 2, 8, 64
 COMMON = dict(vocab_size=V, hidden_size=D, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
@@ -188,3 +192,87 @@ def test_deepcopy_of_a_patched_model_computes_its_own_loss():
     assert fused_loss_head(other).weight is other.lm_head.weight
     ids, labels = _labels()
     assert model(ids, labels=labels, use_cache=False).loss.item() != other(ids, labels=labels, use_cache=False).loss.item()
+
+
+# ---------------------------------------------------------------- every causal-LM family patched here
+# Tiny configs built in place (no download): 2 layers, width 64, vocab 96, eager attention, no
+# dropout. Gemma, Gemma-3 and GPT-2 tie the head to the input embedding by default; Gemma-3 also
+# gets a final-logit softcap (0.5: the tanh bends these small logits for real).
+FAMILIES = {
+    "mistral": ("MistralConfig", dict(COMMON)),
+    "qwen2": ("Qwen2Config", dict(COMMON)),
+    "qwen3": ("Qwen3Config", dict(COMMON, head_dim=32)),
+    "gemma": ("GemmaConfig", dict(COMMON, head_dim=32)),
+    "gemma3": ("Gemma3TextConfig", dict(COMMON, head_dim=32, final_logit_softcapping=0.5)),
+    "phi3": ("Phi3Config", dict(COMMON, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", dict(COMMON)),
+    "gpt2": ("GPT2Config", dict(vocab_size=V, n_embd=D, n_layer=2, n_head=2, n_positions=32,
+                                attn_implementation="eager", bos_token_id=0, eos_token_id=0,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "gpt-neox": ("GPTNeoXConfig", dict(vocab_size=V, hidden_size=D, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=2, attn_implementation="eager", bos_token_id=0,
+                                       eos_token_id=0, hidden_dropout=0.0, attention_dropout=0.0)),
+}
+
+
+def _family(name):
+    cls_name, kw = FAMILIES[name]
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cls(**kw)).train()
+    return ref, copy.deepcopy(ref), copy.deepcopy(ref).double()
+
+
+def _micro_batches_then_grads(model, batches, n):
+    """Trainer-style gradient accumulation: each micro-batch's loss is its sum over non-ignored
+    tokens / num_items_in_batch (``n``, over both), backward per micro-batch. Returns the losses
+    and the accumulated gradients by parameter name."""
+    losses = [model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(n)).loss
+              for ids, labels in batches[:1]]
+    losses[0].backward()
+    for ids, labels in batches[1:]:
+        losses.append(model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(n)).loss)
+        losses[-1].backward()
+    return [x.detach() for x in losses], {k: p.grad for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family,backend", [(f, "aten") for f in FAMILIES] + [("qwen2", "triton")],
+                         ids=list(FAMILIES) + ["qwen2-triton"])
+def test_every_family_loss_and_gradients_match_unpatched(family, backend):
+    """patch_hf_model(fused_loss=True) on each causal-LM family: the head is fused (tied or not,
+    as the family builds it); the loss (plain mean, and two accumulated micro-batches with
+    num_items_in_batch) equals the unpatched model's in float32 as the other tests here compare
+    losses; every parameter gradient meets the tolerance rule against the unpatched model in
+    float64, next to the unpatched model in float32. -100 labels: a prompt and padding. (A scalar
+    loss is not held to the rule: both float32 losses are a few ulps off float64, and PyTorch's
+    own error at one seed is often 0 ulps, which would make the bound one ulp.)"""
+    ref, model, ref64 = _family(family)
+    if backend == "triton":  # only the head: the Triton linear-CE kernels under the interpreter
+        report = patch_hf_model(model, None, mlp=False, attention=False, norm=False, blocks=False, backend="triton")
+    else:
+        report = patch_hf_model(model, "full", backend=backend)
+    name, fused, detail = report.loss_head
+    assert fused is True, f"{family}: loss head not fused: {detail}"
+    head = model.get_output_embeddings()
+    assert name == "lm_head" and fused_loss_head(model).weight is head.weight
+    tied = head.weight is model.get_input_embeddings().weight
+    assert tied == bool(ref.config.tie_word_embeddings) and (("tied" in detail) == tied)
+    batches = [_labels(1), _labels(2)]
+    n = sum(int((lab[:, 1:] != -100).sum()) for _, lab in batches)
+    ids, labels = batches[0]
+    with torch.no_grad():  # the plain mean over non-ignored tokens
+        out, out_ref = (m(ids, labels=labels, use_cache=False) for m in (model, ref))
+    assert out.logits is None and out_ref.logits is not None
+    _close(out.loss, out_ref.loss, f"{family} mean loss")
+    got, grads = _micro_batches_then_grads(model, batches, n)
+    pt, pt_grads = _micro_batches_then_grads(ref, batches, n)
+    want, grads64 = _micro_batches_then_grads(ref64, batches, n)
+    for k in range(len(batches)):
+        _close(got[k], pt[k], f"{family} micro-batch {k} loss")
+        _close(want[k].float(), pt[k], f"{family} micro-batch {k} loss, float64 model")  # same model
+    assert list(grads) == list(grads64)
+    for k in grads64:
+        assert grads[k] is not None, f"{family}: no gradient for {k}"
+        assert_close_by_rule(grads[k], grads64[k], pt_grads[k], f"{family} grad {k}")

@@ -1057,15 +1057,38 @@ def _head_refusal(model: nn.Module) -> Optional[str]:
     for name, rule in _HEAD_FIELDS.items():
         if rule.exact is not None and cfg is not None and hasattr(cfg, name) and not rule.accepts(getattr(cfg, name), model):
             return f"config {name}={getattr(cfg, name)!r}: {rule.math} is not computed by the fused loss"
-    try:
-        src = inspect.getsource(forward)
-    except (OSError, TypeError):
+    src = _code_of(forward)
+    if src is None:
         return f"the source of {type(model).__name__}.forward cannot be read to list the config fields it uses"
     unknown = sorted({a or b for a, b in _CONFIG_READ.findall(src)} - set(_HEAD_FIELDS))
     if unknown:
         return (f"config field(s) {', '.join(unknown)} read by {type(model).__name__}.forward are not in "
                 "fused_ckpt's table of head fields (integrations/hf.py _HEAD_FIELDS): left alone rather than ignored")
     return None
+
+
+def _code_of(fn) -> Optional[str]:
+    """The code of ``fn`` without its docstring and comments (GPT-NeoX's docstring example sets
+    ``config.is_decoder``, which the forward never reads), or None when the source cannot be
+    read. Falls back to the raw source when it does not parse on its own."""
+    import ast
+    import textwrap
+
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(src))
+    except SyntaxError:
+        return src
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                    first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree)  # comments are not in the tree
 
 
 def _slice_to_keep(h: torch.Tensor, keep) -> torch.Tensor:
