@@ -70,11 +70,11 @@ CASES = [
     ("cohere", None, None, "equal"),  # interleaved rotary: must not be fused as rotate_half
     ("cohere", "use_qk_norm", True, "refused"),
     ("stablelm", None, None, "equal"),
-    ("stablelm", "partial_rotary_factor", 0.5, "refused"),
+    ("stablelm", "partial_rotary_factor", 0.5, "exact"),  # partial rotary: the op's rotary_dim
     ("stablelm", "qk_layernorm", True, "equal"),  # per-head norms: no layer list found
-    ("qwen3", None, None, "equal"),  # q_norm/k_norm modules
-    ("phi3", "partial_rotary_factor", 0.5, "equal"),  # packed qkv_proj
-    ("gpt2", "scale_attn_by_inverse_layer_idx", True, "equal"),  # packed c_attn
+    ("qwen3", None, None, "exact"),  # q_norm/k_norm modules: the op's QK-norm
+    ("phi3", "partial_rotary_factor", 0.5, "exact"),  # packed qkv_proj, partial rotary
+    ("gpt2", "scale_attn_by_inverse_layer_idx", True, "equal"),  # one layer: / (0 + 1) changes nothing
     ("gpt2", "reorder_and_upcast_attn", True, "equal"),
     ("gpt2", "activation_function", "relu", "equal"),
 ]

@@ -16,7 +16,7 @@ from fused_ckpt import FusedCheckpointedFFN  # noqa: E402
 from fused_ckpt.integrations.hf import FusedHFAttention, FusedHFDecoderLayer, fused_loss_head, hf_layout, hf_state_dict  # noqa: E402
 from fused_ckpt.integrations.hf import patch_hf_model  # noqa: E402
 from fused_ckpt.planner import plan  # noqa: E402
-from fused_ckpt.policy import EveryN, Selective, apply_checkpointing, is_checkpointed  # noqa: E402
+from fused_ckpt.policy import EveryN, Selective, apply_checkpointing, find_layers, is_checkpointed  # noqa: E402
 
 from .helpers import SavedTensors  # noqa: E402
 from .helpers import unique_saved_bytes  # noqa: E402
@@ -54,8 +54,8 @@ def _pair(kind, **kw):
 
 # what each family gets: fused attention?, the MLP's fused activation, whole-layer blocks?
 EXPECTED = {"llama": (True, "swiglu", True), "mistral": (True, "swiglu", True), "qwen2": (True, "swiglu", True),
-            "gemma": (True, "geglu_tanh", True), "phi3": (False, "swiglu", False),
-            "gpt2": (False, "gelu_tanh", False)}
+            "gemma": (True, "geglu_tanh", True), "phi3": (True, "swiglu", True),
+            "gpt2": (True, "gelu_tanh", True)}
 
 
 def _close(a, b, name):
@@ -74,7 +74,7 @@ def test_patched_model_matches_unpatched(kind):
     # (GPT-2's and Phi-3's attention not fused)
     block_rows = [r for r in report.left_alone if "not a whole fused block" in r[2]]
     assert len(layers) == (2 if blocks else 0) and len(block_rows) == (0 if blocks else 2), (layers, block_rows)
-    assert all(isinstance(m, FusedHFDecoderLayer) and m.recompute == "full" for m in model.model.layers) \
+    assert all(isinstance(m, FusedHFDecoderLayer) and m.recompute == "full" for m in find_layers(model)[1]) \
         if blocks else not any(isinstance(m, FusedHFDecoderLayer) for m in model.modules())
     report.left_alone = [r for r in report.left_alone if r not in block_rows]
     replaced = {n.rsplit(".", 1)[-1]: d for n, _, d in rest}
@@ -221,7 +221,9 @@ def test_active_dropout_is_left_alone():
 # ----------------------------------------------------------------------------- policies on patched models
 def test_gpt2_policies_checkpoint_the_unfused_attention():
     ref, model = _pair("gpt2")
-    report = patch_hf_model(model, Selective(ffn=True, attention=True), backend="aten", batch=B, seq=S)
+    # attention=False: GPT-2's attention stays Hugging Face's (the policies checkpoint it)
+    report = patch_hf_model(model, Selective(ffn=True, attention=True), attention=False, backend="aten", batch=B,
+                            seq=S)
     attn = [model.transformer.h[i].attn for i in range(2)]
     assert all(is_checkpointed(a) for a in attn)
     rows = {r.module: r for r in report.plan.rows}
@@ -246,7 +248,8 @@ def test_gpt2_policies_checkpoint_the_unfused_attention():
 
 def test_phi3_policy_rows():
     _, model = _pair("phi3")
-    report = patch_hf_model(model, "full", backend="aten", batch=B, seq=S)
+    # attention=False: the attention stays Hugging Face's (checkpointed), so no whole-layer blocks
+    report = patch_hf_model(model, "full", attention=False, backend="aten", batch=B, seq=S)
     kinds = sorted((r.module, r.kind, r.dial) for r in report.plan.rows)
     assert kinds == [("model.layers.0.mlp", "ffn", True), ("model.layers.0.self_attn", "checkpoint", True),
                      ("model.layers.1.mlp", "ffn", True), ("model.layers.1.self_attn", "checkpoint", True)]

@@ -89,7 +89,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..modules.attention import FusedCheckpointedAttention
+from ..modules.attention import FusedCheckpointedAttention, hf_projection_layout
+from ..modules.attention import _from_hf as _attention_from_hf
 from ..modules.block import FusedCheckpointedBlock
 from ..modules.ffn import FusedCheckpointedFFN, FusedSharedFFN  # noqa: F401 (FusedSharedFFN: documented)
 from ..modules._swap import swapped_child, warn_unfused
@@ -110,17 +111,24 @@ def _warn(msg: str) -> None:
 class FusedHFAttention(FusedCheckpointedAttention):
     """:class:`FusedCheckpointedAttention` with the Hugging Face attention call:
     ``forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-    position_ids=None, **kwargs) -> (output, None)``.
+    position_ids=None, **kwargs) -> (output, None)`` (the cache also as ``past_key_values``,
+    ``past_key_value`` or GPT-NeoX's ``layer_past``).
 
-    Parameters keep Hugging Face's names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``). The
-    rotary embedding is computed from ``position_ids`` in the fused op (same tables as Hugging
-    Face's default rope); ``position_embeddings`` are used only on the Hugging Face path (a KV
-    cache with gradients off, or a mask that is not causal + key padding).
+    It holds the Hugging Face attention's own submodules under their names: the projections of
+    any layout in :data:`fused_ckpt.modules.attention.HF_PROJECTIONS` (``q_proj``/``k_proj``/
+    ``v_proj``/``o_proj``; Phi-3 ``qkv_proj``; GPT-2 ``c_attn``/``c_proj`` Conv1D, read
+    transposed; GPT-NeoX ``query_key_value``/``dense``, interleaved per head), the QK-norms
+    ``q_norm``/``k_norm`` and the (inactive) dropouts, read where they live at each call. The
+    rotary embedding (full or partial) is computed from ``position_ids`` in the fused op (same
+    tables as Hugging Face's default rope); ``position_embeddings`` are used only on the
+    Hugging Face path (a KV cache with gradients off, or a mask that is not causal + key
+    padding) and by the eager fix-up of rows that see no key.
     """
 
     @classmethod
     def from_hf(cls, attn: nn.Module, recompute="qkv", **kwargs) -> "FusedHFAttention":
-        new = cls.from_module(attn, recompute=recompute, share_parameters=True, **kwargs)
+        # the window is handled by the caller (fused up to it, Hugging Face's attention beyond)
+        new = _attention_from_hf(cls, attn, recompute, None, share_parameters=True, allow_window=True, **kwargs)
         for k, v in attn.__dict__.items():  # config, layer_idx, scaling, ... (read by Hugging Face's forward)
             if not k.startswith("_") and k != "training" and k not in new.__dict__ \
                     and not isinstance(v, (nn.Module, torch.Tensor)):
@@ -132,6 +140,9 @@ class FusedHFAttention(FusedCheckpointedAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, position_ids=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        for key in ("past_key_value", "layer_past"):  # other families' names for it
+            c = kwargs.pop(key, None)
+            cache = c if cache is None else cache
         why = swapped_child(self)
         if why is not None:  # a projection replaced after patching (PEFT LoRA, ...): Hugging Face's code on it
             warn_unfused(self, why)
@@ -186,12 +197,12 @@ class FusedHFAttention(FusedCheckpointedAttention):
         attention for those rows only (scores + the mask's rows, fp32 softmax, weights in the
         model dtype), recomputed in backward from x (checkpointed) so nothing else is kept."""
         B, S = x.shape[0], x.shape[1]
-        if position_embeddings is not None:
-            cos, sin = position_embeddings
-        elif self.rope_theta is not None:
-            cos, sin = _rope_tables(self.rope_theta, self.head_dim, pos, S, x)
-        else:
+        if self.rope_theta is None:
             cos = sin = None
+        elif position_embeddings is not None:
+            cos, sin = position_embeddings
+        else:
+            cos, sin = _rope_tables(self.rope_theta, self.rotary_dim or self.head_dim, pos, S, x)
         mask = attention_mask
         if mask.dtype == torch.bool:  # as Hugging Face's eager mask: 0 where visible, dtype min elsewhere
             mask = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
@@ -199,21 +210,20 @@ class FusedHFAttention(FusedCheckpointedAttention):
         def rows(x, cos, sin):
             H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
             scale = self.scale if self.scale is not None else D ** -0.5
+            t = self._block_inputs()[0]
             outs = []
             for b, n in dead:
-                xb = x[b]
-                q = nn.functional.linear(xb[:n], self.q_proj.weight, self.q_proj.bias).view(n, H, D).transpose(0, 1)
-                k = nn.functional.linear(xb, self.k_proj.weight, self.k_proj.bias).view(S, Hkv, D).transpose(0, 1)
-                v = nn.functional.linear(xb, self.v_proj.weight, self.v_proj.bias).view(S, Hkv, D).transpose(0, 1)
+                q, k, v = (u[0].transpose(0, 1) for u in _eager_qkv(self, x[b:b + 1], t))  # [heads, S, D]
+                q = q[:, :n]
                 if cos is not None:
                     c, s_ = cos[b if cos.shape[0] > 1 else 0], sin[b if sin.shape[0] > 1 else 0]
-                    q = q * c[:n] + _rotate_half(q) * s_[:n]
-                    k = k * c + _rotate_half(k) * s_
+                    q = _apply_rope(q, c[:n], s_[:n])
+                    k = _apply_rope(k, c, s_)
                 k, v = k.repeat_interleave(H // Hkv, dim=0), v.repeat_interleave(H // Hkv, dim=0)
                 scores = torch.matmul(q, k.transpose(1, 2)) * scale + mask[b if mask.shape[0] > 1 else 0, 0, :n]
                 p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
                 a = torch.matmul(p, v).transpose(0, 1).reshape(n, H * D)
-                outs.append(nn.functional.linear(a, self.o_proj.weight))
+                outs.append(nn.functional.linear(a, t["wo"]))
             return torch.cat(outs)
 
         if torch.is_grad_enabled():
@@ -236,14 +246,40 @@ class FusedHFAttention(FusedCheckpointedAttention):
         return True
 
     def _hf(self, hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs):
-        if position_embeddings is None:
+        if position_embeddings is None and self.rope_theta is not None:
             raise ValueError("fused_ckpt: the Hugging Face attention path needs position_embeddings")
         kwargs = dict(kwargs)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if position_embeddings is not None:
+            kwargs["position_embeddings"] = position_embeddings
         kwargs[self._hf_cache_kw] = cache
-        return self._hf_forward(self, hidden_states, position_embeddings=position_embeddings,
-                                attention_mask=attention_mask, **kwargs)
+        return self._hf_forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+
+
+def _eager_qkv(attn: FusedCheckpointedAttention, x: torch.Tensor, t: dict) -> tuple:
+    """q, k, v ``[B, S, heads, D]`` of a fused attention in plain PyTorch, in Hugging Face's
+    order: projection(s) (packed ones split as the op splits them), then the QK-norm modules
+    themselves (per head, or over the whole projection), no rotary."""
+    from ..ops.attention import _raw_qkv
+
+    q, k, v = _raw_qkv(x, t["wq"], t["bq"], t["wk"], t["bk"], t["wv"], t["bv"], attn.n_heads, attn.n_kv_heads,
+                       attn.head_dim, attn.qkv_layout)
+    out = []
+    for u, name in ((q, "q_norm"), (k, "k_norm")):
+        norm = attn._modules.get(name)
+        if norm is not None:
+            u = norm(u) if norm.weight.shape[0] == u.shape[-1] else norm(u.flatten(2)).view(u.shape)
+        out.append(u)
+    return out[0], out[1], v
+
+
+def _apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's ``apply_rotary_pos_emb`` on ``t [..., S, D]``: the first ``cos.shape[-1]``
+    dims rotated (rotate_half), the rest passed through (partial rotary)."""
+    R = cos.shape[-1]
+    r = t[..., :R]
+    return torch.cat((r * cos + _rotate_half(r) * sin, t[..., R:]), -1)
 
 
 # ============================================================================ decoder layers
@@ -565,16 +601,18 @@ class _Field:
 
 
 def _default_rope(value, attn) -> bool:
-    """``rope_parameters`` (5.x) / ``rope_scaling`` (4.x): the default rotary embedding over the
-    whole head (no scaling type, no partial factor inside the dict)."""
+    """``rope_parameters`` (5.x) / ``rope_scaling`` (4.x): the default rotary embedding (no
+    scaling type; a partial factor is computed exactly). Per-layer-type parameters (Gemma 3):
+    the attention's own layer type's entry (every entry when the module names none)."""
     if not value:
         return True
     if not isinstance(value, dict):
         return False
     if "rope_theta" not in value and not any(k in value for k in ("rope_type", "type")):
-        return False  # per-layer-type parameters
-    return value.get("rope_type", value.get("type", "default")) == "default" and \
-        value.get("partial_rotary_factor", 1.0) in (None, 1, 1.0)
+        own = getattr(attn, "layer_type", None)
+        entries = [value[own]] if own in value else list(value.values())
+        return bool(entries) and all(isinstance(e, dict) and _default_rope(e, attn) for e in entries)
+    return value.get("rope_type", value.get("type", "default")) == "default"
 
 
 _A, _L, _C, _M = "attention", "layer", "checked", "model"
@@ -600,8 +638,11 @@ _FIELDS = {
     "rope_parameters": _Field(_A, "a rotary embedding other than the default full one", _default_rope),
     "rope_scaling": _Field(_A, "a rotary embedding other than the default full one", _default_rope),
     "rope_theta": _Field(_A, "the rotary base, read by the fused attention"),
-    "partial_rotary_factor": _Field(_A, "partial rotary embedding", (None, 1.0)),
-    "rotary_pct": _Field(_A, "partial rotary embedding", (None, 1.0)),
+    "partial_rotary_factor": _Field(_A, "partial rotary embedding: the op's rotary_dim = int(head_dim * factor)"),
+    "rotary_pct": _Field(_A, "partial rotary embedding: the op's rotary_dim = int(head_dim * rotary_pct)"),
+    # GPT-2: the attention's `scaling` holds both; fp32 scores and softmax are what the kernels compute
+    "scale_attn_weights": _Field(_A, _SCALING), "scale_attn_by_inverse_layer_idx": _Field(_A, _SCALING),
+    "reorder_and_upcast_attn": _Field(_A, "fp32 scores and softmax (the fused kernels' own precision)"),
     "rotary_dim": _Field(_A, "partial rotary embedding",
                          lambda v, m: v is None or v == getattr(m, "head_dim", None)),
     "no_rope_layers": _Field(_A, "layers without rotary embedding", lambda v, m: v is None or all(v)),
@@ -689,14 +730,28 @@ def _config_refusal(cfg, module: nn.Module, scope: str, classes: list) -> Option
 
 
 def _attention_refusal(attn: nn.Module, cfg, rotaries=()) -> Optional[str]:
-    if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        packed = next((n for n in ("qkv_proj", "c_attn", "Wqkv", "query_key_value") if hasattr(attn, n)), None)
-        return (f"packed {packed} projection: no exact fused mapping" if packed
-                else "no q_proj/k_proj/v_proj/o_proj Linear projections")
+    row = hf_projection_layout(attn)
+    if row is None:
+        packed = next((n for n in ("Wqkv", "qkv", "in_proj") if hasattr(attn, n)), None)
+        return ((f"packed {packed} projection: no exact fused mapping" if packed else "no projection layout")
+                + " (fused_ckpt knows q_proj/k_proj/v_proj/o_proj, qkv_proj/o_proj, c_attn/c_proj Conv1D, "
+                "query_key_value/dense)")
     if getattr(attn, "config", None) is None:
         return "no config on the attention module"
+    known = set(row[0]) | {row[1], "q_norm", "k_norm", "rotary_emb"}
+    for name, child in attn.named_children():
+        if isinstance(child, nn.Dropout):
+            if child.p > 0:
+                return (f"{name} is a dropout with p={child.p}, which the fused attention does not compute "
+                        "(set the config's dropout to 0)")
+        elif name not in known:
+            return f"submodule {name} ({type(child).__name__}) is not part of an attention layout fused_ckpt computes"
     classes = _own_classes(attn) + [c for r in rotaries for c in _own_classes(r)]
     return _config_refusal(attn.config, attn, _A, classes)
+
+
+def _accepts(forward, name: str) -> bool:
+    return name in inspect.signature(forward).parameters
 
 
 def _probe_attention(attn: nn.Module, rotaries: list) -> Optional[str]:
@@ -706,27 +761,32 @@ def _probe_attention(attn: nn.Module, rotaries: list) -> Optional[str]:
     interleaved rotary convention, a forward that rescales its output, ...)."""
     import copy
 
-    w = attn.q_proj.weight
-    if w.is_meta:
+    w = next(attn.parameters(), None)
+    if w is None or w.is_meta:
         return None  # nothing to evaluate: the config table alone decides
-    if len(rotaries) != 1:
-        return f"{len(rotaries)} rotary embedding modules in the model: cannot tell which feeds this attention"
     try:
         ref = copy.deepcopy(attn).double()
+        ref.config = copy.deepcopy(ref.config)
         ref.config._attn_implementation = "eager"  # the copy's own config
         new = FusedHFAttention.from_hf(ref, backend="aten")
+        if new.rope_theta is not None and len(rotaries) != 1:
+            return f"{len(rotaries)} rotary embedding modules in the model: cannot tell which feeds this attention"
         S = 5
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(1, S, w.shape[1], generator=gen, dtype=torch.float64).to(w.device)
+        x = torch.randn(1, S, new.d_model, generator=gen, dtype=torch.float64).to(w.device)
         pos = (torch.arange(S) + 3)[None].to(w.device)
         mask = torch.full((S, S), torch.finfo(torch.float64).min, dtype=torch.float64, device=w.device)
         mask = mask.triu(1)[None, None]
+        hf_forward = type(attn).forward
+        kw = {_cache_kw(hf_forward): None}
         with torch.no_grad():
-            pe = rotaries[0](x, pos)
-            want = type(attn).forward(ref, x, position_embeddings=pe, attention_mask=mask,
-                                      **{_cache_kw(type(attn).forward): None})
+            if new.rope_theta is not None:
+                rot = rotaries[0]
+                extra = {"layer_type": attn.layer_type} if _accepts(type(rot).forward, "layer_type") else {}
+                kw["position_embeddings"] = rot(x, pos, **extra)
+            want = hf_forward(ref, x, attention_mask=mask, **kw)
             want = want[0] if isinstance(want, tuple) else want
-            got = FusedCheckpointedAttention.forward(new, x, position_ids=pos)
+            got = FusedCheckpointedAttention.forward(new, x, position_ids=pos if new.rope_theta is not None else None)
     except Exception as e:  # the probe call does not fit this attention
         return f"its forward could not be checked against the fused attention ({type(e).__name__}: {e})"
     err = (got - want).abs().max().item()
@@ -996,9 +1056,18 @@ def _convert_attention(child, cfg, backend, rotaries=()):
         return None, why
     window = _sliding_window(child, cfg)
     new.__dict__["_fused_window"] = window
-    return new, (f"heads {new.n_heads}/{new.n_kv_heads}, head_dim {new.head_dim}, rope_theta {new.rope_theta}"
-                 + (f", sliding window {window} (fused up to {window} tokens, Hugging Face's attention beyond)"
-                    if window else ""))
+    feats = [f"heads {new.n_heads}/{new.n_kv_heads}", f"head_dim {new.head_dim}", f"rope_theta {new.rope_theta}"]
+    if new.rotary_dim is not None:
+        feats.append(f"rotary_dim {new.rotary_dim}")
+    if new.qkv_layout != "separate":
+        feats.append(f"packed {new._qkv_names[0]} ({new.qkv_layout})")
+    if "q_norm" in new._modules:
+        per_head = new._modules["q_norm"].weight.shape[0] == new.head_dim
+        feats.append(f"QK-norm {'per head' if per_head else 'over the projection'}"
+                     + (" (1 + w)" if new.qk_norm_offset else ""))
+    if window:
+        feats.append(f"sliding window {window} (fused up to {window} tokens, Hugging Face's attention beyond)")
+    return new, ", ".join(feats)
 
 
 # ============================================================================ causal-LM loss head

@@ -1,0 +1,170 @@
+"""Hugging Face attention adoption per family: Qwen3 (per-head QK-norm), Gemma 3 (``(1 + w)``
+QK-norm, ``query_pre_attn_scalar``, alternating sliding-window layers with per-layer-type rope),
+OLMo2 (QK-norm over the whole projection), Phi-3 (packed ``qkv_proj``, partial rotary), GPT-2
+(Conv1D ``c_attn``/``c_proj``, no rope, layer-index scaling) and GPT-NeoX (interleaved
+``query_key_value``, partial rotary, ``dense``). With only the attentions patched, the model's
+logits and every parameter gradient match the unpatched model (float64 reference, 2x rule in
+fp32), the parameters stay the same objects and the state-dict keys do not change."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from fused_ckpt.integrations.hf import FusedHFAttention, patch_hf_model
+
+from .helpers import assert_close_by_rule
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)
+
+
+def _family(name: str):
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, Gemma3ForCausalLM,
+                              Gemma3TextConfig, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    fams = {
+        "qwen3": lambda: (Qwen3ForCausalLM, Qwen3Config(**COMMON, num_key_value_heads=1, head_dim=32,
+                                                        attention_bias=True)),
+        "gemma3": lambda: (Gemma3ForCausalLM, Gemma3TextConfig(
+            **COMMON, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"])),
+        "olmo2": lambda: (Olmo2ForCausalLM, Olmo2Config(**COMMON, num_key_value_heads=2)),
+        "phi3": lambda: (Phi3ForCausalLM, Phi3Config(**COMMON, num_key_value_heads=1, pad_token_id=0,
+                                                     partial_rotary_factor=0.75)),
+        "gpt2": lambda: (GPT2LMHeadModel, GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=2, n_inner=96,
+                                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                     scale_attn_by_inverse_layer_idx=True)),
+        "neox": lambda: (GPTNeoXForCausalLM, GPTNeoXConfig(**COMMON, hidden_dropout=0.0, attention_dropout=0.0)),
+    }
+    cls, cfg = fams[name]()
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(cfg).float()
+    with torch.no_grad():  # make every parameter matter (norm weights, biases are 1 / 0 at init)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _patch(model, backend="aten"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return patch_hf_model(model, policy=None, mlp=False, norm=False, blocks=False, fused_loss=False,
+                              backend=backend)
+
+
+def _run(model, ids, mask, g):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out.backward(g.to(out.dtype))
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+FAMILIES = ["qwen3", "gemma3", "olmo2", "phi3", "gpt2", "neox"]
+
+
+def _compare(name, backend="aten", B=2, S=7, left_pad=0):
+    model = _family(name)
+    ref64, pt32 = copy.deepcopy(model).double(), copy.deepcopy(model)
+    params_before = list(model.parameters())
+    keys_before = list(model.state_dict())
+    rep = _patch(model, backend)
+    attns = [m for m in model.modules() if isinstance(m, FusedHFAttention)]
+    assert len(attns) == 2, rep
+    assert all(a is b for a, b in zip(model.parameters(), params_before)) and \
+        len(list(model.parameters())) == len(params_before)
+    assert list(model.state_dict()) == keys_before
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (B, S), generator=gen)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, :left_pad] = 0
+    g = torch.randn(B, S, 64, generator=gen, dtype=torch.float64)
+    y64, g64 = _run(ref64, ids, mask, g)
+    y32, g32 = _run(pt32, ids, mask, g)
+    yf, gf = _run(model, ids, mask, g)
+    assert_close_by_rule(yf, y64, y32, f"{name} logits")
+    for n in g64:
+        assert gf[n] is not None, f"{name}: no gradient for {n}"
+        assert_close_by_rule(gf[n], g64[n], g32[n], f"{name} {n}")
+    return model, rep
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_attention_matches_hf(name):
+    _compare(name)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["neox", "gemma3"])
+def test_family_attention_matches_hf_triton(name):
+    _compare(name, backend="triton")
+
+
+@pytest.mark.parametrize("name", ["qwen3", "neox", "gpt2"])
+def test_family_left_padding_eager_rows(name):
+    """Left padding under eager: the query rows that see no key take Hugging Face's eager values
+    (the fix-up recomputes them with the family's projections, QK-norm and partial rotary). The
+    reference is Hugging Face's fp32 model (its float64 eager model gives NaN on such rows);
+    non-vacuous: SDPA, which gives those rows zero, differs."""
+    model = _family(name)
+    ref = copy.deepcopy(model)
+    _patch(model)
+    assert len([m for m in model.modules() if isinstance(m, FusedHFAttention)]) == 2
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 64, (2, 7), generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    g = torch.randn(2, 7, 64, generator=gen)
+    y_ref, g_ref = _run(ref, ids, mask, g)
+    y, grads = _run(model, ids, mask, g)
+    # fp32 against fp32: a few roundings at each tensor's own scale (measured <= 1e-6 relative)
+    for n, got, want in [("logits", y, y_ref)] + [(n, grads[n], g_ref[n]) for n in g_ref]:
+        scale = want.abs().max().item()
+        assert scale > 0 and (got - want).abs().max().item() <= 32 * torch.finfo(torch.float32).eps * scale, n
+    sdpa = copy.deepcopy(ref)
+    sdpa.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        assert not torch.allclose(sdpa(input_ids=ids, attention_mask=mask, use_cache=False).logits, y,
+                                  rtol=2e-5, atol=2e-6)
+
+
+def test_family_features_reported():
+    reasons = {}
+    for name in FAMILIES:
+        rep = _patch(_family(name))
+        reasons[name] = " | ".join(d for _, _, d in rep.replaced)
+    assert "QK-norm per head" in reasons["qwen3"] and "(1 + w)" not in reasons["qwen3"]
+    assert "QK-norm per head (1 + w)" in reasons["gemma3"] and "sliding window 8" in reasons["gemma3"]
+    assert "rope_theta 1000000.0" in reasons["gemma3"]  # the full layer's own rope parameters
+    assert "QK-norm over the projection" in reasons["olmo2"]
+    assert "packed qkv_proj (packed)" in reasons["phi3"] and "rotary_dim 24" in reasons["phi3"]
+    assert "packed c_attn (packed)" in reasons["gpt2"] and "rope_theta None" in reasons["gpt2"]
+    assert "packed query_key_value (neox)" in reasons["neox"] and "rotary_dim 8" in reasons["neox"]
+
+
+def test_gpt2_dropout_is_refused():
+    """GPT-2 at its default dropout (0.1) is left alone with the reason (until dropout is fused)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2))
+    rep = _patch(model)
+    why = [d for n, _, d in rep.left_alone if n.endswith(".attn")]
+    assert why and ("dropout" in why[0]), rep
+
+
+def test_packed_gradients_land_on_the_hf_parameters():
+    """Training step on GPT-2 and GPT-NeoX: the packed Conv1D / interleaved weights receive
+    their gradients directly (the same Parameter objects, contiguous, HF's layout)."""
+    for name in ("gpt2", "neox"):
+        model = _family(name).train()
+        _patch(model)
+        packed = [m for m in model.modules() if isinstance(m, FusedHFAttention)][0]
+        w = packed._modules[packed._qkv_names[0]].weight
+        ids = torch.randint(1, 64, (1, 5))
+        model(input_ids=ids, use_cache=False).logits.square().mean().backward()
+        assert w.grad is not None and w.grad.shape == w.shape and w.grad.is_contiguous()
