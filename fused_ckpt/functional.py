@@ -100,7 +100,7 @@ def ffn_save_count(recompute) -> int:
 def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
               activation: str = "gelu", recompute: bool = True, *, chunk_tokens: int = 0,
               backend: str = "auto", w_up: Tensor | None = None, b_up: Tensor | None = None,
-              dropout_p: float = 0.0) -> Tensor:
+              dropout_p: float = 0.0, lora: dict | None = None, lora_dropout: float = 0.0) -> Tensor:
     """Fused FFN ``act(x W1^T + b1) W2^T + b2`` whose backward recomputes the hidden layer.
 
     Args:
@@ -123,6 +123,16 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             whenever > 0 (a module passes 0 in eval mode); the mask is replayed in backward
             from a Philox seed drawn from torch's default generator, nothing else is saved
             (:mod:`fused_ckpt.ops.dropout`).
+        lora: LoRA adapters on frozen base weights (PEFT's vanilla LoRA), a dict with any of the
+            keys "fc1" (the gate, or the packed / ungated fc1), "up" (the separate up weight)
+            and "fc2", each ``(A [r, in], B [out, r], scaling)``: each projection becomes
+            ``linear(x, W, b) + scaling * linear(linear(drop(x), A), B)``. The base weights
+            must not require grad (no dW is computed for them); A and B get gradients; kept for
+            backward: x and each adapter's ``[tokens, r]`` product (plus the pre-activation
+            when ``recompute`` is not True). See :mod:`fused_ckpt.ops.ffn_lora`.
+        lora_dropout: dropout on each adapter's input (p of PEFT's ``lora_dropout``), applied
+            whenever > 0 (a module passes 0 in eval mode); one mask per projection from a
+            Philox seed drawn from torch's default generator, regenerated in backward.
 
     Equivalent PyTorch::
 
@@ -131,8 +141,13 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
         y = torch.nn.functional.linear(h, w2, b2)
         # with w_up: h = act(linear(x, w1, b1)) * linear(x, w_up, b_up)
         y = torch.nn.functional.dropout(y, dropout_p)   # with the replayed mask
+        # with lora: z_p += scaling_p * linear(linear(dropout(input_p, lora_dropout), A_p), B_p)
     """
     from .ops.ffn import ffn_forward
+
+    if lora is not None:
+        return _fused_ffn_lora(x, w1, b1, w2, b2, activation, recompute, chunk_tokens, backend, w_up, b_up,
+                               dropout_p, lora, lora_dropout)
 
     if (isinstance(x, Tensor) and x.dim() > 0 and x.device.type in _AUTOCAST_DEVICES
             and torch.is_autocast_enabled(x.device.type)):
@@ -162,4 +177,70 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             from .ops.dropout import replayed_dropout
 
             y = replayed_dropout(y, dropout_p, be)
+    return y
+
+
+_LORA_KEYS = ("fc1", "up", "fc2")
+
+
+def _fused_ffn_lora(x, w1, b1, w2, b2, activation, recompute, chunk_tokens, backend, w_up, b_up, dropout_p,
+                    lora, lora_dropout):
+    """:func:`fused_ffn` with LoRA adapters (:mod:`fused_ckpt.ops.ffn_lora`)."""
+    from .ops.ffn_lora import ffn_lora_forward
+
+    check_ffn_inputs(x, w1, b1, w2, b2, activation, w_up, b_up)
+    save = min(ffn_save_count(recompute), 1)
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be a non-negative int (0 = automatic), got {chunk_tokens!r}")
+    for name, p in (("dropout_p", dropout_p), ("lora_dropout", lora_dropout)):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    if not isinstance(lora, dict) or set(lora) - set(_LORA_KEYS):
+        raise ValueError(f"lora must be a dict with keys among {_LORA_KEYS}, got {lora!r:.200}")
+    if "up" in lora and w_up is None:
+        raise ValueError("lora['up'] needs a separate up weight (w_up)")
+    base = (w1, b1, w2, b2, w_up, b_up)
+    if any(t is not None and t.requires_grad for t in base) and torch.is_grad_enabled():
+        raise ValueError("fused_ffn with lora: the base weights and biases must be frozen (requires_grad=False), "
+                         "as PEFT sets them; no gradient is computed for them")
+    outs = {"fc1": w1.shape[0], "up": w_up.shape[0] if w_up is not None else 0, "fc2": w2.shape[0]}
+    ins = {"fc1": w1.shape[1], "up": w1.shape[1], "fc2": w2.shape[1]}
+    factors, scaling = [], []
+    for key in _LORA_KEYS:
+        f = lora.get(key)
+        if f is None:
+            factors += [None, None]
+            scaling.append(0.0)
+            continue
+        if not isinstance(f, (tuple, list)) or len(f) != 3:
+            raise ValueError(f"lora[{key!r}] must be (A, B, scaling), got {type(f).__name__}")
+        a, b, s = f
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dim() != 2 or b.dim() != 2:
+            raise ValueError(f"lora[{key!r}]: A and B must be 2-D tensors")
+        r = a.shape[0]
+        if a.shape != (r, ins[key]) or b.shape != (outs[key], r) or r == 0:
+            raise ValueError(f"lora[{key!r}]: A {tuple(a.shape)} and B {tuple(b.shape)} must be [r, {ins[key]}] and "
+                             f"[{outs[key]}, r] with r > 0")
+        if a.dtype != x.dtype or b.dtype != x.dtype or a.device != x.device or b.device != x.device:
+            raise ValueError(f"lora[{key!r}]: A and B must have x's dtype and device ({x.dtype}, {x.device}), got "
+                             f"{a.dtype}/{b.dtype} on {a.device}/{b.device}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise ValueError(f"lora[{key!r}]: scaling must be a number, got {s!r}")
+        factors += [a, b]
+        scaling.append(float(s))
+    resolve_backend(backend, x.device, x.dtype)  # validates the name; the LoRA op runs torch GEMMs everywhere
+    tensors = [x] + [t for t in factors if t is not None]
+    grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    seed, offset = 0, 0
+    if lora_dropout:
+        from .ops.attention import draw_dropout_seed
+
+        seed, offset = draw_dropout_seed()
+    with torch.autocast(x.device.type, enabled=False):
+        y = ffn_lora_forward(x, w1, b1, w2, b2, w_up, b_up, *factors, scaling, activation,
+                             save if grad_needed else 0, float(lora_dropout), seed, offset, chunk_tokens)[0]
+    if dropout_p:
+        from .ops.dropout import replayed_dropout
+
+        y = replayed_dropout(y, dropout_p, resolve_backend(backend, x.device, x.dtype))
     return y

@@ -1013,15 +1013,26 @@ def _convert_layer(model: nn.Module, layer: nn.Module, qname: str, backend: str,
 
 
 def _convert_mlp(child, layout, cfg_act, backend):
-    from .peft import projection_refusal
+    from .peft import lora_wrappers, projection_refusal
 
-    why = projection_refusal(child)  # PEFT wrappers, quantized linears: their weight is not their math
-    if why is not None:
+    # PEFT lora.Linear children (vanilla LoRA on a plain base): the fused FFN is built on their base
+    # layers and then holds the wrappers, whose low-rank terms it computes in the op (ops/ffn_lora.py)
+    wrapped, why = lora_wrappers(child)
+    why = why if why is not None else projection_refusal(
+        child, [n for n, _ in child.named_children() if n not in wrapped])
+    if why is not None:  # other wrappers, quantized linears: their weight is not their math
         return None, why
+    for name, w in wrapped.items():
+        child._modules[name] = w.base_layer
     try:
         new = FusedCheckpointedFFN.from_module(child, backend=backend, share_parameters=True)
     except ValueError as e:
         return None, str(e)
+    finally:
+        for name, w in wrapped.items():
+            child._modules[name] = w
+    for name, w in wrapped.items():  # same key, same place in the module order
+        new._modules[name] = w
     for k, v in child.__dict__.items():  # config, hidden_size, ... (as the attention keeps them)
         if not k.startswith("_") and k != "training" and k not in new.__dict__ \
                 and not isinstance(v, (nn.Module, torch.Tensor)):
@@ -1037,7 +1048,8 @@ def _convert_mlp(child, layout, cfg_act, backend):
         if want != base:
             return None, f"config activation {cfg_act!r} ({want}) differs from what the module computes ({base})"
     new._fused_ckpt_hf_layout = layout
-    return new, f"activation {new.activation}, layout {layout}"
+    lora = f", PEFT LoRA on {', '.join(wrapped)} computed in the fused op" if wrapped else ""
+    return new, f"activation {new.activation}, layout {layout}{lora}"
 
 
 def _convert_attention(child, cfg, backend, rotaries=()):

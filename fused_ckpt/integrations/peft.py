@@ -48,3 +48,26 @@ def projection_refusal(module: nn.Module, names: Optional[Iterable[str]] = None)
             return (f"{n} is {describe(c)}, a linear layer with its own forward (e.g. a quantized base "
                     "layer): its weight tensor is not its math, so it is not fused")
     return None
+
+
+def lora_wrappers(module: nn.Module) -> tuple:
+    """``({name: wrapper}, None)``: the children of ``module`` that are PEFT ``lora.Linear``
+    wrappers the fused FFN computes exactly (vanilla LoRA, or merged / disabled adapters, around
+    a plain ``nn.Linear`` / Conv1D base); ``(None, reason)`` when some child is a wrapper or
+    projection it cannot take (another PEFT method, DoRA or another variant, a LoRA bias, a
+    quantized base layer, ...)."""
+    from ..modules._swap import lora_of
+
+    found = {}
+    for name, c in module.named_children():
+        if not is_peft_layer(c):
+            continue
+        base = c.base_layer
+        if not _plain_projection(base):
+            return None, (f"{name} is {describe(c)} whose base layer is not a plain Linear / Conv1D (e.g. a "
+                          "quantized base layer): its weight tensor is not its math, so it is not fused")
+        factors, why = lora_of(c, base)
+        if factors is None:
+            return None, f"{name} is {describe(c)}: {why}; the unpatched PEFT forward runs (exact)"
+        found[name] = c
+    return found, None

@@ -62,3 +62,53 @@ def warn_unfused(module: nn.Module, reason: str) -> None:
     where = f"{type(module).__name__}" + (f" {name!r}" if name else "")
     warnings.warn(f"fused_ckpt: {where}: {reason}; running the exact unfused path on the current submodules "
                   "(no fused recompute for it)", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- PEFT LoRA
+def lora_of(child, base) -> tuple:
+    """``(factors, None)`` when ``child`` is a PEFT ``lora.Linear`` around ``base`` (the very
+    module the fused op was built from) whose forward is, exactly, ``base(x) + sum over active
+    adapters of scaling * B(A(dropout(x)))``: ``factors`` = ``(A [r, in], B [out, r], scaling,
+    dropout p)`` with several adapters joined along r (``B`` then scaled per adapter, scaling
+    1), or ``((), None)`` when the forward is ``base(x)`` itself (adapters disabled or merged
+    into the base weight). ``(None, reason)`` for anything else: another wrapper or base,
+    DoRA or another LoRA variant, a LoRA bias, several adapters with dropout."""
+    import torch
+
+    if not (type(child).__module__.startswith("peft.") and hasattr(child, "lora_A")):
+        return None, f"{describe(child)} is not a PEFT LoRA layer"
+    if getattr(child, "base_layer", None) is not base:
+        return None, f"{describe(child)} does not wrap the module the fused op reads"
+    if type(child).__name__ != "Linear" or getattr(child, "_mixed_batch_forward", None) is None:
+        return None, f"{describe(child)} is not PEFT's lora.Linear"
+    if child.disable_adapters:
+        # peft unmerges a merged adapter at this call (mutating the weight): leave that to its forward
+        return (None, "adapters disabled on a merged layer") if child.merged else ((), None)
+    if child.merged:
+        return (), None  # the merged weight is the math
+    names = [a for a in child.active_adapters if a in child.lora_A.keys()]
+    if not names:
+        return (), None
+    As, Bs, ps = [], [], []
+    for a in names:
+        if a in getattr(child, "lora_variant", {}) or getattr(child, "use_dora", {}).get(a, False):
+            return None, f"adapter {a!r} is a LoRA variant (DoRA or other), not vanilla LoRA"
+        la, lb, drop = child.lora_A[a], child.lora_B[a], child.lora_dropout[a]
+        if type(la) is not torch.nn.Linear or type(lb) is not torch.nn.Linear:
+            return None, f"adapter {a!r}: lora_A / lora_B are not plain nn.Linear"
+        if la.bias is not None or lb.bias is not None:
+            return None, f"adapter {a!r} has a LoRA bias"
+        if isinstance(drop, torch.nn.Dropout):
+            p = drop.p if drop.training else 0.0
+        elif isinstance(drop, torch.nn.Identity):
+            p = 0.0
+        else:
+            return None, f"adapter {a!r}: lora_dropout is a {type(drop).__name__}"
+        As.append(la.weight)
+        Bs.append((lb.weight, float(child.scaling[a])))
+        ps.append(p)
+    if len(names) == 1:
+        return (As[0], Bs[0][0], Bs[0][1], ps[0]), None
+    if any(ps):
+        return None, f"adapters {names} with LoRA dropout (one mask per adapter is not in the fused op)"
+    return (torch.cat(As, 0), torch.cat([b * s for b, s in Bs], 1), 1.0, 0.0), None

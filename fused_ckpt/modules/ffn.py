@@ -8,7 +8,7 @@ from torch import nn
 
 from ..activations import ACTIVATIONS, GELU, Activation, GELU_TANH, RELU, SILU, get_activation
 from ..functional import ffn_save_count, fused_ffn
-from ._swap import record_children, swapped_child, warn_unfused
+from ._swap import lora_of, record_children, swapped_child, warn_unfused
 
 _BASE_NAMES = {RELU: "relu", GELU: "gelu", GELU_TANH: "gelu_tanh", SILU: "silu"}
 _GATED_NAMES = {SILU: "swiglu", GELU: "geglu", GELU_TANH: "geglu_tanh"}
@@ -59,13 +59,50 @@ class FusedCheckpointedFFN(nn.Module):
         return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = lora_p = None
         why = swapped_child(self)
         if why is not None:  # e.g. a PEFT LoRA wrapper around a projection: its weight alone is not the math
-            warn_unfused(self, why)
-            return self._unfused_forward(x)
+            found, why_not = self._peft_lora(x)
+            if found is None:
+                warn_unfused(self, why_not or why)
+                return self._unfused_forward(x)
+            lora, lora_p = found
         w1, b1, w2, b2, w_up, b_up = self._ffn_tensors()
         return fused_ffn(x, w1, b1, w2, b2, self.activation, self.recompute, chunk_tokens=self.chunk_tokens,
-                         backend=self.backend, w_up=w_up, b_up=b_up)
+                         backend=self.backend, w_up=w_up, b_up=b_up, lora=lora or None, lora_dropout=lora_p or 0.0)
+
+    def _peft_lora(self, x: torch.Tensor) -> tuple:
+        """``((lora dict for fused_ffn, lora dropout p), None)`` when every replaced projection is
+        a PEFT ``lora.Linear`` around the module this FFN was built from, computing vanilla LoRA
+        (or its base alone: merged or disabled adapters) on frozen base weights in x's dtype;
+        else ``(None, reason)`` and the unfused path runs."""
+        rec, mods = self.__dict__["_fused_children"], self._modules
+        roles = {getattr(self, "_fc1_name", "fc1"): "fc1", getattr(self, "_up_name", None): "up",
+                 getattr(self, "_fc2_name", "fc2"): "fc2"}
+        lora, p = {}, None
+        for name, base in rec.items():
+            now = mods.get(name)
+            if now is base:
+                continue
+            factors, why = lora_of(now, base)
+            if factors is None:
+                return None, f"{name}: {why}"
+            if not factors:
+                continue
+            a, b, scaling, drop = factors
+            if p is not None and drop != p:
+                return None, f"the projections' LoRA dropout differ ({p} and {drop})"
+            p = drop
+            if a.dtype != x.dtype or b.dtype != x.dtype:
+                return None, f"{name}: LoRA weights in {a.dtype}, input in {x.dtype}"
+            lora[roles[name]] = (a, b, scaling)
+        if lora:
+            if any(m.weight.requires_grad or getattr(m, "bias", None) is not None and m.bias.requires_grad
+                   for m in rec.values()):
+                return None, "LoRA on trainable base weights (the fused LoRA path keeps the base frozen)"
+            if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+                return None, "LoRA under autocast"
+        return (lora, p), None
 
     def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The exact unfused path, calling the current submodules (a PEFT LoRA wrapper adds its

@@ -1,0 +1,276 @@
+"""The FFN with LoRA adapters on its projections and frozen base weights (PEFT's vanilla LoRA).
+
+Per projection ``p`` (fc1 -- gate, or the packed / ungated fc1 --, the separate up weight,
+fc2), with LoRA factors ``A_p [r, in]``, ``B_p [out, r]`` and ``scaling_p``::
+
+    z_p = x W_p^T + b_p + scaling_p * (drop_p(x) A_p^T) B_p^T        fc1 / up, input x
+    y   = h W2^T  + b2  + scaling_2 * (drop_2(h) A_2^T) B_2^T        fc2, input h = act(z)
+
+which is what PEFT's ``lora.Linear`` computes (``base(x) + lora_B(lora_A(dropout(x))) *
+scaling``). A projection without an adapter passes None for its factors.
+
+Recompute contract:
+
+========  ==========================================  ======================================
+save      kept for backward (besides parameters)      recomputed in backward
+========  ==========================================  ======================================
+0         x, t_p = drop_p(input_p) A_p^T ``[tokens,   z (base GEMMs + the rank-r products from
+          r]`` per adapter, the dropout seed (ints)   the kept t), h, the dropout masks
+1         x, the t_p, z                               h, the dropout masks
+========  ==========================================  ======================================
+
+The base weights are frozen: no gradient is computed or allocated for them (or their biases);
+the op returns dx and, per adapter, dA and dB. Dropout (``lora_dropout`` p, one p for all
+adapters of the call) draws an independent keep mask per projection from a Philox (seed,
+offset) drawn from torch's default generator -- the same bits as
+:func:`fused_ckpt.ops.dropout.dropout_keep` at offsets ``rng_offset + 0/1/2`` -- and the
+backward regenerates exactly those masks; no mask is kept. The masks are therefore not the
+ones ``torch.nn.Dropout`` would draw (same distribution, different bits).
+
+Backend: torch GEMMs chunked over tokens (as the aten FFN: ``chunk_tokens`` bounds the
+``[tokens, d_ff]`` temporaries) on every device; the Triton kernels have no LoRA terms yet.
+Backward per chunk::
+
+    z, h recomputed; dH = dY W2 + drop_2'(scaling_2 (dY B_2) A_2)
+    dB_2 += scaling_2 dY^T t_2      dA_2 += scaling_2 (dY B_2)^T drop_2(h)
+    dZ = dH act'(z)
+    dB_p += scaling_p dZ_p^T t_p    dA_p += scaling_p (dZ_p B_p)^T drop_p(x)
+    dX = dZ_g W_g + dZ_u W_u + sum_p drop_p'(scaling_p (dZ_p B_p) A_p)
+
+LoRA gradients are accumulated in fp32 (fp64 for fp64) over chunks and rounded once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..activations import get_activation
+from ._autograd import guard_double_backward
+from ._ffn_backends import _ext_takes, _torch_act_backward
+from .ffn import acc_dtype, default_chunk_tokens
+
+# fc1 (gate / packed / ungated), up (separate up weight), fc2: the rng offset of each projection's mask
+_FC1, _UP, _FC2 = 0, 1, 2
+
+
+def _keep(seed: int, offset: int, p: float, start: int, end: int, n: int, device) -> Tensor:
+    """Keep mask [end - start, n] of rows [start, end) of a [tokens, n] input."""
+    from .dropout import dropout_keep
+
+    return dropout_keep(seed, offset, p, start * n, end * n, device).view(end - start, n)
+
+
+def _drop(t: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
+    return t if keep is None else (t * (1.0 / (1.0 - p))).masked_fill_(~keep, 0.0)
+
+
+def _hidden(z: Tensor, act) -> Tensor:
+    from .. import _ext
+
+    return _ext.act_forward(z, act.name) if _ext_takes(z) else act.hidden(z)
+
+
+def _act_backward(z: Tensor, dh: Tensor, act) -> Tensor:
+    from .. import _ext
+
+    if _ext_takes(z):
+        return _ext.act_backward(z, dh, act.name, False)[0]
+    return _torch_act_backward(z, dh, act, False)[0]
+
+
+def _x_keeps(lora, seed: int, offset: int, p: float, s: int, e: int, d: int, device) -> dict:
+    """Keep masks of the fc1 / up adapters' input x for rows [s, e) (none when p == 0)."""
+    return {i: _keep(seed, offset + i, p, s, e, d, device)
+            for i in (_FC1, _UP) if lora[i][0] is not None and p > 0}
+
+
+def _chunk_z(xc, w1, b1, wu, bu, lora, ts, scaling, s: int, e: int) -> Tensor:
+    """z of rows [s, e): the base GEMM(s) plus each adapter's ``scaling * t B^T`` from its kept t."""
+    parts = [torch.nn.functional.linear(xc, w1, b1)]
+    if wu is not None:
+        parts.append(torch.nn.functional.linear(xc, wu, bu))
+    for i, zp in enumerate(parts):
+        if lora[i][0] is not None:
+            zp.addmm_(ts[i][s:e], lora[i][1].t(), alpha=scaling[i])
+    return parts[0] if wu is None else torch.cat(parts, -1)
+
+
+def _lora_t(inp: Tensor, a: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
+    return torch.mm(_drop(inp, keep, p), a.t())
+
+
+# --------------------------------------------------------------------------- forward
+def ffn_lora_forward_impl(
+    x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+    w1_up: Optional[Tensor], b1_up: Optional[Tensor],
+    a1: Optional[Tensor], l1: Optional[Tensor], au: Optional[Tensor], lu: Optional[Tensor],
+    a2: Optional[Tensor], l2: Optional[Tensor], scaling: list[float], activation: str, save: int,
+    dropout_p: float, seed: int, rng_offset: int, chunk_tokens: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, t1, tu, t2, z): y has x's shape; t_p ``[tokens, r_p]`` the rank-r intermediates
+    (empty for a projection without adapter); z ``[tokens, fc1_rows]`` when ``save >= 1``."""
+    act = get_activation(activation)
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    M, dev = x2.shape[0], x.device
+    lora = ((a1, l1), (au, lu), (a2, l2))
+    ts = [x.new_empty((M, a.shape[0])) if a is not None else x.new_empty((0,)) for a, _ in lora]
+    F1 = w1.shape[0] + (w1_up.shape[0] if w1_up is not None else 0)
+    f = w2.shape[1]
+    y = torch.empty(x.shape[:-1] + (w2.shape[0],), device=dev, dtype=x.dtype)
+    y2 = y.view(M, w2.shape[0])
+    z = torch.empty((M, F1), device=dev, dtype=x.dtype) if save >= 1 else None
+    chunk = chunk_tokens or default_chunk_tokens(d, F1, f, x.element_size())
+    for s in range(0, M, chunk):
+        e = min(s + chunk, M)
+        xc = x2[s:e]
+        keeps = _x_keeps(lora, seed, rng_offset, dropout_p, s, e, d, dev)
+        for i in (_FC1, _UP):
+            if lora[i][0] is not None:
+                ts[i][s:e] = _lora_t(xc, lora[i][0], keeps.get(i), dropout_p)
+        zc = _chunk_z(xc, w1, b1, w1_up, b1_up, lora, ts, scaling, s, e)
+        if z is not None:
+            z[s:e] = zc
+        h = _hidden(zc, act)
+        y2[s:e] = torch.nn.functional.linear(h, w2, b2)
+        if a2 is not None:
+            k2 = _keep(seed, rng_offset + _FC2, dropout_p, s, e, f, dev) if dropout_p > 0 else None
+            ts[_FC2][s:e] = _lora_t(h, a2, k2, dropout_p)
+            y2[s:e].addmm_(ts[_FC2][s:e], l2.t(), alpha=scaling[_FC2])
+    return y, ts[0], ts[1], ts[2], (z if z is not None else x.new_empty((0,)))
+
+
+ffn_lora_forward = torch.library.custom_op("fused_ckpt::ffn_lora_forward", mutates_args=())(ffn_lora_forward_impl)
+
+
+@ffn_lora_forward.register_fake
+def _(x, w1, b1, w2, b2, w1_up, b1_up, a1, l1, au, lu, a2, l2, scaling, activation, save, dropout_p, seed,
+      rng_offset, chunk_tokens):
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    F1 = w1.shape[0] + (w1_up.shape[0] if w1_up is not None else 0)
+    ts = [x.new_empty((tokens, a.shape[0])) if a is not None else x.new_empty((0,)) for a in (a1, au, a2)]
+    z = x.new_empty((tokens, F1)) if save >= 1 else x.new_empty((0,))
+    return x.new_empty(x.shape[:-1] + (w2.shape[0],)), ts[0], ts[1], ts[2], z
+
+
+# --------------------------------------------------------------------------- backward
+def ffn_lora_backward_impl(
+    dy: Tensor, x: Tensor, z: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+    w1_up: Optional[Tensor], b1_up: Optional[Tensor],
+    a1: Optional[Tensor], l1: Optional[Tensor], au: Optional[Tensor], lu: Optional[Tensor],
+    a2: Optional[Tensor], l2: Optional[Tensor], t1: Optional[Tensor], tu: Optional[Tensor],
+    t2: Optional[Tensor], scaling: list[float], activation: str, need_x: bool, dropout_p: float, seed: int,
+    rng_offset: int, chunk_tokens: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA1, dB1, dAu, dBu, dA2, dB2); absent adapters (and dx when not ``need_x``) come
+    back as empty placeholders."""
+    act = get_activation(activation)
+    d = x.shape[-1]
+    x2, dy2 = x.reshape(-1, d), dy.reshape(-1, dy.shape[-1])
+    M, dev = x2.shape[0], x.device
+    lora = ((a1, l1), (au, lu), (a2, l2))
+    ts = (t1, tu, t2)
+    f1, f = w1.shape[0], w2.shape[1]
+    F1 = f1 + (w1_up.shape[0] if w1_up is not None else 0)
+    z2 = z.reshape(-1, F1) if z is not None else None
+    acc = acc_dtype(x.dtype)
+    grads = [(torch.zeros(a.shape, device=dev, dtype=acc), torch.zeros(b.shape, device=dev, dtype=acc))
+             if a is not None else None for a, b in lora]
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype) if need_x else None
+    dx2 = dx.view(M, d) if need_x else None
+    chunk = chunk_tokens or default_chunk_tokens(d, F1, f, x.element_size())
+    p = dropout_p
+    for s in range(0, M, chunk):
+        e = min(s + chunk, M)
+        xc, dyc = x2[s:e], dy2[s:e]
+        zc = z2[s:e] if z2 is not None else _chunk_z(xc, w1, b1, w1_up, b1_up, lora, ts, scaling, s, e)
+        keeps = _x_keeps(lora, seed, rng_offset, p, s, e, d, dev)
+        dh = torch.mm(dyc, w2)
+        if a2 is not None:
+            h = _hidden(zc, act)
+            k2 = _keep(seed, rng_offset + _FC2, p, s, e, f, dev) if p > 0 else None
+            g2 = torch.mm(dyc, l2)  # [m, r2]
+            sc = scaling[_FC2]
+            grads[_FC2][1].addmm_(dyc.t().to(acc), ts[_FC2][s:e].to(acc), alpha=sc)
+            grads[_FC2][0].addmm_(g2.t().to(acc), _drop(h, k2, p).to(acc), alpha=sc)
+            dh += _drop(torch.mm(g2, a2) * sc, k2, p)
+            del h
+        dz = _act_backward(zc, dh, act)
+        dzs = [dz] if w1_up is None else [dz[:, :f1], dz[:, f1:]]
+        lora_dx = None
+        for i, dzp in enumerate(dzs):
+            a, b = lora[i]
+            if a is None:
+                continue
+            sc = scaling[i]
+            keep = keeps.get(i)
+            g = torch.mm(dzp, b)  # [m, r]
+            grads[i][1].addmm_(dzp.t().to(acc), ts[i][s:e].to(acc), alpha=sc)
+            grads[i][0].addmm_(g.t().to(acc), _drop(xc, keep, p).to(acc), alpha=sc)
+            if need_x:
+                term = _drop(torch.mm(g, a) * sc, keep, p)
+                lora_dx = term if lora_dx is None else lora_dx + term
+        if need_x:
+            out = torch.mm(dzs[0], w1)
+            if w1_up is not None:
+                out += torch.mm(dzs[1], w1_up)
+            if lora_dx is not None:
+                out += lora_dx
+            dx2[s:e] = out
+    outs = [dx if need_x else x.new_empty((0,))]
+    for (a, b), g in zip(lora, grads):
+        outs += [g[0].to(a.dtype), g[1].to(b.dtype)] if g is not None else [x.new_empty((0,)), x.new_empty((0,))]
+    return tuple(outs)
+
+
+ffn_lora_backward = torch.library.custom_op("fused_ckpt::ffn_lora_backward", mutates_args=())(ffn_lora_backward_impl)
+
+
+@ffn_lora_backward.register_fake
+def _(dy, x, z, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2, t1, tu, t2, scaling, activation, need_x,
+      dropout_p, seed, rng_offset, chunk_tokens):
+    outs = [x.new_empty(x.shape) if need_x else x.new_empty((0,))]
+    for a, b in ((a1, l1), (au, lu), (a2, l2)):
+        outs += [a.new_empty(a.shape), b.new_empty(b.shape)] if a is not None else [x.new_empty((0,))] * 2
+    return tuple(outs)
+
+
+# --------------------------------------------------------------------------- autograd
+_N_IN = 20  # ffn_lora_forward's inputs
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w1, b1, w2, b2, w1_up, b1_up, a1, l1, au, lu, a2, l2, scaling, activation, save, dropout_p, seed,
+     rng_offset, chunk_tokens) = inputs
+    _, t1, tu, t2, z = output
+    ctx.save_for_backward(x, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2,
+                          t1 if a1 is not None else None, tu if au is not None else None,
+                          t2 if a2 is not None else None, z if save >= 1 else None)
+    ctx.opts = (list(scaling), activation, dropout_p, seed, rng_offset, chunk_tokens)
+
+
+def _backward(ctx, grad_y, *_unused):
+    x, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2, t1, tu, t2, z = ctx.saved_tensors
+    scaling, activation, p, seed, off, chunk = ctx.opts
+    need = ctx.needs_input_grad
+    if any(need[i] for i in (1, 2, 3, 4, 5, 6)):
+        raise RuntimeError("fused_ckpt FFN LoRA op: the base weights must be frozen (requires_grad=False), as "
+                           "PEFT sets them; a trainable base runs the unfused path")
+    with torch.no_grad():
+        grads = ffn_lora_backward(grad_y, x, z, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2, t1, tu, t2,
+                                  scaling, activation, bool(need[0]), p, seed, off, chunk)
+    grads = guard_double_backward(grads, (grad_y, x, a1, l1, au, lu, a2, l2), "FFN LoRA")
+    dx, da1, dl1, dau, dlu, da2, dl2 = grads
+    pick = lambda g, i: g if need[i] else None  # noqa: E731
+    return (pick(dx, 0), None, None, None, None, None, None, pick(da1, 7), pick(dl1, 8), pick(dau, 9),
+            pick(dlu, 10), pick(da2, 11), pick(dl2, 12)) + (None,) * (_N_IN - 13)
+
+
+ffn_lora_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ffn_lora_saved_bytes(tokens: int, d_model: int, ranks: tuple, save: int, fc1_rows: int, elem_size: int) -> int:
+    """Bytes the op keeps besides parameters: x, each adapter's ``[tokens, r]``, z when save >= 1."""
+    return tokens * (d_model + sum(ranks) + (fc1_rows if save >= 1 else 0)) * elem_size

@@ -1,0 +1,438 @@
+"""PEFT LoRA and the fused modules (issue 11 item 2).
+
+A fused module reads its projections' weights; PEFT's ``lora.Linear`` forwards ``.weight`` to
+its base layer, so reading it would drop the low-rank terms. Checked here: both patch orders
+give unpatched PEFT's results (2x rule against float64, random upstream gradients, every
+adapter gradient, no gradient for the frozen base), the patch report names the wrapper, a
+quantized stand-in is refused, and plain fused modules wrapped by PEFT run exactly.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.helpers import assert_close_by_rule
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from fused_ckpt import FusedCheckpointedBlock  # noqa: E402
+from fused_ckpt.integrations.hf import patch_hf_model  # noqa: E402
+
+class _OpLog(TorchDispatchMode):
+    """Names of the ops dispatched inside (custom ops included)."""
+
+    def __enter__(self):
+        self.names = []
+        super().__enter__()
+        return self.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=32, num_hidden_layers=2, vocab_size=64, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _lora(targets=TARGETS, **kw):
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False, **kw)
+
+
+def _run(model, ids, g):
+    """logits with a random upstream gradient, then {name: grad} of every trainable parameter."""
+    out = model(input_ids=ids, use_cache=False).logits
+    (out.double() * g).sum().backward()
+    grads = {n.replace("base_model.model.", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
+def test_both_patch_orders_equal_unpatched_peft(order):
+    base = _llama()
+    ref = peft.get_peft_model(copy.deepcopy(base), _lora())
+    ref64 = peft.get_peft_model(copy.deepcopy(base).double(), _lora())
+    ref64.load_state_dict(ref.state_dict())
+    m = copy.deepcopy(base)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if order == "patch_then_peft":
+            report = patch_hf_model(m, backend="aten")
+            m = peft.get_peft_model(m, _lora())
+        else:
+            m = peft.get_peft_model(m, _lora())
+            report = patch_hf_model(m, backend="aten")
+        m.load_state_dict(ref.state_dict())
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        g = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        with _OpLog() as seen:
+            got, got_g = _run(m, ids, g)
+    want, want_g = _run(ref64, ids, g)
+    pt, pt_g = _run(ref, ids, g)
+    assert_close_by_rule(got, want, pt, "logits")
+    assert len(got_g) == len(want_g) == 2 * 2 * len(TARGETS)  # lora_A and lora_B of every target, 2 layers
+    assert set(got_g) == set(want_g)
+    for name in want_g:
+        assert got_g[name] is not None, name
+        assert_close_by_rule(got_g[name], want_g[name], pt_g[name], name)
+    for name, p in m.named_parameters():  # the frozen base gets no gradient
+        if "lora_" not in name:
+            assert not p.requires_grad and p.grad is None, name
+    messages = [str(w.message) for w in caught]
+    assert seen.count("fused_ckpt.ffn_lora_forward.default") == 2  # both MLPs: LoRA inside the fused op
+    assert not any(".mlp" in s for s in messages), messages
+    if order == "patch_then_peft":  # fused attention patched before wrapping notices the wrappers
+        assert any("'model.layers.1.self_attn'" in s and "PEFT LoRA wrapper" in s and "unfused" in s
+                   for s in messages)
+    else:  # the patcher fuses the MLPs with their adapters, leaves the attention alone and says why
+        detail = {q.rsplit(".", 1)[-1]: why for q, _, why in report.replaced + report.left_alone
+                  if q.endswith("layers.0.mlp") or q.endswith("layers.0.self_attn")}
+        assert "PEFT LoRA on gate_proj, up_proj, down_proj" in detail["mlp"], report
+        assert "LoRA wrapper" in detail["self_attn"], report
+
+
+class _FakeQuantLinear(nn.Linear):
+    """A stand-in for a quantized base layer: its forward uses a rounded weight, not ``weight``."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, (self.weight * 16).round() / 16, self.bias)
+
+
+def _quantize(mlp: nn.Module, name: str) -> None:
+    old = getattr(mlp, name)
+    new = _FakeQuantLinear(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    setattr(mlp, name, new)
+
+
+def test_quantized_base_layer_is_refused_or_runs_unfused():
+    base = _llama()
+    for layer in base.model.layers:
+        _quantize(layer.mlp, "up_proj")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    m = copy.deepcopy(base)
+    report = patch_hf_model(m, backend="aten", policy=None)
+    left = {q: why for q, _, why in report.left_alone}
+    assert "own forward" in left["model.layers.0.mlp"] and "up_proj" in left["model.layers.0.mlp"], report
+    # replaced after patching: the fused MLP notices and runs the quantized layer itself
+    m = _llama()
+    patch_hf_model(m, backend="aten", policy=None)
+    for layer in m.model.layers:
+        _quantize(layer.mlp, "up_proj")
+    m.load_state_dict(base.state_dict())
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = m(input_ids=ids).logits
+    assert any("_FakeQuantLinear" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - base.model.embed_tokens(ids)).abs().max() > 0  # not vacuous
+
+
+def test_plain_fused_block_wrapped_by_peft_runs_exactly():
+    """A FusedCheckpointedBlock built directly (own q_proj..o_proj, fc1/fc2) and wrapped by PEFT
+    computes the merged-weight math W + scaling * B A, with the adapters' gradients."""
+    torch.manual_seed(0)
+    blk = FusedCheckpointedBlock(64, 2, 96, n_kv_heads=1, activation="swiglu", backend="aten", rope_theta=10000.0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    m = peft.get_peft_model(blk, _lora(targets))
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(4))
+    g = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = m(x)
+    (y.double() * g).sum().backward()
+    assert any("PEFT LoRA wrapper" in str(w.message) for w in caught)
+    got_g = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert len(got_g) == 2 * len(targets)
+
+    def reference(dtype):
+        leaves = {}
+        params = {}
+        for name, mod in blk.named_modules():
+            if hasattr(mod, "lora_A"):
+                a = mod.lora_A["default"].weight.detach().to(dtype).requires_grad_()
+                b = mod.lora_B["default"].weight.detach().to(dtype).requires_grad_()
+                leaves[name] = (a, b)
+                params[name + ".weight"] = mod.base_layer.weight.detach().to(dtype) + mod.scaling["default"] * b @ a
+        for name, p in blk.named_parameters():
+            if "lora_" not in name:
+                params.setdefault(name.replace(".base_layer", ""), p.detach().to(dtype))
+        plain = FusedCheckpointedBlock(64, 2, 96, n_kv_heads=1, activation="swiglu", backend="aten",
+                                       rope_theta=10000.0, dtype=dtype)
+        out = torch.func.functional_call(plain, params, (x.to(dtype),))
+        (out.double() * g).sum().backward()
+        grads = {}
+        for name, (a, b) in leaves.items():
+            grads[f"base_model.model.{name}.lora_A.default.weight"] = a.grad
+            grads[f"base_model.model.{name}.lora_B.default.weight"] = b.grad
+        return out, grads
+
+    want, want_g = reference(torch.float64)
+    pt, pt_g = reference(torch.float32)
+    assert_close_by_rule(y, want, pt, "block output")
+    assert set(got_g) == set(want_g)
+    for name in want_g:
+        assert_close_by_rule(got_g[name], want_g[name], pt_g[name], name)
+
+
+# ----------------------------------------------------------------------------- the FFN LoRA op
+def _op_case(gated: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    d, f, r, T = 16, 24, 4, 10
+
+    def w(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
+
+    base = dict(w1=w(f, d), b1=w(f), w2=w(d, f), b2=w(d), w_up=w(f, d) if gated else None,
+                b_up=w(f) if gated else None)
+    lora = {"fc1": (w(r, d), w(f, r), 0.5), "fc2": (w(r, f), w(d, r), 2.0)}
+    if gated:
+        lora["up"] = (w(r + 2, d), w(f, r + 2), 1.5)
+    x = torch.randn(2, T // 2, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, T // 2, d, generator=gen, dtype=torch.float64)
+    return base, lora, x, g
+
+
+def _leaves(base, lora, x, dtype):
+    def leaf(t):
+        return t.detach().to(dtype, copy=True).requires_grad_()
+
+    b = {k: (v.to(dtype, copy=True) if v is not None else None) for k, v in base.items()}
+    lo = {k: (leaf(a), leaf(bb), s) for k, (a, bb, s) in lora.items()}
+    return b, lo, leaf(x)
+
+
+def _grads(y, g, x, lo):
+    (y.double() * g).sum().backward()
+    out = {"x": x.grad}
+    for k, (a, b, _) in lo.items():
+        out[f"{k}.A"], out[f"{k}.B"] = a.grad, b.grad
+    return out
+
+
+def _reference(base, lora, x, g, dtype, activation, p, seed, offset):
+    """The LoRA FFN in plain PyTorch with the op's dropout masks (regenerated from the seed)."""
+    from fused_ckpt.activations import get_activation
+    from fused_ckpt.ops.ffn_lora import _keep
+
+    b, lo, xs = _leaves(base, lora, x, dtype)
+    x2 = xs.reshape(-1, xs.shape[-1])
+    M = x2.shape[0]
+
+    def drop(t, i):
+        if not p:
+            return t
+        return t * _keep(seed, offset + i, p, 0, M, t.shape[1], "cpu") / (1 - p)
+
+    def proj(inp, w_, b_, key, i):
+        out = nn.functional.linear(inp, w_, b_)
+        if key in lo:
+            a, bb, s = lo[key]
+            out = out + s * (drop(inp, i) @ a.t()) @ bb.t()
+        return out
+
+    z = proj(x2, b["w1"], b["b1"], "fc1", 0)
+    if b["w_up"] is not None:
+        z = torch.cat([z, proj(x2, b["w_up"], b["b_up"], "up", 1)], -1)
+    h = get_activation(activation).hidden(z)
+    y = proj(h, b["w2"], b["b2"], "fc2", 2).view(xs.shape)
+    return y, _grads(y, g, xs, lo)
+
+
+@pytest.mark.parametrize("gated,p,recompute,chunk", [(True, 0.0, True, 0), (True, 0.25, True, 3),
+                                                     (False, 0.25, False, 4), (True, 0.3, "none", 0)])
+def test_ffn_lora_op_matches_float64(gated, p, recompute, chunk):
+    """fused_ffn(lora=...) against float64 with the same (replayed) dropout masks: output, dx, every
+    dA and dB by the 2x rule, with random upstream gradients; the base gets no gradient."""
+    from fused_ckpt.functional import fused_ffn
+    from fused_ckpt.ops.attention import draw_dropout_seed
+
+    activation = "swiglu" if gated else "gelu"
+    base, lora, x, g = _op_case(gated)
+    b, lo, xs = _leaves(base, lora, x, torch.float32)
+    torch.manual_seed(11)
+    y = fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], activation, recompute, chunk_tokens=chunk,
+                  backend="aten", w_up=b["w_up"], b_up=b["b_up"], lora=lo, lora_dropout=p)
+    got = _grads(y, g, xs, lo)
+    torch.manual_seed(11)
+    seed, offset = draw_dropout_seed() if p else (0, 0)
+    want_y, want = _reference(base, lora, x, g, torch.float64, activation, p, seed, offset)
+    pt_y, pt = _reference(base, lora, x, g, torch.float32, activation, p, seed, offset)
+    assert_close_by_rule(y, want_y, pt_y, "y")
+    for k in want:
+        assert_close_by_rule(got[k], want[k], pt[k], k)
+    assert all(v is None or not v.requires_grad for v in b.values())
+    if p:  # the masks matter: without them the result differs
+        y0, _ = _reference(base, lora, x, g, torch.float64, activation, 0.0, 0, 0)
+        assert (y0 - want_y).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_ffn_lora_saves_x_and_rank_r_terms(recompute):
+    """Kept for backward besides parameters: x and one [tokens, r] product per adapter (plus the
+    pre-activation with recompute=False), counted with saved_tensors_hooks."""
+    from fused_ckpt.functional import fused_ffn
+    from fused_ckpt.ops.ffn_lora import ffn_lora_saved_bytes
+
+    base, lora, x, _ = _op_case(True)
+    b, lo, xs = _leaves(base, lora, x, torch.float32)
+    params = {t.data_ptr() for t in list(b.values()) + [t for a, bb, _ in lo.values() for t in (a, bb)]
+              if t is not None}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], "swiglu", recompute, backend="aten", w_up=b["w_up"],
+                  b_up=b["b_up"], lora=lo, lora_dropout=0.1)
+    tokens, d = 10, 16
+    ranks = (4, 6, 4)
+    want = tokens * (d + sum(ranks) + (0 if recompute is True else 2 * 24)) * 4
+    assert sum(saved) == want == ffn_lora_saved_bytes(tokens, d, ranks, 0 if recompute is True else 1, 48, 4)
+
+
+def test_ffn_lora_bad_inputs_refused():
+    from fused_ckpt.functional import fused_ffn
+
+    base, lora, x, _ = _op_case(True)
+    b, lo, xs = _leaves(base, lora, x, torch.float32)
+    call = dict(w_up=b["w_up"], b_up=b["b_up"], backend="aten")
+    with pytest.raises(ValueError, match="frozen"):
+        fused_ffn(xs, b["w1"].requires_grad_(), b["b1"], b["w2"], b["b2"], "swiglu", lora=lo, **call)
+    b["w1"].requires_grad_(False)
+    bad = dict(lo, fc2=(lo["fc2"][0], lo["fc2"][1].t(), 1.0))
+    with pytest.raises(ValueError, match=r"lora\['fc2'\]"):
+        fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], "swiglu", lora=bad, **call)
+    with pytest.raises(ValueError, match="keys"):
+        fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], "swiglu", lora={"gate": lo["fc1"]}, **call)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], "swiglu", lora=lo, lora_dropout=1.0, **call)
+
+
+# ----------------------------------------------------------------------------- adapter states
+def _one_layer_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=16, num_hidden_layers=1, vocab_size=32, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _logits(model, ids):
+    with torch.no_grad(), _OpLog() as seen:
+        out = model(input_ids=ids, use_cache=False).logits
+    return out, seen
+
+
+def test_merged_and_disabled_adapters_follow_peft():
+    """PEFT first, then patch: the MLP is fused with its adapters; disable_adapter() gives the base
+    model (base fused op), merge_adapter() the merged weights (base fused op, exact as is),
+    unmerge_adapter() the LoRA op again -- each equal to unpatched PEFT in the same state."""
+    base = _one_layer_llama()
+    mlp_only = ["gate_proj", "up_proj", "down_proj"]
+    ref = peft.get_peft_model(copy.deepcopy(base), _lora(mlp_only))
+    ref64 = peft.get_peft_model(copy.deepcopy(base).double(), _lora(mlp_only))
+    ref64.load_state_dict(ref.state_dict())
+    m = peft.get_peft_model(copy.deepcopy(base), _lora(mlp_only))
+    m.load_state_dict(ref.state_dict())
+    report = patch_hf_model(m, backend="aten")
+    assert any(q.endswith("layers.0.mlp") and "PEFT LoRA" in why for q, _, why in report.replaced), report
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def check(state, op):
+        got, seen = _logits(m, ids)
+        want, _ = _logits(ref64, ids)
+        pt, _ = _logits(ref, ids)
+        assert_close_by_rule(got, want, pt, f"logits ({state})")
+        assert seen.count(op) == 1, (state, [s for s in seen if "fused_ckpt" in s])
+        return want
+
+    with_lora = check("adapters on", "fused_ckpt.ffn_lora_forward.default")
+    with m.disable_adapter(), ref.disable_adapter(), ref64.disable_adapter():
+        without = check("disabled", "fused_ckpt.ffn_forward.default")
+    assert (with_lora - without).abs().max() > 1e-3  # the adapters matter
+    for model in (m, ref, ref64):
+        model.merge_adapter()
+    check("merged", "fused_ckpt.ffn_forward.default")
+    for model in (m, ref, ref64):
+        model.unmerge_adapter()
+    check("unmerged", "fused_ckpt.ffn_lora_forward.default")
+
+
+def test_lora_dropout_replayed_in_the_fused_mlp():
+    """Train mode with lora_dropout: the fused MLP's output and adapter gradients equal the float64
+    LoRA MLP computed with the very masks the op drew (regenerated from its seed), and torch's
+    seed makes the call reproducible."""
+    from fused_ckpt.ops.attention import draw_dropout_seed
+
+    base = _one_layer_llama()
+    m = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj",
+                            "down_proj"], lora_dropout=0.25, init_lora_weights=False))
+    patch_hf_model(m, backend="aten")
+    m.train()
+    mlp = m.base_model.model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    xs = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y = mlp(xs)
+    (y.double() * g).sum().backward()
+    torch.manual_seed(7)
+    y_again = mlp(x)
+    torch.testing.assert_close(y_again, y, rtol=0, atol=0)
+    torch.manual_seed(7)
+    seed, offset = draw_dropout_seed()
+    names = {"fc1": "gate_proj", "up": "up_proj", "fc2": "down_proj"}
+    lora = {k: (getattr(mlp, n).lora_A["default"].weight.detach().double(),
+                getattr(mlp, n).lora_B["default"].weight.detach().double(), getattr(mlp, n).scaling["default"])
+            for k, n in names.items()}
+    w = {k: getattr(mlp, n).base_layer.weight.detach().double() for k, n in names.items()}
+    base64 = dict(w1=w["fc1"], b1=None, w2=w["fc2"], b2=None, w_up=w["up"], b_up=None)
+    want_y, want = _reference(base64, lora, x.double(), g, torch.float64, "swiglu", 0.25, seed, offset)
+    pt_y, pt = _reference(base64, lora, x.double(), g, torch.float32, "swiglu", 0.25, seed, offset)
+    assert_close_by_rule(y, want_y, pt_y, "y")
+    assert_close_by_rule(xs.grad, want["x"], pt["x"], "dx")
+    for k, n in names.items():
+        mod = getattr(mlp, n)
+        assert_close_by_rule(mod.lora_A["default"].weight.grad, want[f"{k}.A"], pt[f"{k}.A"], f"{n}.A")
+        assert_close_by_rule(mod.lora_B["default"].weight.grad, want[f"{k}.B"], pt[f"{k}.B"], f"{n}.B")
+        assert mod.base_layer.weight.grad is None
+
+
+def test_dora_is_refused_with_its_reason():
+    base = _one_layer_llama()
+    ids = torch.randint(0, 32, (1, 5), generator=torch.Generator().manual_seed(4))
+    cfg = dict(targets=["gate_proj", "up_proj", "down_proj"], use_dora=True)
+    ref = peft.get_peft_model(copy.deepcopy(base), _lora(**cfg))
+    want, _ = _logits(ref, ids)
+    m = peft.get_peft_model(copy.deepcopy(base), _lora(**cfg))
+    m.load_state_dict(ref.state_dict())
+    report = patch_hf_model(m, backend="aten", policy=None)
+    left = {q.rsplit(".", 1)[-1]: why for q, _, why in report.left_alone if q.endswith("layers.0.mlp")}
+    assert "DoRA" in left["mlp"], report
+    # patched first, then wrapped with DoRA: the fused MLP runs PEFT's own forward, saying why
+    m = copy.deepcopy(base)
+    patch_hf_model(m, backend="aten", policy=None)
+    m = peft.get_peft_model(m, _lora(**cfg))
+    m.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, seen = _logits(m, ids)
+    assert any("'model.layers.0.mlp'" in str(w.message) and "DoRA" in str(w.message) for w in caught)
+    assert not any("fused_ckpt.ffn" in s for s in seen)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
