@@ -14,7 +14,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH_PIN  ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
-TEST_DEPS  ?= numpy pytest ninja "transformers>=4.45" matplotlib
+TEST_DEPS  ?= numpy pytest ninja "transformers>=4.45" matplotlib peft
 # setuptools/wheel: `pip install --no-build-isolation` uses the environment's own; an old one
 # fails with "invalid command 'bdist_wheel'".
 BUILD_DEPS ?= "setuptools>=64" wheel

@@ -121,7 +121,7 @@ setup(
     # Install torch (and triton) yourself first, as README "Install" says: left to pip, this
     # requirement pulls the default PyPI torch (the CUDA build) into an empty environment.
     install_requires=["torch>=2.4", "triton>=3.0"],
-    extras_require={"test": ["pytest", "numpy", "ninja", "transformers>=4.45", "matplotlib"]},
+    extras_require={"test": ["pytest", "numpy", "ninja", "transformers>=4.45", "matplotlib", "peft"]},
     entry_points={"console_scripts": ["fused-ckpt = fused_ckpt.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
