@@ -121,6 +121,32 @@ def test_step_suite_reports_throughput_and_max_batch(quick_run):
     assert by["hf ckpt-nonreentrant"]["max_batch"] > by["hf eager"]["max_batch"]
 
 
+def test_step_suite_runs_every_row_with_both_heads(quick_run):
+    """Each step row says which LM head + loss it ran (Hugging Face's logits or the fused linear
+    cross-entropy) and has a twin with the other head (the compile rows excepted); the saved-bytes
+    difference of every measured pair is on both rows and equals the planner's head prediction."""
+    _, data = quick_run
+    rows = [r for r in data["rows"] if r["suite"] == "step"]
+    by = {r["variant"]: r for r in rows}
+    pred = data["suites"]["step"]["head_prediction"]
+    assert pred["delta_bytes"] == pred["hf_head_bytes"] - pred["fused_head_bytes"] > 0
+    pairs = 0
+    for r in rows:
+        assert r["head"] in ("hf", "fused"), r["variant"]
+        if r["variant"].startswith("compile"):
+            assert r["head"] == "hf"
+            continue
+        twin = by[r["head_twin"]]
+        assert twin["head_twin"] == r["variant"] and {r["head"], twin["head"]} == {"hf", "fused"}
+        assert r["head"] == ("hf" if r["variant"].startswith("hf ") != r["variant"].endswith(" head") else "fused")
+        if r["status"] == twin["status"] == "ok" and r["head"] == "hf":
+            assert r["saved_bytes"] - twin["saved_bytes"] == pred["delta_bytes"], r["variant"]
+            assert r["head_saved_delta_bytes"] == twin["head_saved_delta_bytes"] == pred["delta_bytes"]
+            pairs += 1
+    assert pairs >= 10, pairs
+    assert by["hf eager +fused head"]["status"] == by["fused-aten full +hf head"]["status"] == "ok"
+
+
 def test_loss_suite_saved_bytes_are_measured_and_planned(quick_run):
     """The loss suite measures every row's saved bytes, equal to the planner's head prediction for
     the same dial; the fused recompute=True head keeps far less than eager's log-softmax."""

@@ -21,6 +21,16 @@ fused-<be> full, modules only       ``patch_hf_model(model, "full", blocks=False
                                     dials only (no whole-layer recompute)
 ==================================  ===========================================================
 
+Every row runs with the LM head + loss both ways (the ``head`` field): Hugging Face's own head
+(``lm_head`` logits, fp32 cross-entropy over ``[tokens, vocab]``) or the fused linear
+cross-entropy (``patch_hf_model(..., fused_loss=True)``, no logits). The Hugging Face rows use
+HF's head and get a twin ``<name> +fused head`` (only the loss head patched in:
+``patch_hf_model(model, None, mlp/attention/norm/blocks=False)``); the fused rows use the fused
+head and get a twin ``<name> +hf head`` (``fused_loss=False``). Each pair's saved-bytes (and, on
+CUDA, peak) difference is on both rows, next to the planner's prediction of it (``head_options``).
+The ``torch.compile`` rows run Hugging Face's head only (the instance-level fused-loss forward is
+not what they compile).
+
 Reported: step time, tokens/s, saved-activation bytes (``saved_tensors_hooks``), the CUDA peak
 (``max_memory_allocated`` above weights and optimizer states, so it includes gradients), the
 gradient error of the embedding and LM-head weights against the unpatched model in float64
@@ -99,10 +109,41 @@ def _static_bytes(model, opt) -> dict:
     return {"weight_bytes": w, "grad_bytes": w, "optimizer_bytes": st}
 
 
+HF_HEAD, FUSED_HEAD = "hf", "fused"
+TWIN = {HF_HEAD: " +fused head", FUSED_HEAD: " +hf head"}   # suffix of a row's twin with the other head
+
+
+def _head_pairs(variants: list, heads: dict) -> dict:
+    """``{variant name: twin name}`` both ways, for the variants whose twin is in the list."""
+    names = {v.name for v in variants}
+    out = {}
+    for v in variants:
+        twin = v.name + TWIN[heads[v.name]]
+        if twin in names:
+            out[v.name], out[twin] = twin, v.name
+    return out
+
+
+def _head_deltas(rows: list, pairs: dict) -> None:
+    """On both rows of each (HF head, fused head) pair: what the fused head saves,
+    ``head_saved_delta_bytes`` (saved bytes with HF's head - with the fused head) and, when both
+    rows have a CUDA peak, ``head_peak_delta_bytes``."""
+    by = {r["variant"]: r for r in rows}
+    for name, twin in pairs.items():
+        r, t = by.get(name), by.get(twin)
+        if r is None or t is None or r.get("status") != "ok" or t.get("status") != "ok":
+            continue
+        hf_row, fused_row = (r, t) if r["head"] == HF_HEAD else (t, r)
+        for key, out in (("saved_bytes", "head_saved_delta_bytes"), ("peak_bytes", "head_peak_delta_bytes")):
+            if hf_row.get(key) is not None and fused_row.get(key) is not None:
+                r[out] = hf_row[key] - fused_row[key]
+
+
 def run(ctx) -> None:
     import transformers
 
     from ..integrations.hf import patch_hf_model
+    from ..planner import head_options
     from ..policy import apply_checkpointing
 
     hidden, inter, heads, kv, layers, vocab, B, S = (QUICK if ctx.quick else SHAPES)[ctx.dev]
@@ -213,8 +254,12 @@ def run(ctx) -> None:
         call = compiled or model
         return lambda: call(input_ids=ids, labels=ids, use_cache=False).loss
 
-    def hf(ck, every=1):
+    def hf(ck, every=1, fused_head=False):
         def setup(model, extra):
+            if fused_head:  # only the loss head: the layers stay Hugging Face's
+                rep = patch_hf_model(model, None, mlp=False, attention=False, norm=False, blocks=False,
+                                     backend=main_be)
+                _check_head(rep, True)
             if ck is not None:
                 _hf_checkpointing(model, ck == "reentrant", every)
             return loss_of(model)
@@ -225,24 +270,37 @@ def run(ctx) -> None:
             return loss_of(model, CompiledBudget(model, b))
         return setup
 
-    def patched(be, pol, blocks=True):
+    def patched(be, pol, blocks=True, fused_head=True):
         def setup(model, extra):
-            rep = patch_hf_model(model, pol, backend=be, batch=B, seq=S, blocks=blocks)
+            rep = patch_hf_model(model, pol, backend=be, batch=B, seq=S, blocks=blocks, fused_loss=fused_head)
+            if fused_head:
+                _check_head(rep, True)
             extra["predicted_site_bytes"] = rep.plan.total_saved_bytes
             extra["policy"] = rep.plan.policy_name
             return loss_of(model)
         return setup
 
-    variants = [Variant("hf eager", "hf", step_variant(hf(None)), description="unpatched, no checkpointing"),
-                Variant(HF_NR, "hf checkpoint", step_variant(hf("non_reentrant")),
-                        description="activation_checkpointing_enable(use_reentrant=False)"),
-                Variant("hf ckpt-reentrant", "hf checkpoint", step_variant(hf("reentrant")),
-                        description="activation_checkpointing_enable(use_reentrant=True)")]
+    head_of: dict = {}   # variant name -> the head it runs
+
+    def both_heads(name, group, ck=None, every=1, description=""):
+        """A Hugging Face row (HF's head) and its twin with the fused loss head."""
+        head_of[name], head_of[name + TWIN[HF_HEAD]] = HF_HEAD, FUSED_HEAD
+        skip = None if main_be is not None else "no fused backend on this device"
+        return [Variant(name, group, step_variant(hf(ck, every)), description=description),
+                Variant(name + TWIN[HF_HEAD], group, None if skip else step_variant(hf(ck, every, fused_head=True)),
+                        skip=skip, description=f"{description}; loss through the fused head ({main_be})")]
+
+    variants = (both_heads("hf eager", "hf", description="unpatched, no checkpointing")
+                + both_heads(HF_NR, "hf checkpoint", "non_reentrant",
+                             description="activation_checkpointing_enable(use_reentrant=False)")
+                + both_heads("hf ckpt-reentrant", "hf checkpoint", "reentrant",
+                             description="activation_checkpointing_enable(use_reentrant=True)"))
     if _supports_every_n():
-        variants.append(Variant("hf ckpt-nonreentrant every2", "hf checkpoint", step_variant(hf("non_reentrant", 2)),
-                                description="activation_checkpointing_enable(every_n_layers=2)"))
+        variants += both_heads("hf ckpt-nonreentrant every2", "hf checkpoint", "non_reentrant", 2,
+                               description="activation_checkpointing_enable(every_n_layers=2)")
     why = ctx.compile_skip_reason()
     for b in ctx.compile_budgets:
+        head_of[compile_variant_name(b)] = HF_HEAD
         variants.append(Variant(compile_variant_name(b), "compile",
                                 None if why else step_variant(compiled(b), compiled=True), skip=why))
     for be, why in backends:
@@ -254,12 +312,25 @@ def run(ctx) -> None:
                 skip = budget
             desc = f"patch_hf_model(policy={label}, backend={be!r})" + (
                 f", budget {fmt_bytes(budget)} for the sites" if isinstance(budget, int) else "")
-            variants.append(Variant(f"fused-{be} {label}", "fused", None if skip else step_variant(patched(be, pol)),
+            name = f"fused-{be} {label}"
+            head_of[name], head_of[name + TWIN[FUSED_HEAD]] = FUSED_HEAD, HF_HEAD
+            variants.append(Variant(name, "fused", None if skip else step_variant(patched(be, pol)),
                                     skip=skip, description=desc))
+            variants.append(Variant(name + TWIN[FUSED_HEAD], "fused",
+                                    None if skip else step_variant(patched(be, pol, fused_head=False)),
+                                    skip=skip, description=desc + ", fused_loss=False (Hugging Face's head)"))
         if be == main_be:  # what whole-layer blocks bring: the same policy with per-module dials only
-            variants.append(Variant(f"fused-{be} full, modules only", "fused",
-                                    step_variant(patched(be, "full", blocks=False)),
-                                    description=f"patch_hf_model(policy=full, blocks=False, backend={be!r})"))
+            name = f"fused-{be} full, modules only"
+            head_of[name], head_of[name + TWIN[FUSED_HEAD]] = FUSED_HEAD, HF_HEAD
+            for fh in (True, False):
+                variants.append(Variant(name + ("" if fh else TWIN[FUSED_HEAD]), "fused",
+                                        step_variant(patched(be, "full", blocks=False, fused_head=fh)),
+                                        description=f"patch_hf_model(policy=full, blocks=False, backend={be!r}"
+                                                    f"{'' if fh else ', fused_loss=False'})"))
+    pairs = _head_pairs(variants, head_of)
+    opts = head_options(tokens, hidden, vocab, torch.tensor([], dtype=ctx.dtype).element_size())
+    info["head_prediction"] = {"hf_head_bytes": opts["logits"].saved_bytes, "fused_head_bytes": opts[True].saved_bytes,
+                               "delta_bytes": opts["logits"].saved_bytes - opts[True].saved_bytes}
 
     gemm = 2.0 * tokens * (layers * (hidden * (heads + 2 * kv) * D + heads * D * hidden + 3 * hidden * inter)
                            + hidden * vocab)
@@ -275,6 +346,11 @@ def run(ctx) -> None:
                                                "seq": S, "tokens": tokens},
                             variants, ref_grads=ref, model_flops=model_flops, err_reference="hf eager",
                             ratio_refs={"vs_hf_eager": "hf eager", "vs_hf_ckpt": HF_NR}, extra_per_row=extra)
+    for r in rows:
+        r["head"] = head_of.get(r["variant"])
+        if r["variant"] in pairs:
+            r["head_twin"] = pairs[r["variant"]]
+    _head_deltas(rows, pairs)
     by = {r["variant"]: r for r in rows}
     hf_tps = by.get(HF_NR, {}).get("tokens_per_s")
     for r in rows:
@@ -295,6 +371,12 @@ def run(ctx) -> None:
     if path:
         ctx.plots.append(path)
     ctx.snapshot()
+
+
+def _check_head(rep, fused: bool) -> None:
+    """A row labelled with the fused head must run it (patch_hf_model may leave a head alone)."""
+    if rep.loss_head is None or rep.loss_head[1] is not fused:
+        raise RuntimeError(f"the loss head is not fused: {rep.loss_head}")
 
 
 def _step_peak(base, ids, setup) -> int:
@@ -382,8 +464,12 @@ def _target(ctx, by: dict, be) -> Target:
 def markdown(rows: list, suite_info: dict, device: str) -> str:
     rows = [r for r in rows if r["suite"] == NAME]
     mem = "peak" if device == "cuda" else "saved"
+    def mib(key, spec):
+        return lambda r: fmt(r[key] / T.MiB if r.get(key) is not None else None, spec)
+
     cols = [
         ("variant", lambda r: r["variant"]),
+        ("head", lambda r: r.get("head") or "—"),
         ("step ms", lambda r: fmt(ms(r), ".1f")),
         ("q20–q80 ms", lambda r: f"{r['time_ms']['q20_ms']:.1f}–{r['time_ms']['q80_ms']:.1f}"),
         ("tokens/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f")),
@@ -393,10 +479,11 @@ def markdown(rows: list, suite_info: dict, device: str) -> str:
         ("saved MiB", lambda r: fmt(r["saved_bytes"] / T.MiB if r.get("saved_bytes") is not None else None, ".2f")),
         ("predicted sites MiB", lambda r: fmt(r["predicted_site_bytes"] / T.MiB
                                               if r.get("predicted_site_bytes") is not None else None, ".2f")),
+        ("fused head saves MiB", mib("head_saved_delta_bytes", ".2f")),
     ]
     if device == "cuda":
-        cols.append(("peak MiB", lambda r: fmt(r["peak_bytes"] / T.MiB if r.get("peak_bytes") is not None else None,
-                                               ".0f")))
+        cols.append(("peak MiB", mib("peak_bytes", ".0f")))
+        cols.append(("fused head: peak -MiB", mib("head_peak_delta_bytes", ".0f")))
     cols += [(f"max batch ({fmt_bytes(suite_info.get('memory_cap'))}, {mem})",
               lambda r: fmt(r.get("max_batch"), "d")),
              ("grad max err", grad_text)]
@@ -404,6 +491,13 @@ def markdown(rows: list, suite_info: dict, device: str) -> str:
     for shape in dict.fromkeys(r["shape"] for r in rows):
         sel = [r for r in rows if r["shape"] == shape]
         out += [f"### {shape}, {sel[0]['dtype']}", "", rows_table(sel, cols), ""]
+    hp = suite_info.get("head_prediction")
+    if hp:
+        out += ["head: `hf` = Hugging Face's lm_head logits + fp32 cross-entropy, `fused` = the fused linear "
+                "cross-entropy (patch_hf_model fused_loss=True); every row's twin with the other head is `+hf head` "
+                "/ `+fused head`. \"fused head saves\": saved bytes with HF's head minus with the fused head, on "
+                f"both rows of a pair; the planner predicts {fmt_bytes(hp['delta_bytes'])} (HF head "
+                f"{fmt_bytes(hp['hf_head_bytes'])}, fused {fmt_bytes(hp['fused_head_bytes'])}).", ""]
     pre = suite_info.get("budget_prepass") or {}
     if pre and "error" not in pre:
         out += [f"MemoryBudget budgets (sites only): full {fmt_bytes(pre['site_bytes_full'])}, none "
