@@ -5,11 +5,17 @@ Trains a stack of residual MLP blocks for a few steps four ways -- eager, torch.
 prints one table: activation bytes saved for backward (saved_tensors_hooks), peak CUDA memory
 (GPU only), median step time, fwd+bwd FLOPs (FlopCounterMode) and the largest loss and gradient
 differences against eager.
+
+Then the LM head + loss of a small Hugging Face causal LM (a 2-layer ``LlamaForCausalLM`` built
+from a config, no download) trained two ways from the same weights on the same batch: Hugging
+Face's ``lm_head`` logits + cross-entropy, and ``patch_hf_model(model, None, fused_loss=True)``
+with nothing else patched (the loss through the fused linear cross-entropy, no ``[tokens, vocab]``
+logits). Same columns, plus what the planner predicts the head keeps (``head_options``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import importlib.util
 import statistics
 import sys
 import time
@@ -120,6 +126,115 @@ def run(layers=8, tokens=512, d_model=256, d_ff=1024, activation="gelu", steps=6
     return device, rows
 
 
+def lm_config(vocab: int, d_model: int, seq: int):
+    """The demo's small causal LM: 2 Llama layers, head dim 64 (or d_model when smaller), untied head."""
+    import transformers
+
+    heads = max(1, d_model // 64)
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                                    num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads,
+                                    max_position_embeddings=seq, tie_word_embeddings=False,
+                                    attn_implementation="sdpa")
+
+
+def run_lm_head(vocab=32000, d_model=128, batch=2, seq=128, steps=3, device=None, dtype=torch.float32, lr=1e-3,
+                log=None):
+    """Train the small causal LM with Hugging Face's head and with the fused loss head; returns
+    (device, rows, prediction). Rows: bytes of the distinct storages the forward saves for
+    backward (``saved_tensors_hooks``, parameters excluded), CUDA peak of fwd+bwd above what was allocated before (None on CPU),
+    median fwd+bwd time, loss/gradient differences against Hugging Face's head. ``prediction``:
+    the planner's saved bytes of each head (``head_options``)."""
+    import transformers
+
+    from .integrations.hf import patch_hf_model
+    from .planner import head_options
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(lm_config(vocab, d_model, seq)).to(device, dtype).train()
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        labels = ids.clone()
+        labels[:, : seq // 8] = -100   # a prompt without loss
+        labels[-1, seq - seq // 4:] = -100   # padding
+        batches.append((ids.to(device), labels.to(device)))
+    variants = {"HF logits + cross-entropy": None, "fused loss head": "fused"}
+    rows, ref = [], None
+    for k, (name, kind) in enumerate(variants.items(), 1):
+        _say(log, f"[LM {k}/{len(variants)}] {name}: warm-up, one counted pass, {steps} training steps ...")
+        t_variant = time.perf_counter()
+        model = copy.deepcopy(base)
+        if kind == "fused":
+            report = patch_hf_model(model, None, mlp=False, attention=False, norm=False, blocks=False)
+            if not report.loss_head or not report.loss_head[1]:
+                raise RuntimeError(f"the loss head was not fused: {report.loss_head}")
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        params = list(model.parameters())
+
+        def loss_of(ids, labels):
+            return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+        loss_of(*batches[0]).backward()   # warm-up (lazy registration, the extension's first load)
+        opt.zero_grad(set_to_none=True)
+        with SavedTensors() as acc:
+            loss = loss_of(*batches[0])
+        saved = acc.unique_bytes(params)   # the log-softmax is saved twice (log_softmax, nll_loss), held once
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        losses, times, first_grads, peak = [], [], None, None
+        for step, (ids, labels) in enumerate(batches):
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            loss = loss_of(ids, labels)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peak = max(peak or 0, torch.cuda.max_memory_allocated() - base_mem)
+            times.append(time.perf_counter() - t0)
+            if step == 0:
+                first_grads = [p.grad.detach().float().clone() for p in params]
+            losses.append(loss.item())
+            opt.step()
+        if ref is None:
+            ref = (losses, first_grads)
+        rows.append(dict(variant=name, saved_bytes=saved, peak_bytes=peak, step_ms=1e3 * statistics.median(times),
+                         loss_diff=max(abs(a - b) for a, b in zip(losses, ref[0])),
+                         grad_diff=max((a - b).abs().max().item() for a, b in zip(first_grads, ref[1])),
+                         final_loss=losses[-1]))
+        model = opt = None   # free this variant before the next one is built
+        _say(log, f"[LM {k}/{len(variants)}] {name}: done in {time.perf_counter() - t_variant:.1f} s "
+                  f"(median step {rows[-1]['step_ms']:.1f} ms)")
+    opts = head_options(batch * seq, d_model, vocab, torch.tensor([], dtype=dtype).element_size())
+    prediction = {"HF logits + cross-entropy": opts["logits"].saved_bytes, "fused loss head": opts[True].saved_bytes}
+    return device, rows, prediction
+
+
+def format_lm_table(device, rows, prediction, vocab, d_model, batch, seq, dtype) -> str:
+    hf = rows[0]
+    lines = [f"LM head + loss: 2-layer LlamaForCausalLM, d_model={d_model}, vocab={vocab}, batch {batch} x seq {seq}, "
+             f"{str(dtype).replace('torch.', '')}, device={device}", ""]
+    lines += ["| head | saved activations | vs HF head | planner: head keeps | peak CUDA mem | step time "
+              "| max loss diff | max grad diff |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2**20:.1f} MiB" if r["peak_bytes"] is not None else "n/a (CPU)"
+        lines.append(f"| {r['variant']} | {r['saved_bytes'] / 2**20:.2f} MiB | "
+                     f"{r['saved_bytes'] / hf['saved_bytes']:.3f}x | {prediction[r['variant']] / 2**20:.2f} MiB "
+                     f"| {peak} | {r['step_ms']:.1f} ms | {r['loss_diff']:.2e} | {r['grad_diff']:.2e} |")
+    fused = rows[-1]
+    lines += ["", f"the fused head keeps {(hf['saved_bytes'] - fused['saved_bytes']) / 2**20:.2f} MiB less "
+              f"(planner: {(prediction[hf['variant']] - prediction[fused['variant']]) / 2**20:.2f} MiB)"
+              + (f"; CUDA peak {(hf['peak_bytes'] - fused['peak_bytes']) / 2**20:.1f} MiB lower"
+                 if hf["peak_bytes"] is not None and fused["peak_bytes"] is not None else "")
+              + ". The rest of the model is the same in both (only the loss head is patched)."]
+    return "\n".join(lines)
+
+
 def format_table(device, rows, layers, tokens, d_model, d_ff, activation, dtype) -> str:
     eager = rows[0]
     lines = [f"fused_ckpt demo: {layers} residual MLP blocks, {tokens} tokens, d_model={d_model}, "
@@ -166,7 +281,8 @@ def build_parser():
     p = _Parser(prog="python -m fused_ckpt.demo", description="The memory/compute trade-off on this machine: a stack of residual MLP "
                             "blocks trained eagerly, with torch.utils.checkpoint (non-reentrant, reentrant) and "
                             "with FusedCheckpointedFFN; one table of saved bytes, memory, time, FLOPs and "
-                            "differences against eager.",
+                            "differences against eager. Then a small causal LM's head + loss with Hugging "
+                            "Face's logits and with the fused loss head (transformers needed).",
                 epilog="Progress lines go to stderr, the table to stdout. Defaults: on CUDA 8192 tokens, "
                        "d_model 2048, bf16; on CPU 512 tokens, d_model 256, fp32.")
     p.add_argument("--layers", type=_positive_int, default=8, help="residual MLP blocks in the stack (default 8)")
@@ -180,6 +296,14 @@ def build_parser():
     p.add_argument("--steps", type=_positive_int, default=6,
                    help="training steps per variant; the step time is their median (default 6)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--lm-vocab", type=_positive_int, default=None,
+                   help="vocabulary of the LM-head demo's causal LM (default 128256 on CUDA, 32000 on CPU)")
+    p.add_argument("--lm-d-model", type=_positive_int, default=None,
+                   help="width of the LM-head demo's causal LM (default 2048 on CUDA, 128 on CPU)")
+    p.add_argument("--lm-seq", type=_positive_int, default=None,
+                   help="sequence length of the LM-head demo, batch 2 (default 2048 on CUDA, 128 on CPU)")
+    p.add_argument("--no-lm-head", action="store_true",
+                   help="skip the LM-head demo (Hugging Face logits vs the fused loss head)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     return p
 
@@ -202,6 +326,19 @@ def main(argv=None):
             f"{args.activation}, {str(dtype).replace('torch.', '')} on {device}; 4 variants")
     dev, rows = run(args.layers, tokens, d_model, d_ff, args.activation, args.steps, device, dtype, log=log)
     print(format_table(dev, rows, args.layers, tokens, d_model, d_ff, args.activation, dtype))
+    if args.no_lm_head:
+        return 0
+    if importlib.util.find_spec("transformers") is None:
+        print("\nLM head + loss: skipped (transformers is not installed; pip install transformers)")
+        return 0
+    vocab = args.lm_vocab or (128256 if big else 32000)
+    lm_d = args.lm_d_model or (2048 if big else 128)
+    seq = args.lm_seq or (2048 if big else 128)
+    if log is not None:
+        log(f"LM head + loss: 2-layer LlamaForCausalLM, d_model={lm_d}, vocab={vocab}, batch 2 x seq {seq}; 2 variants")
+    dev, lm_rows, pred = run_lm_head(vocab, lm_d, 2, seq, min(args.steps, 3), device, dtype, log=log)
+    print()
+    print(format_lm_table(dev, lm_rows, pred, vocab, lm_d, 2, seq, dtype))
     return 0
 
 
