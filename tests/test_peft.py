@@ -329,7 +329,7 @@ def test_ffn_lora_bad_inputs_refused():
 def _one_layer_llama():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
-                                   head_dim=16, num_hidden_layers=1, vocab_size=32, max_position_embeddings=16)
+                                   head_dim=32, num_hidden_layers=1, vocab_size=32, max_position_embeddings=16)
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -436,3 +436,42 @@ def test_dora_is_refused_with_its_reason():
     assert any("'model.layers.0.mlp'" in str(w.message) and "DoRA" in str(w.message) for w in caught)
     assert not any("fused_ckpt.ffn" in s for s in seen)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
+def test_mlp_only_adapters_keep_the_attention_fused(order):
+    """LoRA on the MLP only: the attention stays fused, the MLP runs the LoRA op, and the layer is
+    not a whole-layer block (PEFT first: left alone with the reason; patch first: the block hands
+    the call to its parts) -- loss and adapter gradients equal unpatched PEFT's."""
+    base = _one_layer_llama()
+    mlp_only = ["gate_proj", "up_proj", "down_proj"]
+    ref = peft.get_peft_model(copy.deepcopy(base), _lora(mlp_only))
+    ref64 = peft.get_peft_model(copy.deepcopy(base).double(), _lora(mlp_only))
+    ref64.load_state_dict(ref.state_dict())
+    m = copy.deepcopy(base)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if order == "patch_then_peft":
+            report = patch_hf_model(m, backend="aten")
+            m = peft.get_peft_model(m, _lora(mlp_only))
+        else:
+            m = peft.get_peft_model(m, _lora(mlp_only))
+            report = patch_hf_model(m, backend="aten")
+        m.load_state_dict(ref.state_dict())
+        ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+        g = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        with _OpLog() as seen:
+            got, got_g = _run(m, ids, g)
+    want, want_g = _run(ref64, ids, g)
+    pt, pt_g = _run(ref, ids, g)
+    assert_close_by_rule(got, want, pt, "logits")
+    assert set(got_g) == set(want_g) and len(want_g) == 6
+    for name in want_g:
+        assert_close_by_rule(got_g[name], want_g[name], pt_g[name], name)
+    assert seen.count("fused_ckpt.ffn_lora_forward.default") == 1
+    assert seen.count("fused_ckpt.attn_block_forward.default") == 1
+    if order == "peft_then_patch":
+        why = {q: w for q, _, w in report.left_alone}["base_model.model.model.layers.0"]
+        assert "not a whole fused block" in why and "PEFT LoRA wrapper" in why, report
+    else:
+        assert any("'model.layers.0'" in str(w.message) for w in caught)

@@ -993,6 +993,12 @@ def _convert_layer(model: nn.Module, layer: nn.Module, qname: str, backend: str,
     """Replace ``layer`` by a :class:`FusedHFDecoderLayer` when it converts; returns the layer in place."""
     if isinstance(layer, FusedCheckpointedBlock):
         return layer
+    for cname, child in layer.named_children():  # e.g. a fused MLP holding PEFT LoRA wrappers
+        why = swapped_child(child)
+        if why is not None:
+            report.left_alone.append((qname, type(layer).__name__, f"not a whole fused block: {cname}'s {why} "
+                                      "(the whole-layer op has no LoRA terms; the fused parts run on their own)"))
+            return layer
     new, why = FusedHFDecoderLayer.from_hf(layer, backend)
     if new is None:
         report.left_alone.append((qname, type(layer).__name__, f"not a whole fused block: {why}"))
