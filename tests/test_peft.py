@@ -475,3 +475,48 @@ def test_mlp_only_adapters_keep_the_attention_fused(order):
         assert "not a whole fused block" in why and "PEFT LoRA wrapper" in why, report
     else:
         assert any("'model.layers.0'" in str(w.message) for w in caught)
+
+
+class _SeeThroughLoRA(TorchDispatchMode):
+    """Runs the LoRA FFN ops' Python implementations, so FlopCounterMode counts their GEMMs."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fused_ckpt.ops import ffn_lora
+
+        impl = {torch.ops.fused_ckpt.ffn_lora_forward.default: ffn_lora.ffn_lora_forward_impl,
+                torch.ops.fused_ckpt.ffn_lora_backward.default: ffn_lora.ffn_lora_backward_impl}.get(func, func)
+        return impl(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("gated,recompute", [(True, True), (False, False)])
+def test_ffn_lora_flop_formulas_and_opcheck(gated, recompute):
+    """The ops' registered FLOP formulas equal the GEMMs their implementation runs; opcheck (fake
+    implementation, schema, autograd registration)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fused_ckpt.functional import fused_ffn
+    from fused_ckpt.ops.ffn_lora import ffn_lora_forward
+
+    base, lora, x, g = _op_case(gated)
+    counts = []
+    for see_through in (True, False):
+        b, lo, xs = _leaves(base, lora, x, torch.float32)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            if see_through:
+                with _SeeThroughLoRA():
+                    y = fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], "swiglu" if gated else "gelu", recompute,
+                                  backend="aten", w_up=b["w_up"], b_up=b["b_up"], lora=lo)
+                    (y * g.float()).sum().backward()
+            else:
+                y = fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], "swiglu" if gated else "gelu", recompute,
+                              backend="aten", w_up=b["w_up"], b_up=b["b_up"], lora=lo)
+                (y * g.float()).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    b, lo, xs = _leaves(base, lora, x, torch.float32)
+    factors = [t for key in ("fc1", "up", "fc2") for t in (lo[key][:2] if key in lo else (None, None))]
+    scaling = [lo[k][2] if k in lo else 0.0 for k in ("fc1", "up", "fc2")]
+    torch.library.opcheck(ffn_lora_forward, (xs, b["w1"], b["b1"], b["w2"], b["b2"], b["w_up"], b["b_up"], *factors,
+                                             scaling, "swiglu" if gated else "gelu", 0 if recompute is True else 1,
+                                             0.2, 123, 4, 3))

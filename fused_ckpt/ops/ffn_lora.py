@@ -41,10 +41,12 @@ LoRA gradients are accumulated in fp32 (fp64 for fp64) over chunks and rounded o
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..activations import get_activation
 from ._autograd import guard_double_backward
@@ -93,8 +95,14 @@ def _chunk_z(xc, w1, b1, wu, bu, lora, ts, scaling, s: int, e: int) -> Tensor:
         parts.append(torch.nn.functional.linear(xc, wu, bu))
     for i, zp in enumerate(parts):
         if lora[i][0] is not None:
-            zp.addmm_(ts[i][s:e], lora[i][1].t(), alpha=scaling[i])
+            _acc(zp, ts[i][s:e], lora[i][1].t(), alpha=scaling[i])
     return parts[0] if wu is None else torch.cat(parts, -1)
+
+
+def _acc(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+    """out += alpha * a @ b in place (``addmm`` with ``out=``, which FlopCounterMode counts;
+    ``addmm_`` it does not)."""
+    torch.addmm(out, a, b, alpha=alpha, out=out)
 
 
 def _lora_t(inp: Tensor, a: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
@@ -138,7 +146,7 @@ def ffn_lora_forward_impl(
         if a2 is not None:
             k2 = _keep(seed, rng_offset + _FC2, dropout_p, s, e, f, dev) if dropout_p > 0 else None
             ts[_FC2][s:e] = _lora_t(h, a2, k2, dropout_p)
-            y2[s:e].addmm_(ts[_FC2][s:e], l2.t(), alpha=scaling[_FC2])
+            _acc(y2[s:e], ts[_FC2][s:e], l2.t(), alpha=scaling[_FC2])
     return y, ts[0], ts[1], ts[2], (z if z is not None else x.new_empty((0,)))
 
 
@@ -193,8 +201,8 @@ def ffn_lora_backward_impl(
             k2 = _keep(seed, rng_offset + _FC2, p, s, e, f, dev) if p > 0 else None
             g2 = torch.mm(dyc, l2)  # [m, r2]
             sc = scaling[_FC2]
-            grads[_FC2][1].addmm_(dyc.t().to(acc), ts[_FC2][s:e].to(acc), alpha=sc)
-            grads[_FC2][0].addmm_(g2.t().to(acc), _drop(h, k2, p).to(acc), alpha=sc)
+            _acc(grads[_FC2][1], dyc.t().to(acc), ts[_FC2][s:e].to(acc), alpha=sc)
+            _acc(grads[_FC2][0], g2.t().to(acc), _drop(h, k2, p).to(acc), alpha=sc)
             dh += _drop(torch.mm(g2, a2) * sc, k2, p)
             del h
         dz = _act_backward(zc, dh, act)
@@ -207,8 +215,8 @@ def ffn_lora_backward_impl(
             sc = scaling[i]
             keep = keeps.get(i)
             g = torch.mm(dzp, b)  # [m, r]
-            grads[i][1].addmm_(dzp.t().to(acc), ts[i][s:e].to(acc), alpha=sc)
-            grads[i][0].addmm_(g.t().to(acc), _drop(xc, keep, p).to(acc), alpha=sc)
+            _acc(grads[i][1], dzp.t().to(acc), ts[i][s:e].to(acc), alpha=sc)
+            _acc(grads[i][0], g.t().to(acc), _drop(xc, keep, p).to(acc), alpha=sc)
             if need_x:
                 term = _drop(torch.mm(g, a) * sc, keep, p)
                 lora_dx = term if lora_dx is None else lora_dx + term
@@ -269,6 +277,51 @@ def _backward(ctx, grad_y, *_unused):
 
 
 ffn_lora_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- FLOP formulas
+# FlopCounterMode cannot see inside a custom op: the GEMM FLOPs the implementation performs (a test
+# checks them against the counted GEMMs of the implementation).
+def _adapters(w1_shape, w1_up_shape, w2_shape, a1_shape, au_shape, a2_shape):
+    """[(rank, in, out)] of the fc1 / up adapters and (rank, in, out) or None of the fc2 one."""
+    ins = [(a1_shape, w1_shape), (au_shape, w1_up_shape)]
+    x_side = [(a[0], w[1], w[0]) for a, w in ins if a is not None]
+    return x_side, ((a2_shape[0], w2_shape[1], w2_shape[0]) if a2_shape is not None else None)
+
+
+@register_flop_formula(torch.ops.fused_ckpt.ffn_lora_forward)
+def _lora_forward_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, w1_up_shape, b1_up_shape, a1_shape,
+                        l1_shape, au_shape, lu_shape, a2_shape, l2_shape, *args, out_shape=None, **kwargs) -> int:
+    M = math.prod(x_shape[:-1])
+    F1 = w1_shape[0] + (w1_up_shape[0] if w1_up_shape is not None else 0)
+    flops = 2 * M * w1_shape[1] * F1 + 2 * M * w2_shape[1] * w2_shape[0]  # base GEMMs
+    x_side, out_side = _adapters(w1_shape, w1_up_shape, w2_shape, a1_shape, au_shape, a2_shape)
+    for r, n_in, n_out in x_side + ([out_side] if out_side else []):
+        flops += 2 * M * r * (n_in + n_out)  # t = drop(in) A^T, then t B^T
+    return flops
+
+
+@register_flop_formula(torch.ops.fused_ckpt.ffn_lora_backward)
+def _lora_backward_flops(dy_shape, x_shape, z_shape, w1_shape, b1_shape, w2_shape, w1_up_shape, b1_up_shape,
+                         a1_shape, l1_shape, au_shape, lu_shape, a2_shape, l2_shape, t1_shape, tu_shape, t2_shape,
+                         scaling, activation, need_x, *args, out_shape=None, **kwargs) -> int:
+    M = math.prod(x_shape[:-1])
+    d, f, d_out = w1_shape[1], w2_shape[1], w2_shape[0]
+    F1 = w1_shape[0] + (w1_up_shape[0] if w1_up_shape is not None else 0)
+    x_side, out_side = _adapters(w1_shape, w1_up_shape, w2_shape, a1_shape, au_shape, a2_shape)
+    flops = 2 * M * d_out * f  # dH = dY W2
+    if z_shape is None:  # z recomputed: base GEMMs and t B^T from the kept t
+        flops += 2 * M * d * F1 + sum(2 * M * r * n_out for r, _, n_out in x_side)
+    if out_side:
+        r, n_in, n_out = out_side
+        flops += 2 * 2 * M * n_out * r + 2 * 2 * M * r * n_in  # dB, dY B; dA, (dY B) A
+    for r, n_in, n_out in x_side:
+        flops += 2 * 2 * M * n_out * r + 2 * M * r * n_in  # dZ B, dB; dA
+        if need_x:
+            flops += 2 * M * r * n_in  # (dZ B) A into dX
+    if need_x:
+        flops += 2 * M * F1 * d  # dX = dZ W1 (separate: dG Wg + dU Wu)
+    return flops
 
 
 def ffn_lora_saved_bytes(tokens: int, d_model: int, ranks: tuple, save: int, fc1_rows: int, elem_size: int) -> int:
