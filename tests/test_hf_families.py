@@ -24,7 +24,7 @@ from .test_policy import SavedByModule  # noqa: E402
 V, B, S = 64, 2, 8
 # head_dim 32: the smallest the flash kernels take; 2 heads, 1 kv head (grouped) where the family has GQA
 LLAMA_LIKE = dict(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=32, attn_implementation="eager")
+                  num_key_value_heads=1, head_dim=32, attn_implementation="eager", initializer_range=0.2)
 GEMMA2 = dict(LLAMA_LIKE, attn_logit_softcapping=None, final_logit_softcapping=None,
               layer_types=["full_attention"] * 2)
 
@@ -63,10 +63,15 @@ def _config(family: str):
     if family == "gpt2":
         return t.GPT2Config(vocab_size=V, n_positions=32, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0,
-                            eos_token_id=0)
+                            eos_token_id=0, initializer_range=0.2)
     if family == "gpt_neox":
+        # rotary_pct=1.0: with NeoX's default partial rotary (0.25) the key bias's gradient is exactly
+        # zero on the unrotated dims (softmax is shift-invariant), so the max-error rule would compare
+        # rounding noise with rounding noise there; partial rotary is tested at the op level
+        # (tests/test_attention_features.py) and by the "gpt_neox_partial" layer check below
         return t.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=2, attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+                               num_attention_heads=2, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
+                               initializer_range=0.2, rotary_pct=1.0)
     raise KeyError(family)
 
 
@@ -204,3 +209,69 @@ def test_sandwich_family_on_triton():
     assert_close_by_rule(got[1], r64[1], pt[1], "loss")
     for n in pt[2]:
         assert_close_by_rule(got[2][n], r64[2][n], pt[2][n], f"d{n}")
+
+
+def test_gpt_neox_sequential_residual_with_partial_rotary():
+    """GPT-NeoX with use_parallel_residual=False and its default partial rotary (0.25): evaluation
+    picks the pre-norm placement of the same table row; logits and loss match float64 by the rule,
+    and every gradient equals the per-module fused path's (blocks=False), so the whole-layer block
+    adds nothing to the attention op's own rounding (whose key-bias gradient is analytically zero on
+    the unrotated dims, see _config)."""
+    def build(dtype=torch.float32):
+        torch.manual_seed(0)
+        cfg = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=2, attn_implementation="eager", bos_token_id=0,
+                                         eos_token_id=0, initializer_range=0.2, use_parallel_residual=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.AutoModelForCausalLM.from_config(cfg).train().to(dtype)
+
+    ref64, ref = build(torch.float64), build()
+    model, modules = copy.deepcopy(ref), copy.deepcopy(ref)
+    report = patch_hf_model(model, "full", backend="aten")
+    patch_hf_model(modules, "full", backend="aten", blocks=False)
+    rows = [r for r in report.replaced if r[2].startswith("FusedHFDecoderLayer")]
+    assert len(rows) == 2 and all("; pre placement, LayerNorm)" in r[2] for r in rows), rows
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    got, per_module, pt, r64 = _run(model, ids), _run(modules, ids), _run(ref, ids), _run(ref64, ids)
+    assert_close_by_rule(got[0], r64[0], pt[0], "logits")
+    assert_close_by_rule(got[1], r64[1], pt[1], "loss")
+    for n in pt[2]:
+        torch.testing.assert_close(got[2][n], per_module[2][n], rtol=1e-5, atol=1e-7, msg=lambda m: f"d{n}: {m}")
+
+
+def test_gpt_neox_residual_dropout_is_replayed_in_the_whole_layer():
+    """GPT-NeoX's post_attention_dropout / post_mlp_dropout (hidden_dropout 0.1) become the block's
+    replayed branch dropouts: the layers stay whole, a training step is reproducible under
+    ``torch.manual_seed`` (masks from a saved seed, regenerated in backward; the chain is checked
+    against autograd with the same masks in test_block.py), the dropout changes the loss, and in
+    eval mode the model equals the unpatched one."""
+    def build():
+        torch.manual_seed(0)
+        cfg = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=2, attn_implementation="eager", bos_token_id=0,
+                                         eos_token_id=0, initializer_range=0.2, rotary_pct=1.0, hidden_dropout=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.AutoModelForCausalLM.from_config(cfg).train()
+
+    ref = build()
+    model = copy.deepcopy(ref)
+    report = patch_hf_model(model, "full", backend="aten")
+    assert len(_whole_layers(model)) == 2, report.left_alone
+    assert all(m._spec().out_dropout_p == 0.1 and m._spec().ffn_dropout_p == 0.1 for m in _whole_layers(model))
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(_run(model, ids))
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert all(torch.equal(runs[0][2][n], runs[1][2][n]) for n in runs[0][2])
+    model.eval()
+    ref.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eval_loss = model(ids, labels=ids, use_cache=False).loss
+        ref_loss = ref(ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(eval_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert abs(runs[0][1].item() - eval_loss.item()) > 1e-4  # the training step dropped something

@@ -290,7 +290,8 @@ class _LayerRow:
     the attention, 2 before the MLP, 3 after the attention, 4 after the MLP, see
     :mod:`fused_ckpt.ops.block`). ``placements``: the candidate norm placements with the norms'
     child names, tried in order; the one the layer's forward agrees with on a probe is taken.
-    ``dropouts``: ``nn.Dropout`` children on the residual branches (optional; must be inactive).
+    ``dropouts``: the ``nn.Dropout`` children on the attention and the MLP branch's outputs
+    (optional), replayed inside the whole-layer block in training.
     Norm kinds (RMSNorm, ``(1 + w)`` RMSNorm, LayerNorm with bias) are not in the table: each norm
     is identified by evaluating it (:func:`_convert_norm`)."""
 
@@ -368,9 +369,8 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
             return None, f"{row.mlp} is a {type(mlp).__name__}, not a FusedCheckpointedFFN"
         for name in row.dropouts:
             d = parts.get(name)
-            if d is not None and not (isinstance(d, nn.Dropout) and d.p == 0):
-                return None, (f"{name} is {d!r}: dropout on the residual branch is not replayed inside the "
-                              "whole-layer block (left to the layer's own code)")
+            if d is not None and type(d) is not nn.Dropout:
+                return None, f"{name} is a {type(d).__name__}, not an nn.Dropout"
         norm_names = sorted({n for norms in placements.values() for n in norms.values()})
         kinds = {}
         for name in norm_names:
@@ -405,7 +405,8 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
         tried = []
         for placement, norms in placements.items():
             new.placement = placement
-            new.__dict__["_fused_roles"] = {"attn": row.attn, "mlp": row.mlp, **norms}
+            new.__dict__["_fused_roles"] = {"attn": row.attn, "mlp": row.mlp, **norms, **{
+                role: name for role, name in zip(("attn_dropout", "ffn_dropout"), row.dropouts) if name in parts}}
             why = _same_as_hf(new, layer)
             if why is None:
                 kind = {"FusedRMSNorm": "RMSNorm", "FusedLayerNorm": "LayerNorm"}[type(first).__name__]
@@ -450,15 +451,21 @@ def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
     d = block.block_ffn.d_model
     x = torch.randn(1, 3, d, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
     pos = torch.arange(3, device=w.device)[None]
-    with torch.no_grad():
-        try:
+    was_training = layer.training
+    layer.eval()  # dropouts off: the probe compares the math (the children are shared with the block)
+    block.eval()
+    try:
+        with torch.no_grad():
             want = type(layer).forward(layer, x, attention_mask=None, position_ids=pos,
                                        **{block._hf_cache_kw: None})
-        except Exception as e:  # the layer's forward needs something the probe does not give
-            return f"its forward could not be checked ({type(e).__name__}: {e})"
-        block.__dict__["_hf_tuple"] = isinstance(want, tuple)  # transformers 4.x layers return (h, ...)
-        want = want[0] if isinstance(want, tuple) else want
-        got = block._full_recompute(x, None, None)  # the whole-block math itself
+            block.__dict__["_hf_tuple"] = isinstance(want, tuple)  # transformers 4.x layers return (h, ...)
+            want = want[0] if isinstance(want, tuple) else want
+            got = block._full_recompute(x, None, None)  # the whole-block math itself
+    except Exception as e:  # the layer's forward needs something the probe does not give
+        return f"its forward could not be checked ({type(e).__name__}: {e})"
+    finally:
+        layer.train(was_training)
+        block.train(was_training)
     tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
     if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
             not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
@@ -665,7 +672,7 @@ _FIELDS = {
                           lambda v, m: v is None or set(v) <= {"full_attention", "sliding_attention"}),
     # --- decoder layer (whole-layer blocks; the layer's own code runs otherwise)
     "residual_multiplier": _Field(_L, "scaling of the residual branches", (None, 1.0)),
-    "hidden_dropout": _Field(_L, "dropout on the residual branches", _NONE_OR_ZERO),
+    "hidden_dropout": _Field(_C, "dropout on the residual branches: the layer's Dropout modules, replayed"),
     "resid_pdrop": _Field(_L, "dropout on the residual branches", _NONE_OR_ZERO),
     "use_parallel_residual": _Field(_C, "the parallel attention/MLP residual (GPT-NeoX): the layer's placement "
                                     "is the one its forward agrees with on a probe"),

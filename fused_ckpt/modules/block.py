@@ -135,9 +135,28 @@ class FusedCheckpointedBlock(nn.Module):
     def _spec(self) -> BlockSpec:
         a, m = self.block_attention, self.block_ffn
         _, opts = attention_block_inputs(a)
+        opts = dict(opts)
+        for k in ("softcap", "window"):  # the attention's options, when it has them
+            opts.setdefault(k, getattr(a, k, None))
+        if self.training:  # dropouts are replayed in training only
+            opts.setdefault("dropout_p", getattr(a, "dropout_p", 0.0) or 0.0)
+            out = [getattr(a, "out_dropout_p", 0.0) or 0.0, self._branch_dropout("attn_dropout")]
+            ffn = [getattr(m, "dropout_p", 0.0) or 0.0, self._branch_dropout("ffn_dropout")]
+            if min(out) or min(ffn):
+                raise ValueError("fused_ckpt: two dropouts on one residual branch (the module's and the layer's)")
+            opts.update(out_dropout_p=max(out), ffn_dropout_p=max(ffn))
+        else:
+            opts.update(dropout_p=0.0, out_dropout_p=0.0, ffn_dropout_p=0.0)
         return BlockSpec(self.norm, self.norm_eps, a.n_heads, a.n_kv_heads, a.causal, a.scale,
                          a.rope_theta, m.activation, m.chunk_tokens, self.backend, placement=self.placement,
                          norm_offset=self.norm_offset, **opts)
+
+    def _branch_dropout(self, role: str) -> float:
+        """p of the ``nn.Dropout`` submodule in ``role`` ("attn_dropout": on the attention branch's
+        output, "ffn_dropout": on the FFN branch's; Hugging Face GPT-NeoX / Phi-3 layers), or 0."""
+        name = self._roles.get(role)
+        d = getattr(self, name, None) if name is not None else None
+        return float(d.p) if d is not None else 0.0
 
     def _params(self) -> list:
         tensors, _ = attention_block_inputs(self.block_attention)

@@ -44,9 +44,9 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ..functional import fused_ffn
-from ..functional_attention import (_autocast, _autocast_off, _check_positions, _check_scale,
-                                    fused_attention_block)
-from .attention import attn_block_backward, attn_block_forward
+from ..functional_attention import _autocast, _autocast_off, _check_block, _check_positions, _check_scale
+from .attention import attn_block_backward, attn_block_forward, draw_dropout_seed
+from .dropout import dropout_replay
 from .ffn import ffn_backward
 from .norm import _prepare as _prepare_norm
 from .norm import (layer_norm, layer_norm_apply, layer_norm_apply_stats, layer_norm_backward, rms_norm,
@@ -102,6 +102,14 @@ class BlockSpec:
     qk_norm_offset: float = 0.0
     rotary_dim: Optional[int] = None
     qkv_layout: str = "separate"
+    softcap: Optional[float] = None  # attention logit soft-capping (Gemma2)
+    window: Optional[int] = None  # sliding window: key j visible from query i iff i - window < j <= i
+    # replayed dropouts (training only; a (seed, offset) per call saved as ints, masks regenerated in
+    # backward): on the attention probabilities, on the attention branch's output (GPT-2 resid_dropout,
+    # GPT-NeoX post_attention_dropout, Phi-3 resid_attn_dropout) and on the FFN branch's output
+    dropout_p: float = 0.0
+    out_dropout_p: float = 0.0
+    ffn_dropout_p: float = 0.0
 
     def has(self, i: int) -> bool:
         return i in PLACEMENT_NORMS[self.placement]
@@ -123,17 +131,53 @@ def _norm_apply_fwd(spec: BlockSpec, x: Tensor, w, b, stats):
     return layer_norm_apply_stats(x, w, b, stats[0], stats[1], spec.backend)
 
 
-def _attn_options(spec: BlockSpec, p: dict) -> dict:
-    return dict(q_norm=p["q_norm_w"], k_norm=p["k_norm_w"], qk_norm_eps=spec.qk_norm_eps,
-                qk_norm_offset=spec.qk_norm_offset, rotary_dim=spec.rotary_dim, qkv_layout=spec.qkv_layout)
+_DROPOUTS = ("dropout_p", "out_dropout_p", "ffn_dropout_p")  # the order the seeds are drawn in
 
 
-def _attention(spec: BlockSpec, n1: Tensor, p: dict, position_ids, mask, recompute):
-    return fused_attention_block(
-        n1, p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"], p["wo"], p["bo"], spec.n_heads,
-        spec.n_kv_heads, causal=spec.causal, scale=spec.scale, rope_theta=spec.rope_theta,
-        position_ids=position_ids, key_padding_mask=mask, recompute=recompute, backend=spec.backend,
-        **_attn_options(spec, p))
+def draw_seeds(spec: BlockSpec) -> dict:
+    """``{dropout name: (seed, offset)}`` for the block's active dropouts, drawn from torch's default
+    generator in the order of ``_DROPOUTS`` (the order the per-module path draws them)."""
+    return {k: draw_dropout_seed() for k in _DROPOUTS if getattr(spec, k)}
+
+
+def _attn_setup(spec: BlockSpec, x: Tensor, p: dict, position_ids, mask, seeds: dict) -> tuple:
+    """The attention op's inputs: x and the attention tensors cast as autocast casts them (the
+    caller's autocast state), the backend, the positional arguments after the weights and the
+    feature keywords (QK-norm, partial rotary, packed layout, softcap, window, dropout seed)."""
+    dev = x.device.type
+    x, wq, bq, wk, bk, wv, bv, wo, bo, qn, kn = _autocast(
+        x, p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"], p["wo"], p["bo"], p["q_norm_w"], p["k_norm_w"],
+        device_type=dev)
+    be = resolve_backend(spec.backend, x.device, wq.dtype)
+    B, S = x.shape[0], x.shape[1]
+    pos = _check_positions(position_ids, B, S, x.device) if position_ids is not None else None
+    scale = _check_scale(spec.scale, p["wo"].shape[1] // spec.n_heads)
+    args = (pos, mask, spec.n_heads, spec.n_kv_heads, spec.causal, scale, spec.rope_theta)
+    opts = dict(q_norm=qn, k_norm=kn, qk_norm_eps=spec.qk_norm_eps, qk_norm_offset=spec.qk_norm_offset,
+                rotary_dim=spec.rotary_dim, qkv_layout=spec.qkv_layout)
+    if spec.softcap is not None or spec.window is not None or spec.dropout_p:  # else the schema without them
+        seed, off = seeds.get("dropout_p", (0, 0))
+        opts.update(softcap=spec.softcap, window=spec.window, dropout_p=spec.dropout_p, seed=seed, rng_offset=off)
+    return x, (wq, bq, wk, bk, wv, bv, wo, bo), be, args, opts
+
+
+def _dropout(spec: BlockSpec, t: Tensor, name: str, seeds: dict, backend: str) -> Tensor:
+    """The replayed dropout ``name`` on t (forward), or on a gradient (its own backward: the same
+    mask and scale); t itself when that dropout is off."""
+    p = getattr(spec, name)
+    if not p:
+        return t
+    seed, off = seeds[name]
+    return dropout_replay(t, float(p), seed, off, backend)
+
+
+def _attention(spec: BlockSpec, a_in: Tensor, p: dict, position_ids, mask, seeds: dict) -> Tensor:
+    """The attention branch's output (before any norm after it), with its output dropout."""
+    xc, w, be, args, opts = _attn_setup(spec, a_in, p, position_ids, mask, seeds)
+    _check_block(xc, *w, spec.n_heads, spec.n_kv_heads, be, spec.qkv_layout)
+    with _autocast_off(a_in.device.type):
+        y = attn_block_forward(xc, *w, *args, "all", be, **opts)[0]
+        return _dropout(spec, y, "out_dropout_p", seeds, be)
 
 
 def _ffn(spec: BlockSpec, n2: Tensor, p: dict) -> Tensor:
@@ -141,19 +185,20 @@ def _ffn(spec: BlockSpec, n2: Tensor, p: dict) -> Tensor:
                      backend=spec.backend, w_up=p["w1u"], b_up=p["b1u"])
 
 
-def block_forward_math(spec: BlockSpec, x: Tensor, p: dict, position_ids, mask, recompute="all"):
+def block_forward_math(spec: BlockSpec, x: Tensor, p: dict, position_ids, mask, seeds: dict):
     """``(y, {norm index: statistics})``: the block's forward for ``spec.placement`` (the
-    statistics of every norm applied)."""
+    statistics of every norm applied), the dropouts with ``seeds`` (:func:`draw_seeds`)."""
     stats = {}
     a_in = x
     if spec.has(1):
         a_in, stats[1] = _norm(spec, x, p["norm1_w"], p["norm1_b"])
-    a = _attention(spec, a_in, p, position_ids, mask, recompute)
+    a = _attention(spec, a_in, p, position_ids, mask, seeds)
     del a_in
     if spec.has(3):
         a, stats[3] = _norm(spec, a, p["norm3_w"], p["norm3_b"])
     if spec.placement == "parallel":  # N2 normalises x, as N1 does: N1's statistics
         f = _ffn(spec, _norm_apply_fwd(spec, x, p["norm2_w"], p["norm2_b"], stats[1]), p)
+        f = _dropout(spec, f, "ffn_dropout_p", seeds, resolve_backend(spec.backend, f.device, f.dtype))
         return (f + a) + x, stats  # Hugging Face GPT-NeoX's order: mlp + attn + x
     h = x + a
     del a
@@ -162,6 +207,7 @@ def block_forward_math(spec: BlockSpec, x: Tensor, p: dict, position_ids, mask, 
         f_in, stats[2] = _norm(spec, h, p["norm2_w"], p["norm2_b"])
     f = _ffn(spec, f_in, p)
     del f_in
+    f = _dropout(spec, f, "ffn_dropout_p", seeds, resolve_backend(spec.backend, f.device, f.dtype))
     if spec.has(4):
         f, stats[4] = _norm(spec, f, p["norm4_w"], p["norm4_b"])
     return h + f, stats
@@ -172,8 +218,9 @@ class BlockFullRecompute(torch.autograd.Function):
     def forward(ctx, spec: BlockSpec, x, position_ids, mask, *params):
         p = dict(zip(PARAM_NAMES, params))
         with torch.no_grad():
-            y, stats = block_forward_math(spec, x, p, position_ids, mask, "all")
-        ctx.spec = spec
+            seeds = draw_seeds(spec)  # ints kept on ctx: the masks are regenerated in backward
+            y, stats = block_forward_math(spec, x, p, position_ids, mask, seeds)
+        ctx.spec, ctx.seeds = spec, seeds
         ctx.stat_keys = [(i, len(stats[i])) for i in sorted(stats)]
         dev = x.device.type  # the backward recomputes under the same autocast state, as checkpoint does
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
@@ -202,24 +249,17 @@ class BlockFullRecompute(torch.autograd.Function):
         # torch.compile). Under autocast the forward ran every op on autocast-cast inputs; the
         # same casts are redone here and each gradient is cast back to its tensor's dtype, as
         # the casts' own backward would.
+        seeds = ctx.seeds
         with autocast():
             xc, n1w, n1b, be_n = _prepare_norm(x, p["norm1_w"], p["norm1_b"], spec.backend)
-            wq, bq, wk, bk, wv, bv, wo, bo, qn, kn = _autocast(
-                p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"], p["wo"], p["bo"], p["q_norm_w"], p["k_norm_w"],
-                device_type=dev)
-        be_a = resolve_backend(spec.backend, x.device, wq.dtype)  # the dtype the forward's attention ran in
-        B, S = x.shape[0], x.shape[1]
-        pos = _check_positions(position_ids, B, S, x.device) if position_ids is not None else None
-        scale = _check_scale(spec.scale, p["wo"].shape[1] // spec.n_heads)
-        attn_args = (position_ids if pos is None else pos, mask, spec.n_heads, spec.n_kv_heads, spec.causal, scale,
-                     spec.rope_theta)
-        attn_opts = dict(q_norm=qn, k_norm=kn, qk_norm_eps=spec.qk_norm_eps, qk_norm_offset=spec.qk_norm_offset,
-                         rotary_dim=spec.rotary_dim, qkv_layout=spec.qkv_layout)
+            _, (wq, bq, wk, bk, wv, bv, wo, bo), be_a, attn_args, attn_opts = _attn_setup(
+                spec, x, p, position_ids, mask, seeds)  # the dtype the forward's attention ran in
         # 1. recompute: N1 from its statistics, the attention half (keeping q, k, v, o), N3, h, N2
         with _autocast_off(dev):
             n1 = _norm_apply(spec, xc, n1w, n1b, stats[1], be_n) if spec.has(1) else xc
             y_a, o, lse, q, k_, v = attn_block_forward(n1, wq, bq, wk, bk, wv, bv, wo, bo, *attn_args, "none", be_a,
                                                        **attn_opts)
+            y_a = _dropout(spec, y_a, "out_dropout_p", seeds, be_a)  # the branch's output (mask regenerated)
         a, n3 = y_a, None
         if spec.has(3):
             with autocast():
@@ -238,6 +278,7 @@ class BlockFullRecompute(torch.autograd.Function):
         if spec.has(4):
             with torch.no_grad(), autocast():
                 f = _ffn(spec, n2, p)
+                f = _dropout(spec, f, "ffn_dropout_p", seeds, resolve_backend(spec.backend, f.device, f.dtype))
                 fc, n4w, n4b, _ = _prepare_norm(f, p["norm4_w"], p["norm4_b"], spec.backend)
             with _autocast_off(dev):
                 g_f, grads["norm4_w"], grads["norm4_b"] = _norm_grad(spec, dy.to(fc.dtype), fc, n4w, stats[4],
@@ -250,7 +291,8 @@ class BlockFullRecompute(torch.autograd.Function):
             ffn_names = ("w1", "b1", "w2", "b2", "w1u", "b1u")  # the op's gradient order
             ffn_needs = [True] + [needs[n] for n in ffn_names]
             be = resolve_backend(spec.backend, x.device, ct)
-            g_n2, *ffn_grads = ffn_backward(g_f.to(ct), n2, None, None, cast(p["w1"]), cast(p["b1"]), cast(p["w2"]),
+            g_f = _dropout(spec, g_f.to(ct), "ffn_dropout_p", seeds, be)  # dropout's backward: the same mask
+            g_n2, *ffn_grads = ffn_backward(g_f, n2, None, None, cast(p["w1"]), cast(p["b1"]), cast(p["w2"]),
                                             spec.activation, ffn_needs, spec.chunk_tokens, be, cast(p["w1u"]),
                                             cast(p["b1u"]))
             grads.update(zip(ffn_names, ffn_grads))
@@ -273,7 +315,8 @@ class BlockFullRecompute(torch.autograd.Function):
             attn_names = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "q_norm_w", "k_norm_w")
             up = need_x or needs["norm1_w"] or needs["norm1_b"]
             attn_needs = [up] + [needs[n] for n in attn_names]
-            d_n1, *attn_grads = attn_block_backward(g_a.to(y_a.dtype), n1, wq, bq, wk, bk, wv, bv, wo, q, k_, v, o,
+            g_a = _dropout(spec, g_a.to(y_a.dtype), "out_dropout_p", seeds, be_a)
+            d_n1, *attn_grads = attn_block_backward(g_a, n1, wq, bq, wk, bk, wv, bv, wo, q, k_, v, o,
                                                     lse, *attn_args, attn_needs, be_a, **attn_opts)
             grads.update(zip(attn_names, attn_grads))
             dx = None
