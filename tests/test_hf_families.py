@@ -55,11 +55,18 @@ def _config(family: str):
         return t.Gemma2Config(**GEMMA2)
     if family == "gemma3":
         return t.Gemma3TextConfig(**GEMMA2)
+    if family == "gemma3_defaults":  # sliding-window layers (window 4096 > S), per-layer-type rope, query scalar 256
+        return t.Gemma3TextConfig(**LLAMA_LIKE)
+    if family == "gemma2_defaults":  # attn_logit_softcapping 50, alternating sliding-window layers
+        return t.Gemma2Config(**LLAMA_LIKE)
     if family == "olmo2":
         return t.Olmo2Config(**{k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"})
     if family == "phi3":
         return t.Phi3Config(**{k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"}, pad_token_id=0,
                             bos_token_id=1, eos_token_id=2)
+    if family == "gpt2_dropout":  # GPT-2's default dropouts (0.1)
+        return t.GPT2Config(vocab_size=V, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+                            eos_token_id=0, attn_implementation="eager", initializer_range=0.2)
     if family == "gpt2":
         return t.GPT2Config(vocab_size=V, n_positions=32, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0,
@@ -84,11 +91,22 @@ EXPECTED = {
     "qwen3": ("pre", "RMSNorm"),
     "gemma": ("pre", "(1 + w) RMSNorm"),
     "gemma2": ("sandwich", "(1 + w) RMSNorm"),
+    "gemma2_defaults": "self_attn is a Gemma2Attention, not a FusedHFAttention",  # softcap: attention refused
     "gemma3": ("sandwich", "(1 + w) RMSNorm"),
     "olmo2": ("post", "RMSNorm"),
     "phi3": ("pre", "RMSNorm"),
     "gpt2": ("pre", "LayerNorm"),
+    "gpt2_dropout": "attn is a GPT2Attention, not a FusedHFAttention",  # active dropout: attention refused
     "gpt_neox": ("parallel", "LayerNorm"),
+}
+
+
+# why the attention of a family in EXPECTED that is not whole stays Hugging Face's (the report's reason)
+GAPS = {
+    "gemma2_defaults": "config attn_logit_softcapping=50.0: tanh soft-capping of the attention logits is not computed "
+                       "by the fused path",
+    "gpt2_dropout": "attn_dropout is a dropout with p=0.1, which the fused attention does not compute (set the "
+                    "config's dropout to 0)",
 }
 
 
@@ -138,12 +156,16 @@ def test_family_is_patched_and_matches_unpatched(family):
         assert len(layers) == 2 and all(m.placement == placement and m.recompute == "full" for m in layers)
     else:
         assert not layer_rows and len(refused) == 2 and all(want in r[2] for r in refused), refused
+        assert [r for r in report.left_alone if r[2] == GAPS[family]], report.left_alone
     # every norm is fused whatever happens to the layers (weight / bias Parameters kept)
     assert not [r for r in report.left_alone if "norm not fused" in r[2]], report.left_alone
     assert [p for p in model.parameters()] == [p for p in model.parameters()]
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    if family == "gpt2_dropout":  # the unfused parts' dropouts draw different masks: compare without them
+        for m in (model, ref, ref64):
+            m.eval()
     got, pt, r64 = _run(model, ids), _run(ref, ids), _run(ref64, ids)
     assert_close_by_rule(got[0], r64[0], pt[0], f"{family} logits")
     assert_close_by_rule(got[1], r64[1], pt[1], f"{family} loss")
@@ -275,3 +297,23 @@ def test_gpt_neox_residual_dropout_is_replayed_in_the_whole_layer():
         ref_loss = ref(ids, labels=ids, use_cache=False).loss
     torch.testing.assert_close(eval_loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert abs(runs[0][1].item() - eval_loss.item()) > 1e-4  # the training step dropped something
+
+
+@pytest.mark.parametrize("family", ["gemma3_defaults"])
+def test_default_config_layers_are_whole_and_add_nothing_to_the_ops(family):
+    """A family at its default config (Gemma 3: alternating sliding-window layers, per-layer-type
+    rope, query_pre_attn_scalar): the layers are whole, logits and loss match float64 by the rule,
+    and every gradient equals the per-module fused path's (blocks=False): the whole-layer block adds
+    nothing to the ops' own rounding. (Against float64 the GeGLU FFN op's down_proj gradient is at
+    2.6x PyTorch's fp32 error on this seed, with or without whole layers.)"""
+    ref64, ref = _build(family, torch.float64), _build(family)
+    model, modules = copy.deepcopy(ref), copy.deepcopy(ref)
+    report = patch_hf_model(model, "full", backend="aten")
+    patch_hf_model(modules, "full", backend="aten", blocks=False)
+    assert len(_whole_layers(model)) == 2, report.left_alone
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    got, per_module, pt, r64 = _run(model, ids), _run(modules, ids), _run(ref, ids), _run(ref64, ids)
+    assert_close_by_rule(got[0], r64[0], pt[0], "logits")
+    assert_close_by_rule(got[1], r64[1], pt[1], "loss")
+    for n in pt[2]:
+        torch.testing.assert_close(got[2][n], per_module[2][n], rtol=1e-5, atol=1e-7, msg=lambda m: f"d{n}: {m}")
