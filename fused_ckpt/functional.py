@@ -125,7 +125,8 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
             (:mod:`fused_ckpt.ops.dropout`).
         lora: LoRA adapters on frozen base weights (PEFT's vanilla LoRA), a dict with any of the
             keys "fc1" (the gate, or the packed / ungated fc1), "up" (the separate up weight)
-            and "fc2", each ``(A [r, in], B [out, r], scaling)``: each projection becomes
+            and "fc2", each ``(A [r, in], B [out, r], scaling)`` (in x's dtype, or float32 for a
+            16-bit x as PEFT keeps them by default): each projection becomes
             ``linear(x, W, b) + scaling * linear(linear(drop(x), A), B)``. The base weights
             must not require grad (no dW is computed for them); A and B get gradients; kept for
             backward: x and each adapter's ``[tokens, r]`` product (plus the pre-activation
@@ -183,6 +184,12 @@ def fused_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor |
 _LORA_KEYS = ("fc1", "up", "fc2")
 
 
+def lora_dtype_ok(factor_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """LoRA factors in x's dtype, or in float32 over a 16-bit x (PEFT's ``autocast_adapter_dtype``
+    default: the adapter math in fp32, its sum with the base output rounded once)."""
+    return factor_dtype == x_dtype or (factor_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16))
+
+
 def _fused_ffn_lora(x, w1, b1, w2, b2, activation, recompute, chunk_tokens, backend, w_up, b_up, dropout_p,
                     lora, lora_dropout):
     """:func:`fused_ffn` with LoRA adapters (:mod:`fused_ckpt.ops.ffn_lora`)."""
@@ -221,9 +228,9 @@ def _fused_ffn_lora(x, w1, b1, w2, b2, activation, recompute, chunk_tokens, back
         if a.shape != (r, ins[key]) or b.shape != (outs[key], r) or r == 0:
             raise ValueError(f"lora[{key!r}]: A {tuple(a.shape)} and B {tuple(b.shape)} must be [r, {ins[key]}] and "
                              f"[{outs[key]}, r] with r > 0")
-        if a.dtype != x.dtype or b.dtype != x.dtype or a.device != x.device or b.device != x.device:
-            raise ValueError(f"lora[{key!r}]: A and B must have x's dtype and device ({x.dtype}, {x.device}), got "
-                             f"{a.dtype}/{b.dtype} on {a.device}/{b.device}")
+        if not lora_dtype_ok(a.dtype, x.dtype) or b.dtype != a.dtype or a.device != x.device or b.device != x.device:
+            raise ValueError(f"lora[{key!r}]: A and B must share one dtype, x's ({x.dtype}) or float32 for a 16-bit x, "
+                             f"and x's device ({x.device}); got {a.dtype}/{b.dtype} on {a.device}/{b.device}")
         if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise ValueError(f"lora[{key!r}]: scaling must be a number, got {s!r}")
         factors += [a, b]

@@ -252,9 +252,10 @@ def _reference(base, lora, x, g, dtype, activation, p, seed, offset):
     return y, _grads(y, g, xs, lo)
 
 
-@pytest.mark.parametrize("gated,p,recompute,chunk", [(True, 0.0, True, 0), (True, 0.25, True, 3),
-                                                     (False, 0.25, False, 4), (True, 0.3, "none", 0)])
-def test_ffn_lora_op_matches_float64(gated, p, recompute, chunk):
+@pytest.mark.parametrize("gated,p,recompute,chunk,dtype", [
+    (True, 0.0, True, 0, torch.float32), (True, 0.25, True, 3, torch.float32), (False, 0.25, False, 4, torch.float32),
+    (True, 0.3, "none", 0, torch.float32), (True, 0.25, True, 3, torch.bfloat16), (False, 0.0, True, 0, torch.float16)])
+def test_ffn_lora_op_matches_float64(gated, p, recompute, chunk, dtype):
     """fused_ffn(lora=...) against float64 with the same (replayed) dropout masks: output, dx, every
     dA and dB by the 2x rule, with random upstream gradients; the base gets no gradient."""
     from fused_ckpt.functional import fused_ffn
@@ -262,7 +263,7 @@ def test_ffn_lora_op_matches_float64(gated, p, recompute, chunk):
 
     activation = "swiglu" if gated else "gelu"
     base, lora, x, g = _op_case(gated)
-    b, lo, xs = _leaves(base, lora, x, torch.float32)
+    b, lo, xs = _leaves(base, lora, x, dtype)
     torch.manual_seed(11)
     y = fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], activation, recompute, chunk_tokens=chunk,
                   backend="aten", w_up=b["w_up"], b_up=b["b_up"], lora=lo, lora_dropout=p)
@@ -270,7 +271,7 @@ def test_ffn_lora_op_matches_float64(gated, p, recompute, chunk):
     torch.manual_seed(11)
     seed, offset = draw_dropout_seed() if p else (0, 0)
     want_y, want = _reference(base, lora, x, g, torch.float64, activation, p, seed, offset)
-    pt_y, pt = _reference(base, lora, x, g, torch.float32, activation, p, seed, offset)
+    pt_y, pt = _reference(base, lora, x, g, dtype, activation, p, seed, offset)
     assert_close_by_rule(y, want_y, pt_y, "y")
     for k in want:
         assert_close_by_rule(got[k], want[k], pt[k], k)
@@ -438,12 +439,13 @@ def test_dora_is_refused_with_its_reason():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
-def test_mlp_only_adapters_keep_the_attention_fused(order):
+@pytest.mark.parametrize("order,dtype", [("patch_then_peft", torch.float32), ("peft_then_patch", torch.float32),
+                                         ("peft_then_patch", torch.bfloat16)])
+def test_mlp_only_adapters_keep_the_attention_fused(order, dtype):
     """LoRA on the MLP only: the attention stays fused, the MLP runs the LoRA op, and the layer is
     not a whole-layer block (PEFT first: left alone with the reason; patch first: the block hands
     the call to its parts) -- loss and adapter gradients equal unpatched PEFT's."""
-    base = _one_layer_llama()
+    base = _one_layer_llama().to(dtype)
     mlp_only = ["gate_proj", "up_proj", "down_proj"]
     ref = peft.get_peft_model(copy.deepcopy(base), _lora(mlp_only))
     ref64 = peft.get_peft_model(copy.deepcopy(base).double(), _lora(mlp_only))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..activations import ACTIVATIONS, GELU, Activation, GELU_TANH, RELU, SILU, get_activation
-from ..functional import ffn_save_count, fused_ffn
+from ..functional import ffn_save_count, fused_ffn, lora_dtype_ok
 from ._swap import lora_of, record_children, swapped_child, warn_unfused
 
 _BASE_NAMES = {RELU: "relu", GELU: "gelu", GELU_TANH: "gelu_tanh", SILU: "silu"}
@@ -93,8 +93,8 @@ class FusedCheckpointedFFN(nn.Module):
             if p is not None and drop != p:
                 return None, f"the projections' LoRA dropout differ ({p} and {drop})"
             p = drop
-            if a.dtype != x.dtype or b.dtype != x.dtype:
-                return None, f"{name}: LoRA weights in {a.dtype}, input in {x.dtype}"
+            if not lora_dtype_ok(a.dtype, x.dtype) or b.dtype != a.dtype:
+                return None, f"{name}: LoRA weights in {a.dtype} / {b.dtype}, input in {x.dtype}"
             lora[roles[name]] = (a, b, scaling)
         if lora:
             if any(m.weight.requires_grad or getattr(m, "bias", None) is not None and m.bias.requires_grad

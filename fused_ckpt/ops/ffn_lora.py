@@ -95,7 +95,7 @@ def _chunk_z(xc, w1, b1, wu, bu, lora, ts, scaling, s: int, e: int) -> Tensor:
         parts.append(torch.nn.functional.linear(xc, wu, bu))
     for i, zp in enumerate(parts):
         if lora[i][0] is not None:
-            _acc(zp, ts[i][s:e], lora[i][1].t(), alpha=scaling[i])
+            _add_low_rank(zp, ts[i][s:e], lora[i][1], scaling[i])
     return parts[0] if wu is None else torch.cat(parts, -1)
 
 
@@ -105,8 +105,26 @@ def _acc(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
     torch.addmm(out, a, b, alpha=alpha, out=out)
 
 
+def _add_low_rank(out: Tensor, t: Tensor, b: Tensor, alpha: float) -> None:
+    """out += alpha * t B^T. Factors in fp32 over a half-precision out (PEFT's default for a 16-bit
+    model, ``autocast_adapter_dtype``): the sum is formed in fp32 and rounded once, as PEFT adds its
+    fp32 LoRA term to the base output and rounds back."""
+    if b.dtype == out.dtype:
+        _acc(out, t, b.t(), alpha)
+    else:
+        out.copy_(torch.addmm(out.to(b.dtype), t, b.t(), alpha=alpha))
+
+
+def _add(base: Tensor, term: Tensor) -> Tensor:
+    """base + term in base's dtype (formed in term's dtype when it is wider)."""
+    if term.dtype == base.dtype:
+        return base.add_(term)
+    return (base.to(term.dtype) + term).to(base.dtype)
+
+
 def _lora_t(inp: Tensor, a: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
-    return torch.mm(_drop(inp, keep, p), a.t())
+    """t = drop(inp) A^T in A's dtype (x cast to it, as PEFT casts its input to the adapter's)."""
+    return torch.mm(_drop(inp, keep, p).to(a.dtype), a.t())
 
 
 # --------------------------------------------------------------------------- forward
@@ -124,7 +142,7 @@ def ffn_lora_forward_impl(
     x2 = x.reshape(-1, d)
     M, dev = x2.shape[0], x.device
     lora = ((a1, l1), (au, lu), (a2, l2))
-    ts = [x.new_empty((M, a.shape[0])) if a is not None else x.new_empty((0,)) for a, _ in lora]
+    ts = [x.new_empty((M, a.shape[0]), dtype=a.dtype) if a is not None else x.new_empty((0,)) for a, _ in lora]
     F1 = w1.shape[0] + (w1_up.shape[0] if w1_up is not None else 0)
     f = w2.shape[1]
     y = torch.empty(x.shape[:-1] + (w2.shape[0],), device=dev, dtype=x.dtype)
@@ -146,7 +164,7 @@ def ffn_lora_forward_impl(
         if a2 is not None:
             k2 = _keep(seed, rng_offset + _FC2, dropout_p, s, e, f, dev) if dropout_p > 0 else None
             ts[_FC2][s:e] = _lora_t(h, a2, k2, dropout_p)
-            _acc(y2[s:e], ts[_FC2][s:e], l2.t(), alpha=scaling[_FC2])
+            _add_low_rank(y2[s:e], ts[_FC2][s:e], l2, scaling[_FC2])
     return y, ts[0], ts[1], ts[2], (z if z is not None else x.new_empty((0,)))
 
 
@@ -158,7 +176,8 @@ def _(x, w1, b1, w2, b2, w1_up, b1_up, a1, l1, au, lu, a2, l2, scaling, activati
       rng_offset, chunk_tokens):
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     F1 = w1.shape[0] + (w1_up.shape[0] if w1_up is not None else 0)
-    ts = [x.new_empty((tokens, a.shape[0])) if a is not None else x.new_empty((0,)) for a in (a1, au, a2)]
+    ts = [x.new_empty((tokens, a.shape[0]), dtype=a.dtype) if a is not None else x.new_empty((0,))
+          for a in (a1, au, a2)]
     z = x.new_empty((tokens, F1)) if save >= 1 else x.new_empty((0,))
     return x.new_empty(x.shape[:-1] + (w2.shape[0],)), ts[0], ts[1], ts[2], z
 
@@ -199,11 +218,11 @@ def ffn_lora_backward_impl(
         if a2 is not None:
             h = _hidden(zc, act)
             k2 = _keep(seed, rng_offset + _FC2, p, s, e, f, dev) if p > 0 else None
-            g2 = torch.mm(dyc, l2)  # [m, r2]
+            g2 = torch.mm(dyc.to(l2.dtype), l2)  # [m, r2]
             sc = scaling[_FC2]
             _acc(grads[_FC2][1], dyc.t().to(acc), ts[_FC2][s:e].to(acc), alpha=sc)
             _acc(grads[_FC2][0], g2.t().to(acc), _drop(h, k2, p).to(acc), alpha=sc)
-            dh += _drop(torch.mm(g2, a2) * sc, k2, p)
+            dh = _add(dh, _drop(torch.mm(g2, a2) * sc, k2, p))
             del h
         dz = _act_backward(zc, dh, act)
         dzs = [dz] if w1_up is None else [dz[:, :f1], dz[:, f1:]]
@@ -214,18 +233,18 @@ def ffn_lora_backward_impl(
                 continue
             sc = scaling[i]
             keep = keeps.get(i)
-            g = torch.mm(dzp, b)  # [m, r]
+            g = torch.mm(dzp.to(b.dtype), b)  # [m, r]
             _acc(grads[i][1], dzp.t().to(acc), ts[i][s:e].to(acc), alpha=sc)
             _acc(grads[i][0], g.t().to(acc), _drop(xc, keep, p).to(acc), alpha=sc)
             if need_x:
-                term = _drop(torch.mm(g, a) * sc, keep, p)
+                term = _drop(torch.mm(g, a) * sc, keep, p)  # in the factors' dtype
                 lora_dx = term if lora_dx is None else lora_dx + term
         if need_x:
             out = torch.mm(dzs[0], w1)
             if w1_up is not None:
                 out += torch.mm(dzs[1], w1_up)
             if lora_dx is not None:
-                out += lora_dx
+                out = _add(out, lora_dx)
             dx2[s:e] = out
     outs = [dx if need_x else x.new_empty((0,))]
     for (a, b), g in zip(lora, grads):
