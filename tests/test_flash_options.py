@@ -86,7 +86,7 @@ def _check(q, k, v, backend, causal=False, kpm=None, scale=None, softcap=None, w
 # (B, S_q, S_kv, H, H_kv, D, causal, dtype): several key blocks of the interpreter's 32x32
 # tiles, ragged tails, GQA, S_q != S_kv both ways.
 SOFTCAP_CASES = [
-    (2, 40, 40, 2, 1, 32, True, torch.float32),
+    (1, 40, 40, 2, 1, 32, True, torch.float32),
     (1, 33, 70, 4, 2, 64, False, torch.bfloat16),
     (1, 70, 45, 2, 2, 32, True, torch.float16),
 ]
@@ -127,7 +127,7 @@ def test_sliding_window(S_q, S_kv, window, padded, backend, monkeypatch):
     import fused_ckpt.ops.attention as ops
 
     monkeypatch.setattr(ops, "_use_cpu_flash", lambda q, k: False)
-    q, k, v = _inputs(2, S_q, S_kv, 4, 2, 32, torch.float32)
+    q, k, v = _inputs(2 if padded else 1, S_q, S_kv, 2, 1, 32, torch.float32)
     kpm = None
     if padded:
         kpm = torch.rand(2, S_kv, device=DEV) > 0.3
@@ -236,10 +236,18 @@ def test_triton_and_aten_draw_the_same_mask():
 
 
 def test_dropout_mask_statistics():
-    """The fraction kept is 1 - p within 5 standard deviations, per p, on 2^20 draws; masks of
+    """The fraction kept is 1 - p within 5 standard deviations, per p, on 2^18 draws; masks of
     different seeds, offsets, heads and batches differ."""
+    from fused_ckpt.kernels.flash_attn_fwd import dropout_threshold
+    from fused_ckpt.ops.attention import philox_word0
+
+    # the bits dropout_keep_mask thresholds, for (batch, head) pairs 0..3, 256 queries x 256 keys
+    r = philox_word0(31337, torch.arange(256).view(1, 1, -1), torch.arange(256).view(1, -1, 1),
+                     torch.arange(4).view(-1, 1, 1), torch.tensor(0)) >> 1
+    assert torch.equal(r[1] >= dropout_threshold(0.5),
+                       dropout_keep_mask(31337, 0, 0.5, 2, 2, torch.arange(256), torch.arange(256))[0, 1])
     for p in (0.1, 0.5, 0.9):
-        keep = dropout_keep_mask(31337, 0, p, 2, 4, torch.arange(256), torch.arange(512))
+        keep = r >= dropout_threshold(p)
         n = keep.numel()
         assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
     a = dropout_keep_mask(1, 0, 0.5, 2, 2, torch.arange(64), torch.arange(64))
@@ -293,7 +301,7 @@ def test_bad_options():
             flash_attention(q, k, v, backend="aten", **kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["aten"])  # the schema and fakes do not depend on the backend
 def test_opcheck_with_options(backend):
     q, k, v = (t.requires_grad_() for t in _inputs(1, 17, 17, 2, 1, 32, torch.float32))
     args = (q, k, v, None, True, 0.25, backend, 4.0, 5, 0.2, 123, 4)
