@@ -522,3 +522,29 @@ def test_ffn_lora_flop_formulas_and_opcheck(gated, recompute):
     torch.library.opcheck(ffn_lora_forward, (xs, b["w1"], b["b1"], b["w2"], b["b2"], b["w_up"], b["b_up"], *factors,
                                              scaling, "swiglu" if gated else "gelu", 0 if recompute is True else 1,
                                              0.2, 123, 4, 3))
+
+
+@pytest.mark.parametrize("dtype,recompute", [(torch.float32, True), (torch.bfloat16, False)])
+def test_fused_lora_mlp_saved_bytes_match_its_prediction(dtype, recompute):
+    """The LoRA MLP's saved_bytes() (what the planner reads) equals what saved_tensors_hooks see:
+    x plus the [tokens, r] products (fp32 for PEFT's fp32 adapters on a bf16 model), z with
+    recompute=False."""
+    m = peft.get_peft_model(_one_layer_llama().to(dtype), _lora(["gate_proj", "up_proj", "down_proj"]))
+    patch_hf_model(m, backend="aten", policy=None)
+    mlp = m.base_model.model.model.layers[0].mlp
+    mlp.recompute = recompute
+    params = {p.data_ptr() for p in m.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _OpLog() as seen:
+        mlp(x)
+    assert "fused_ckpt.ffn_lora_forward.default" in seen
+    r_elem = 4  # PEFT keeps the adapters in fp32 (autocast_adapter_dtype)
+    want = 10 * (32 * x.element_size() + 3 * 4 * r_elem + (0 if recompute is True else 96 * x.element_size()))
+    assert sum(saved) == want == mlp.saved_bytes(10)

@@ -100,7 +100,7 @@ class FusedCheckpointedFFN(nn.Module):
             if any(m.weight.requires_grad or getattr(m, "bias", None) is not None and m.bias.requires_grad
                    for m in rec.values()):
                 return None, "LoRA on trainable base weights (the fused LoRA path keeps the base frozen)"
-            if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):  # (not meta)
                 return None, "LoRA under autocast"
         return (lora, p), None
 
@@ -136,8 +136,16 @@ class FusedCheckpointedFFN(nn.Module):
 
         dtype = dtype or self.param_dtype
         save = ffn_save_count(self.recompute if recompute is None else recompute)
-        return ffn_saved_bytes(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated,
-                               save, torch.empty((), dtype=dtype).element_size())
+        elem = torch.empty((), dtype=dtype).element_size()
+        if swapped_child(self) is not None:  # PEFT LoRA in the op: x and the [tokens, r] products
+            found, _ = self._peft_lora(torch.empty((), dtype=dtype, device="meta"))
+            if found is not None and found[0]:
+                from ..ops.ffn_lora import ffn_lora_saved_bytes
+
+                factors = list(found[0].values())
+                return ffn_lora_saved_bytes(tokens, self.d_model, tuple(f[0].shape[0] for f in factors), min(save, 1),
+                                            self.fc1_rows, elem, factors[0][0].element_size())
+        return ffn_saved_bytes(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated, save, elem)
 
     def recompute_flops(self, tokens: int, recompute=None) -> int:
         """Extra GEMM FLOPs its backward spends recomputing, at its setting or the one given."""

@@ -343,6 +343,9 @@ def _lora_backward_flops(dy_shape, x_shape, z_shape, w1_shape, b1_shape, w2_shap
     return flops
 
 
-def ffn_lora_saved_bytes(tokens: int, d_model: int, ranks: tuple, save: int, fc1_rows: int, elem_size: int) -> int:
-    """Bytes the op keeps besides parameters: x, each adapter's ``[tokens, r]``, z when save >= 1."""
-    return tokens * (d_model + sum(ranks) + (fc1_rows if save >= 1 else 0)) * elem_size
+def ffn_lora_saved_bytes(tokens: int, d_model: int, ranks: tuple, save: int, fc1_rows: int, elem_size: int,
+                         rank_elem_size: Optional[int] = None) -> int:
+    """Bytes the op keeps besides parameters: x, each adapter's ``[tokens, r]`` (in the factors'
+    dtype: ``rank_elem_size``, default ``elem_size``), z when save >= 1."""
+    rank_elem = elem_size if rank_elem_size is None else rank_elem_size
+    return tokens * ((d_model + (fc1_rows if save >= 1 else 0)) * elem_size + sum(ranks) * rank_elem)
