@@ -168,3 +168,44 @@ def test_packed_gradients_land_on_the_hf_parameters():
         ids = torch.randint(1, 64, (1, 5))
         model(input_ids=ids, use_cache=False).logits.square().mean().backward()
         assert w.grad is not None and w.grad.shape == w.shape and w.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "olmo2", "phi3", "gpt2", "neox"])
+def test_from_module_copy_matches_the_shared_module(name):
+    """``FusedCheckpointedAttention.from_module(attn)`` (weights copied: packed layouts into one
+    ``qkv_proj`` with rows [q; k; v], NeoX's interleaved rows regrouped, Conv1D transposed,
+    QK-norm weights into ``q_norm``/``k_norm``) computes what the shared-parameter module does."""
+    from fused_ckpt import FusedCheckpointedAttention
+
+    model = _family(name)
+    attn = next(m for n, m in model.named_modules() if n.endswith(("self_attn", ".attn", ".attention")))
+    shared = FusedHFAttention.from_hf(copy.deepcopy(attn), backend="aten")
+    copied = FusedCheckpointedAttention.from_module(attn, backend="aten")
+    assert copied.qkv_layout == ("separate" if name in ("qwen3", "olmo2") else "packed")
+    assert copied.rotary_dim == shared.rotary_dim and copied.rope_theta == shared.rope_theta
+    assert ("q_norm" in copied._modules) == (name in ("qwen3", "olmo2"))
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(6) if shared.rope_theta is not None else None
+    want = FusedCheckpointedAttention.forward(shared, x, position_ids=pos)
+    got = copied(x, position_ids=pos)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.square().sum().backward()
+    assert all(p.grad is not None for p in copied.parameters())
+
+
+def test_standalone_module_features():
+    """The module's own feature options: per-head QK-norm with Gemma's offset, partial rotary
+    and a packed ``qkv_proj``; state-dict keys as Hugging Face names them."""
+    from fused_ckpt import FusedCheckpointedAttention
+
+    m = FusedCheckpointedAttention(64, 2, 1, rope_theta=1e4, head_dim=32, qk_norm="head", qk_norm_offset=1.0,
+                                   rotary_dim=16, qkv_layout="packed", backend="aten")
+    assert sorted(m.state_dict()) == ["k_norm.weight", "o_proj.weight", "q_norm.weight", "qkv_proj.weight"]
+    assert m.q_norm.weight.shape == (32,) and torch.all(m.q_norm.weight == 0)  # (1 + w) starts at 1
+    x = torch.randn(1, 5, 64, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad is not None and m.qkv_proj.weight.grad is not None and m.q_norm.weight.grad is not None
+    with pytest.raises(ValueError, match="qk_norm must be"):
+        FusedCheckpointedAttention(64, 2, qk_norm="layer")
+    with pytest.raises(ValueError, match="rotary_dim must be an even int"):
+        FusedCheckpointedAttention(64, 2, rope_theta=1e4, rotary_dim=40)
