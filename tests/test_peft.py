@@ -548,3 +548,47 @@ def test_fused_lora_mlp_saved_bytes_match_its_prediction(dtype, recompute):
     r_elem = 4  # PEFT keeps the adapters in fp32 (autocast_adapter_dtype)
     want = 10 * (32 * x.element_size() + 3 * 4 * r_elem + (0 if recompute is True else 96 * x.element_size()))
     assert sum(saved) == want == mlp.saved_bytes(10)
+
+
+def _family(name):
+    torch.manual_seed(0)
+    if name == "gpt2":  # Conv1D projections (PEFT's fan_in_fan_out LoRA), tanh-GELU MLP
+        cfg = transformers.GPT2Config(n_embd=64, n_head=2, n_layer=1, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg), ["c_attn", "c_proj", "c_fc"]
+    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=2,
+                                  num_hidden_layers=1, vocab_size=64, max_position_embeddings=32, pad_token_id=0,
+                                  bos_token_id=0, eos_token_id=0)  # packed gate_up_proj and qkv_proj
+    return transformers.Phi3ForCausalLM(cfg), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("name,order", [("gpt2", "patch_then_peft"), ("gpt2", "peft_then_patch"),
+                                        ("phi3", "peft_then_patch")])
+def test_other_mlp_layouts_with_lora(name, order):
+    """GPT-2 (Conv1D c_fc/c_proj read transposed) and Phi-3 (one packed gate_up_proj adapter): the
+    LoRA op runs in the fused MLP; logits and every adapter gradient equal unpatched PEFT's."""
+    base, targets = _family(name)
+    ref = peft.get_peft_model(copy.deepcopy(base), _lora(targets))
+    ref64 = peft.get_peft_model(copy.deepcopy(base).double(), _lora(targets))
+    ref64.load_state_dict(ref.state_dict())
+    m = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if order == "patch_then_peft":
+            patch_hf_model(m, backend="aten")
+            m = peft.get_peft_model(m, _lora(targets))
+        else:
+            m = peft.get_peft_model(m, _lora(targets))
+            patch_hf_model(m, backend="aten")
+        m.load_state_dict(ref.state_dict())
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        g = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        with _OpLog() as seen:
+            got, got_g = _run(m, ids, g)
+    want, want_g = _run(ref64, ids, g)
+    pt, pt_g = _run(ref, ids, g)
+    assert seen.count("fused_ckpt.ffn_lora_forward.default") == 1
+    assert_close_by_rule(got, want, pt, "logits")
+    assert set(got_g) == set(want_g) and len(want_g) == 8  # A and B of 4 modules (GPT-2: c_proj twice)
+    for k in want_g:
+        assert_close_by_rule(got_g[k], want_g[k], pt_g[k], k)
