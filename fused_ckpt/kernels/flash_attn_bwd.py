@@ -412,7 +412,7 @@ def _dq_inner(
 
 @autotune(configs=dq_configs(), key=["Q_BUCKET", "KV_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KPM",
                                      "HAS_SOFTCAP", "HAS_WINDOW", "HAS_DROPOUT"],
-          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 64, max_rows_256=MAX_ROWS_256)})
+          prune_configs_by={"early_config_prune": prune_by_head_dim(128 * 64, max_rows_256=MAX_ROWS_256, row_tiles=2)})
 @triton.jit
 def _flash_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,

@@ -102,14 +102,39 @@ def tiles_within(configs, named_args, max_tile_elems: int, max_tile_elems_256: i
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
+# With softcap or dropout on, the forward's score tile carries their temporaries (the tanh, the
+# Philox words): configs are kept within this many estimated registers per thread
+# (``option_regs``). sm_90 bf16 builds with every option (triton 3.9): 128x128 on 8 warps at
+# head_dim 64 (estimate 304) spilled 2,184 B, 128x32 on 4 warps at 128 (320) and 64x32 on 4 warps
+# at 256 (256) spilled 112 B and 40 B, the dQ kernel's 64x64 on 4 warps at 128 (256) 12 B; those
+# estimated at <= 224 built clean (at most 255 registers).
+OPTIONS_REGS = 224
+
+
+def option_regs(cfg, head_dim: int, elem: int, row_tiles: int = 1) -> int:
+    """Estimated 32-bit registers per thread of a forward / dQ build with softcap or dropout: the
+    fp32 [BLOCK_M, D] accumulator, ``row_tiles`` [BLOCK_M, D] input tiles (forward: Q; dQ: Q and
+    dO) and four [BLOCK_M, BLOCK_N] 32-bit tiles (scores, probabilities, the options' temporaries)."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return (bm * head_dim + 4 * bm * bn + row_tiles * bm * head_dim * elem // 4) // (32 * cfg.num_warps)
+
+
 def prune_by_head_dim(max_tile_elems: int, max_tile_elems_256: int | None = None, smem_bytes=None,
-                      max_rows_256: int | None = None):
+                      max_rows_256: int | None = None, row_tiles: int = 1):
     """early_config_prune factory over :func:`tiles_within` (drops tiles that would spill or
-    overflow shared memory)."""
+    overflow shared memory); with softcap or dropout on, also those over OPTIONS_REGS
+    (:func:`option_regs` with ``row_tiles``; the fewest-register one if none fits)."""
 
     def prune(configs, named_args, **kwargs):
-        return autotune_candidates(tiles_within(configs, named_args, max_tile_elems, max_tile_elems_256,
-                                                smem_bytes, max_rows_256, **kwargs))
+        kept = tiles_within(configs, named_args, max_tile_elems, max_tile_elems_256, smem_bytes, max_rows_256,
+                            **kwargs)
+        if len(kept) > 1 and any(kwargs.get(f, named_args.get(f, False)) for f in ("HAS_SOFTCAP", "HAS_DROPOUT")):
+            hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+            q = named_args.get("q_ptr")
+            elem = q.element_size() if hasattr(q, "element_size") else 2
+            kept = ([c for c in kept if option_regs(c, hd, elem, row_tiles) <= OPTIONS_REGS]
+                    or [min(kept, key=lambda c: option_regs(c, hd, elem, row_tiles))])
+        return autotune_candidates(kept)
 
     return prune
 
