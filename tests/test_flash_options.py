@@ -338,3 +338,39 @@ def test_window_flop_formulas():
                                              backend="aten", **kw)
     pairs_sq = sum(min(i + 1, 4) for i in range(16))
     assert count(blk) - count(lambda: blk(window=4)) == 4 * 2 * 32 * (16 * 16 // 2 - pairs_sq)
+
+
+def test_option_pruning_drops_the_tiles_that_spilled(monkeypatch):
+    """With softcap/dropout on, the sm_90 bf16 builds that spilled registers (triton 3.9, every
+    option on) are not selected; without them the plain selection is unchanged."""
+    from fused_ckpt.kernels import flash_attn_bwd as fb
+    from fused_ckpt.kernels import flash_attn_fwd as ff
+
+    class Elem:
+        def element_size(self):
+            return 2
+
+    monkeypatch.setattr(ff, "INTERPRET", False)
+    monkeypatch.setattr(fb, "INTERPRET", False)
+    q = {"q_ptr": Elem()}
+    base = dict(CAUSAL=True, HAS_KPM=False, DOT_F32=False, INPUT_PRECISION=None)
+    on = dict(HAS_SOFTCAP=True, HAS_WINDOW=True, HAS_DROPOUT=True)
+    tiles = lambda cfgs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in cfgs}  # noqa: E731
+
+    def fwd(D, **kw):
+        return tiles(ff._flash_fwd_kernel.early_config_prune(ff.fwd_configs(), q, HEAD_DIM=D, **base, **kw))
+
+    def dq(D, **kw):
+        return tiles(fb._flash_bwd_dq_kernel.early_config_prune(fb.dq_configs(), q, HEAD_DIM=D, **base, **kw))
+
+    def dkdv(D, atomic, **kw):
+        return tiles(fb._flash_bwd_dkdv_kernel.early_config_prune(fb.dkdv_configs(), q, HEAD_DIM=D,
+                                                                  ATOMIC_DQ=atomic, **base, **kw))
+
+    for spilled, sel, D in (((128, 128, 8), fwd, 64), ((128, 32, 4), fwd, 128), ((64, 64, 4), dq, 128)):
+        assert spilled in sel(D) and spilled not in sel(D, **on)
+        assert sel(D, **on)  # something is always left
+    assert (64, 32, 4) not in fwd(256, **on)
+    for atomic in (False, True):
+        assert (64, 128, 8) in dkdv(64, atomic) and (64, 128, 8) not in dkdv(64, atomic, **on)
+    assert fwd(64, HAS_WINDOW=True) == fwd(64)  # a window alone adds no tile
