@@ -41,7 +41,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _llama(dtype=torch.float32):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1,
-                                   head_dim=32, num_hidden_layers=2, vocab_size=64, max_position_embeddings=32)
+                                   head_dim=32, num_hidden_layers=1, vocab_size=64, max_position_embeddings=32)
     return transformers.LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -80,7 +80,7 @@ def test_both_patch_orders_equal_unpatched_peft(order):
     want, want_g = _run(ref64, ids, g)
     pt, pt_g = _run(ref, ids, g)
     assert_close_by_rule(got, want, pt, "logits")
-    assert len(got_g) == len(want_g) == 2 * 2 * len(TARGETS)  # lora_A and lora_B of every target, 2 layers
+    assert len(got_g) == len(want_g) == 2 * len(TARGETS)  # lora_A and lora_B of every target
     assert set(got_g) == set(want_g)
     for name in want_g:
         assert got_g[name] is not None, name
@@ -89,10 +89,10 @@ def test_both_patch_orders_equal_unpatched_peft(order):
         if "lora_" not in name:
             assert not p.requires_grad and p.grad is None, name
     messages = [str(w.message) for w in caught]
-    assert seen.count("fused_ckpt.ffn_lora_forward.default") == 2  # both MLPs: LoRA inside the fused op
+    assert seen.count("fused_ckpt.ffn_lora_forward.default") == 1  # the MLP: LoRA inside the fused op
     assert not any(".mlp" in s for s in messages), messages
     if order == "patch_then_peft":  # fused attention patched before wrapping notices the wrappers
-        assert any("'model.layers.1.self_attn'" in s and "PEFT LoRA wrapper" in s and "unfused" in s
+        assert any("'model.layers.0.self_attn'" in s and "PEFT LoRA wrapper" in s and "unfused" in s
                    for s in messages)
     else:  # the patcher fuses the MLPs with their adapters, leaves the attention alone and says why
         detail = {q.rsplit(".", 1)[-1]: why for q, _, why in report.replaced + report.left_alone
@@ -516,12 +516,15 @@ def test_ffn_lora_flop_formulas_and_opcheck(gated, recompute):
                 (y * g.float()).sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+    if gated:
+        return  # one opcheck is enough (it is slow)
     b, lo, xs = _leaves(base, lora, x, torch.float32)
     factors = [t for key in ("fc1", "up", "fc2") for t in (lo[key][:2] if key in lo else (None, None))]
     scaling = [lo[k][2] if k in lo else 0.0 for k in ("fc1", "up", "fc2")]
     torch.library.opcheck(ffn_lora_forward, (xs, b["w1"], b["b1"], b["w2"], b["b2"], b["w_up"], b["b_up"], *factors,
                                              scaling, "swiglu" if gated else "gelu", 0 if recompute is True else 1,
-                                             0.2, 123, 4, 3))
+                                             0.2, 123, 4, 3),
+                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("dtype,recompute", [(torch.float32, True), (torch.bfloat16, False)])
