@@ -230,9 +230,11 @@ class FusedCheckpointedBlock(nn.Module):
 
     def norms_saved_bytes(self, tokens: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes the block's norms keep under the per-module dials (each its input and
-        statistics)."""
+        statistics; "parallel": both norms keep the same x, held once)."""
         elem = torch.empty((), dtype=dtype or self.block_ffn.param_dtype).element_size()
-        return self.norm_count() * norm_saved_bytes(tokens, self.block_ffn.d_model, elem, self.norm == "layernorm")
+        d = self.block_ffn.d_model
+        n = self.norm_count() * norm_saved_bytes(tokens, d, elem, self.norm == "layernorm")
+        return n - tokens * d * elem if self.placement == "parallel" else n
 
     def saved_bytes(self, batch: int, seq: int, dtype: Optional[torch.dtype] = None) -> int:
         """Activation bytes this block keeps for backward (parameters, position ids and masks
