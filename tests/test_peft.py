@@ -595,3 +595,34 @@ def test_other_mlp_layouts_with_lora(name, order):
     assert set(got_g) == set(want_g) and len(want_g) == 8  # A and B of 4 modules (GPT-2: c_proj twice)
     for k in want_g:
         assert_close_by_rule(got_g[k], want_g[k], pt_g[k], k)
+
+
+def test_mixed_batch_adapter_names_run_peft_forward():
+    """PEFT's mixed-batch inference (``adapter_names=`` per sample) works through forward pre-hooks
+    on the LoRA layers, which the fused op would skip: the fused MLP sees the hooks and runs PEFT's
+    forward for that call (exact), then the LoRA op again."""
+    base = _one_layer_llama()
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    ref = peft.get_peft_model(copy.deepcopy(base), _lora(targets))
+    ref.add_adapter("other", _lora(targets))
+    m = peft.get_peft_model(copy.deepcopy(base), _lora(targets))
+    m.add_adapter("other", _lora(targets))
+    m.load_state_dict(ref.state_dict())
+    patch_hf_model(m, backend="aten", policy=None)
+    ref.eval()
+    m.eval()
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(5))
+    names = ["default", "other"]
+    with torch.no_grad():
+        want = ref(input_ids=ids, adapter_names=names).logits
+        one = ref(input_ids=ids).logits
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = m(input_ids=ids, adapter_names=names).logits
+    assert any("forward hooks" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want[1] - one[1]).abs().max() > 1e-3  # the second sample used the other adapter
+    with _OpLog() as seen, torch.no_grad():
+        again = m(input_ids=ids).logits
+    assert "fused_ckpt.ffn_lora_forward.default" in seen
+    torch.testing.assert_close(again, one, rtol=1e-5, atol=1e-5)

@@ -81,6 +81,9 @@ def lora_of(child, base) -> tuple:
         return None, f"{describe(child)} does not wrap the module the fused op reads"
     if type(child).__name__ != "Linear" or getattr(child, "_mixed_batch_forward", None) is None:
         return None, f"{describe(child)} is not PEFT's lora.Linear"
+    for m in (child, base):
+        if m._forward_pre_hooks or m._forward_hooks:  # e.g. PEFT's mixed-batch adapter_names hooks
+            return None, f"{describe(m)} has forward hooks, which only its own forward runs"
     if child.disable_adapters:
         # peft unmerges a merged adapter at this call (mutating the weight): leave that to its forward
         return (None, "adapters disabled on a merged layer") if child.merged else ((), None)
