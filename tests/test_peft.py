@@ -19,7 +19,7 @@ from tests.helpers import assert_close_by_rule
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from fused_ckpt import FusedCheckpointedBlock  # noqa: E402
+from fused_ckpt import FusedCheckpointedAttention, FusedCheckpointedBlock  # noqa: E402
 from fused_ckpt.integrations.hf import patch_hf_model  # noqa: E402
 
 class _OpLog(TorchDispatchMode):
@@ -140,19 +140,34 @@ def test_quantized_base_layer_is_refused_or_runs_unfused():
     assert (got - base.model.embed_tokens(ids)).abs().max() > 0  # not vacuous
 
 
-def test_plain_fused_block_wrapped_by_peft_runs_exactly():
-    """A FusedCheckpointedBlock built directly (own q_proj..o_proj, fc1/fc2) and wrapped by PEFT
-    computes the merged-weight math W + scaling * B A, with the adapters' gradients."""
+def _plain(kind, dtype=None):
+    if kind == "block":
+        return FusedCheckpointedBlock(64, 2, 96, n_kv_heads=1, activation="swiglu", backend="aten", rope_theta=10000.0,
+                                      dtype=dtype)
+    return FusedCheckpointedAttention(64, 2, 1, rope_theta=10000.0, backend="aten", head_dim=32, qk_norm="head",
+                                      qkv_layout="packed", dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["block", "packed_attention"])
+def test_plain_fused_modules_wrapped_by_peft_run_exactly(kind):
+    """A FusedCheckpointedBlock built directly (own q_proj..o_proj, fc1/fc2), or a packed-qkv
+    attention with QK-norm and a key-padding mask, wrapped by PEFT: computes the merged-weight math
+    W + scaling * B A, with the adapters' gradients (attention: the unfused path; FFN: the LoRA op)."""
     torch.manual_seed(0)
-    blk = FusedCheckpointedBlock(64, 2, 96, n_kv_heads=1, activation="swiglu", backend="aten", rope_theta=10000.0)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
-    m = peft.get_peft_model(blk, _lora(targets))
+    mod = _plain(kind)
+    for name, p in mod.named_parameters():  # QK-norm weights away from 1, so the norm matters
+        if "norm" in name:
+            torch.nn.init.uniform_(p, 0.5, 1.5)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"] if kind == "block" else ["qkv_proj", "o_proj"]
+    m = peft.get_peft_model(mod, _lora(targets))
     x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(4))
     g = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    kpm = None if kind == "block" else torch.tensor([[True] * 8, [False] * 2 + [True] * 6])
+    args = (None, kpm)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = m(x)
+        y = m(x, *args)
     (y.double() * g).sum().backward()
     assert any("PEFT LoRA wrapper" in str(w.message) for w in caught)
     got_g = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
@@ -161,18 +176,16 @@ def test_plain_fused_block_wrapped_by_peft_runs_exactly():
     def reference(dtype):
         leaves = {}
         params = {}
-        for name, mod in blk.named_modules():
-            if hasattr(mod, "lora_A"):
-                a = mod.lora_A["default"].weight.detach().to(dtype).requires_grad_()
-                b = mod.lora_B["default"].weight.detach().to(dtype).requires_grad_()
+        for name, sub in mod.named_modules():
+            if hasattr(sub, "lora_A"):
+                a = sub.lora_A["default"].weight.detach().to(dtype).requires_grad_()
+                b = sub.lora_B["default"].weight.detach().to(dtype).requires_grad_()
                 leaves[name] = (a, b)
-                params[name + ".weight"] = mod.base_layer.weight.detach().to(dtype) + mod.scaling["default"] * b @ a
-        for name, p in blk.named_parameters():
+                params[name + ".weight"] = sub.base_layer.weight.detach().to(dtype) + sub.scaling["default"] * b @ a
+        for name, p in mod.named_parameters():
             if "lora_" not in name:
                 params.setdefault(name.replace(".base_layer", ""), p.detach().to(dtype))
-        plain = FusedCheckpointedBlock(64, 2, 96, n_kv_heads=1, activation="swiglu", backend="aten",
-                                       rope_theta=10000.0, dtype=dtype)
-        out = torch.func.functional_call(plain, params, (x.to(dtype),))
+        out = torch.func.functional_call(_plain(kind, dtype), params, (x.to(dtype),) + args)
         (out.double() * g).sum().backward()
         grads = {}
         for name, (a, b) in leaves.items():
@@ -182,7 +195,7 @@ def test_plain_fused_block_wrapped_by_peft_runs_exactly():
 
     want, want_g = reference(torch.float64)
     pt, pt_g = reference(torch.float32)
-    assert_close_by_rule(y, want, pt, "block output")
+    assert_close_by_rule(y, want, pt, "output")
     assert set(got_g) == set(want_g)
     for name in want_g:
         assert_close_by_rule(got_g[name], want_g[name], pt_g[name], name)
