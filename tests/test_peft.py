@@ -639,3 +639,31 @@ def test_mixed_batch_adapter_names_run_peft_forward():
         again = m(input_ids=ids).logits
     assert "fused_ckpt.ffn_lora_forward.default" in seen
     torch.testing.assert_close(again, one, rtol=1e-5, atol=1e-5)
+
+
+def test_two_active_adapters_are_joined_in_the_op():
+    """Two active adapters (no dropout): their factors are joined along r (B scaled per adapter)
+    in one LoRA op; logits and all four adapters' gradients equal unpatched PEFT's."""
+    base = _one_layer_llama()
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    models = []
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        mm = peft.get_peft_model(copy.deepcopy(base).to(dtype), _lora(targets))
+        mm.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False))
+        mm.base_model.set_adapter(["default", "other"])
+        models.append(mm)
+    ref, ref64, m = models
+    ref64.load_state_dict(ref.state_dict())
+    m.load_state_dict(ref.state_dict())
+    patch_hf_model(m, backend="aten")
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(6))
+    g = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with _OpLog() as seen:
+        got, got_g = _run(m, ids, g)
+    want, want_g = _run(ref64, ids, g)
+    pt, pt_g = _run(ref, ids, g)
+    assert seen.count("fused_ckpt.ffn_lora_forward.default") == 1
+    assert_close_by_rule(got, want, pt, "logits")
+    assert set(got_g) == set(want_g) and len(want_g) == 12
+    for k in want_g:
+        assert_close_by_rule(got_g[k], want_g[k], pt_g[k], k)
