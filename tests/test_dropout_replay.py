@@ -3,6 +3,7 @@ attention block's options (softcap, window, attention-probability dropout, outpu
 every gradient against float64 references that take the same masks (2x rule)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -231,3 +232,46 @@ def test_hf_gpt2_attention_and_mlp_in_train_mode(backend):
     torch.manual_seed(8)  # another seed, other masks
     assert (fused_ffn(h, m.c_fc.weight.t(), m.c_fc.bias, m.c_proj.weight.t(), m.c_proj.bias, "gelu_tanh",
                       backend=backend, dropout_p=0.1) != y).any()
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_gpt2_mlp_from_module_keeps_its_dropout(share):
+    """FusedCheckpointedFFN.from_module(GPT2MLP) at resid_pdrop 0.1 (refused before): in train
+    mode it drops what HF's module drops under fused_dropout_masks() (output and every gradient
+    by the 2x rule against float64 HF); in eval mode no dropout."""
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    from fused_ckpt.modules.ffn import FusedCheckpointedFFN
+    from fused_ckpt.ops.dropout import fused_dropout_masks
+
+    cfg = GPT2Config(n_embd=32, n_head=2, n_layer=1)
+    torch.manual_seed(0)
+    hf = GPT2MLP(128, cfg).train()
+    fused = FusedCheckpointedFFN.from_module(hf if share else copy.deepcopy(hf), share_parameters=share,
+                                             backend="aten")
+    assert fused._output_dropout() == 0.1 and "dropout=0.1" in repr(fused)
+    x, dy = torch.randn(2, 10, 32), torch.randn(2, 10, 32)
+
+    def run(mod, dtype, seed=4):
+        m = copy.deepcopy(mod).to(dtype)
+        xx = x.to(dtype).requires_grad_()
+        torch.manual_seed(seed)
+        y = m(xx)
+        params = [xx, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias] if hasattr(m, "c_fc") else \
+            [xx, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias]
+        grads = list(torch.autograd.grad(y, params, dy.to(dtype)))
+        if not hasattr(m, "c_fc"):  # a copy: nn.Linear layout, HF's Conv1D is [in, out]
+            grads[1], grads[3] = grads[1].t(), grads[3].t()
+        return (y, *grads)
+
+    got = run(fused, torch.float32)
+    with fused_dropout_masks():
+        ref, pt = run(hf, torch.float64), run(hf, torch.float32)
+    assert (got[0] == 0).float().mean() > 0.05
+    for name, g, r, p in zip(("y", "dx", "dc_fc.w", "dc_fc.b", "dc_proj.w", "dc_proj.b"), got, ref, pt):
+        assert_close_by_rule(g, r, p, name)
+    assert not torch.equal(run(fused, torch.float32, seed=5)[0], got[0])
+    fused.eval(), hf.eval()
+    torch.testing.assert_close(fused(x), hf(x), atol=1e-5, rtol=1e-5)
+    assert (fused(x) != 0).all()

@@ -29,21 +29,28 @@ class FusedCheckpointedFFN(nn.Module):
     ``[2*d_ff, d_model]``, gate rows first, then up rows) and ``fc2`` (``[d_model, d_ff]``), so a
     timm-style ``Mlp`` state dict loads as is.
 
+    ``dropout``: dropout on the output in training mode (GPT-2's MLP ``dropout(c_proj(...))``),
+    its mask replayed in backward from a Philox seed (nothing saved; :mod:`fused_ckpt.ops.dropout`).
+
     Equivalent PyTorch::
 
         h = act(fc1(x))            # gated: act(g) * u with g, u = fc1(x).chunk(2, -1)
         y = fc2(h)
+        y = F.dropout(y, dropout, self.training)
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True,
                  recompute: bool = True, device=None, dtype=None, *, chunk_tokens: int = 0,
-                 backend: str = "auto"):
+                 backend: str = "auto", dropout: float = 0.0):
         super().__init__()
         act = get_activation(activation)
         for name, v in (("d_model", d_model), ("d_ff", d_ff)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         ffn_save_count(recompute)  # validates the dial
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.out_dropout = float(dropout)
         self.d_model, self.d_ff = d_model, d_ff
         self.activation = act.name
         self.recompute = recompute
@@ -69,7 +76,12 @@ class FusedCheckpointedFFN(nn.Module):
             lora, lora_p = found
         w1, b1, w2, b2, w_up, b_up = self._ffn_tensors()
         return fused_ffn(x, w1, b1, w2, b2, self.activation, self.recompute, chunk_tokens=self.chunk_tokens,
-                         backend=self.backend, w_up=w_up, b_up=b_up, lora=lora or None, lora_dropout=lora_p or 0.0)
+                         backend=self.backend, w_up=w_up, b_up=b_up, lora=lora or None, lora_dropout=lora_p or 0.0,
+                         dropout_p=self._output_dropout() if self.training else 0.0)
+
+    def _output_dropout(self) -> float:
+        """The output dropout's p (applied in training mode)."""
+        return self.out_dropout
 
     def _peft_lora(self, x: torch.Tensor) -> tuple:
         """``((lora dict for fused_ffn, lora dropout p), None)`` when every replaced projection is
@@ -155,8 +167,9 @@ class FusedCheckpointedFFN(nn.Module):
         return ffn_recompute_flops(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated, save)
 
     def extra_repr(self) -> str:
+        p = self._output_dropout()
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation!r}, "
-                f"recompute={self.recompute}")
+                f"recompute={self.recompute}" + (f", dropout={p}" if p else ""))
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -176,7 +189,8 @@ class FusedCheckpointedFFN(nn.Module):
         (``fc1``/``act``/``fc2``, identity norm, zero dropout); Hugging Face gated MLPs
         (``gate_proj``/``up_proj``/``down_proj``/``act_fn``: Llama, Mistral, Qwen2, Gemma);
         packed gated MLPs (``gate_up_proj``/``down_proj``: Phi-3); GPT-2 MLPs
-        (``c_fc``/``c_proj`` Conv1D with transposed weights); GPT-NeoX MLPs
+        (``c_fc``/``c_proj`` Conv1D with transposed weights; its ``dropout`` becomes the output
+        dropout, replayed: a copy takes its p, a shared module reads the child's p); GPT-NeoX MLPs
         (``dense_h_to_4h``/``act``/``dense_4h_to_h``). The activation is identified by
         evaluating the module's activation on probe values, not by its class name.
         """
@@ -210,6 +224,8 @@ class FusedCheckpointedFFN(nn.Module):
             raise ValueError(f"cannot convert {type(mlp).__name__}: fc1 and fc2 must both have a bias "
                              "or both have none")
         d_ff, d_model = w2.shape[1], w2.shape[0]
+        if kind == "gpt2" and isinstance(getattr(mlp, "dropout", None), nn.Dropout):
+            kwargs.setdefault("dropout", mlp.dropout.p)
         new = cls(d_model, d_ff, activation=name, bias=b1 is not None, recompute=recompute,
                   device=w1.device, dtype=w1.dtype, **kwargs)
         with torch.no_grad():
@@ -259,6 +275,7 @@ class FusedSharedFFN(FusedCheckpointedFFN):
         for n, child in mlp.named_children():
             self.add_module(n, child)
         self.layout = kind
+        self.out_dropout = 0.0  # GPT-2: the shared ``dropout`` child's p (``_output_dropout``)
         self._fc1_name, self._fc2_name = names[id(fc1)], names[id(fc2)]
         self._up_name = names[id(up)] if up is not None else None
         w2 = self._ffn_tensors()[2]
@@ -287,6 +304,10 @@ class FusedSharedFFN(FusedCheckpointedFFN):
         up = m[self._up_name] if self._up_name is not None else None
         return (w1, fc1.bias, w2, fc2.bias, up.weight if up is not None else None,
                 up.bias if up is not None else None)
+
+    def _output_dropout(self) -> float:
+        drop = self._modules.get("dropout") if self.layout == "gpt2" else None
+        return drop.p if isinstance(drop, nn.Dropout) else self.out_dropout
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", layout={self.layout!r}"
@@ -343,9 +364,9 @@ def _match_mlp(mlp: nn.Module):
             raise ValueError("from_module: packed gated MLP without activation_fn/act_fn")
         return "packed_gated", (mlp.gate_up_proj, mlp.down_proj, act)
     if has("c_fc", "c_proj", "act") and _is_conv1d(mlp.c_fc) and _is_conv1d(mlp.c_proj):
-        if not _is_noop(getattr(mlp, "dropout", None)):
-            raise ValueError("from_module: GPT-2 MLP with active dropout is not supported "
-                             "(set resid_pdrop=0 or call .eval())")
+        drop = getattr(mlp, "dropout", None)
+        if not (_is_noop(drop) or isinstance(drop, nn.Dropout)):  # nn.Dropout: the output dropout
+            raise ValueError(f"from_module: GPT-2 MLP dropout {type(drop).__name__} is not supported")
         return "gpt2", (mlp.c_fc, mlp.act, mlp.c_proj)
     if has("dense_h_to_4h", "act", "dense_4h_to_h") and _is_linear(mlp.dense_h_to_4h) and \
             _is_linear(mlp.dense_4h_to_h):  # GPT-NeoX
