@@ -667,3 +667,26 @@ def test_two_active_adapters_are_joined_in_the_op():
     assert set(got_g) == set(want_g) and len(want_g) == 12
     for k in want_g:
         assert_close_by_rule(got_g[k], want_g[k], pt_g[k], k)
+
+
+def test_unfused_path_keeps_the_output_dropout():
+    """A FusedCheckpointedFFN with output dropout whose fc1 is replaced by a quantized stand-in: the
+    unfused path computes fc2(act(fc1(x))) with the new fc1 and still drops outputs in training."""
+    from fused_ckpt import FusedCheckpointedFFN
+
+    torch.manual_seed(0)
+    ffn = FusedCheckpointedFFN(16, 24, "gelu", dropout=0.5, backend="aten")
+    _quantize(ffn, "fc1")
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ffn.eval()
+        y_eval = ffn(x)
+        ffn.train()
+        y_train = ffn(x)
+    assert any("_FakeQuantLinear" in str(w.message) for w in caught)
+    want = ffn.fc2(nn.functional.gelu(ffn.fc1(x)))
+    torch.testing.assert_close(y_eval, want, rtol=0, atol=0)
+    dropped = y_train == 0
+    assert 0.2 < dropped.float().mean() < 0.8
+    torch.testing.assert_close(y_train[~dropped], 2 * want[~dropped])

@@ -127,9 +127,9 @@ class FusedCheckpointedFFN(nn.Module):
         m, act = self._modules, get_activation(self.activation)
         fc1, fc2 = m[getattr(self, "_fc1_name", "fc1")], m[getattr(self, "_fc2_name", "fc2")]
         up_name = getattr(self, "_up_name", None)
-        if up_name is not None:
-            return fc2(act.base_fn(fc1(x)) * m[up_name](x))
-        return fc2(act.hidden(fc1(x)))
+        y = fc2(act.base_fn(fc1(x)) * m[up_name](x)) if up_name is not None else fc2(act.hidden(fc1(x)))
+        p = self._output_dropout() if self.training else 0.0
+        return F.dropout(y, p) if p else y  # the output dropout (torch's own mask on this path)
 
     @property
     def param_dtype(self) -> torch.dtype:
