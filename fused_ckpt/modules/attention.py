@@ -219,7 +219,7 @@ class FusedCheckpointedAttention(nn.Module):
         that see no key give zero, as the fused kernels do."""
         from ..ops.attention import _aten_rope, lse_dtype, rope_tables
 
-        for feat in ("softcap", "window", "dropout_p"):
+        for feat in ("softcap", "window", "dropout_p", "out_dropout_p"):  # attributes the block reads
             if getattr(self, feat, None):
                 raise NotImplementedError(f"fused_ckpt: the unfused path of {type(self).__name__} does not apply "
                                           f"{feat}={getattr(self, feat)!r}")
