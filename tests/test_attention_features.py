@@ -243,3 +243,23 @@ def test_opcheck_block_ops_with_features(backend):
     torch.library.opcheck(attn_block_backward, (torch.randn_like(y), x, p["wq"], p["bq"], None, None, None, None,
                                                 p["wo"], q, k, v, o, lse, None, None, 2, 2, True, 0.2, 1e4,
                                                 [True] * 11, backend), kw)
+
+
+def test_packed_layouts_count_the_same_flops():
+    """The block op's FLOP formulas count a packed projection's GEMMs as the three separate ones
+    (forward and backward, every recompute mode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 8, 64, device=DEV)
+    counts = {}
+    for layout in ("separate", "packed", "neox"):
+        p = as_args({n: t.requires_grad_() for n, t in make_params(64, 2, 2, layout, True).items()})
+        for recompute in ("all", "qkv", False):
+            with FlopCounterMode(display=False) as fc:
+                fused_attention_block(x, p["wq"], p["bq"], p["wk"], p["bk"], p["wv"], p["bv"], p["wo"], p["bo"], 2, 2,
+                                      rope_theta=1e4, recompute=recompute, backend="aten",
+                                      qkv_layout=layout).sum().backward()
+            counts[layout, recompute] = fc.get_total_flops()
+    for recompute in ("all", "qkv", False):
+        assert counts["packed", recompute] == counts["neox", recompute] == counts["separate", recompute] > 0
+    assert counts["separate", "all"] > counts["separate", "qkv"] > counts["separate", False]
