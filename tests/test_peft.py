@@ -690,3 +690,24 @@ def test_unfused_path_keeps_the_output_dropout():
     dropped = y_train == 0
     assert 0.2 < dropped.float().mean() < 0.8
     torch.testing.assert_close(y_train[~dropped], 2 * want[~dropped])
+
+
+def test_fused_lora_mlp_recompute_flops_match_the_counted_gemms():
+    """recompute_flops() with LoRA adapters (what the planner reads) = the backward GEMM FLOPs at
+    recompute=True minus those at recompute=False, counted from the implementation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = peft.get_peft_model(_one_layer_llama(), _lora(["gate_proj", "up_proj", "down_proj"]))
+    patch_hf_model(m, backend="aten", policy=None)
+    mlp = m.base_model.model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    backward = {}
+    for recompute in (True, False):
+        mlp.recompute = recompute
+        y = mlp(x.clone().requires_grad_())
+        counter = FlopCounterMode(display=False)
+        with counter, _SeeThroughLoRA():
+            y.sum().backward()
+        backward[recompute] = counter.get_total_flops()
+    mlp.recompute = True
+    assert mlp.recompute_flops(10) == backward[True] - backward[False] > 2 * 10 * 32 * 96

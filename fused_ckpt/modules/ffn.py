@@ -164,7 +164,13 @@ class FusedCheckpointedFFN(nn.Module):
         from ..ops.ffn import ffn_recompute_flops
 
         save = ffn_save_count(self.recompute if recompute is None else recompute)
-        return ffn_recompute_flops(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated, save)
+        flops = ffn_recompute_flops(tokens, self.d_model, self.d_ff, get_activation(self.activation).gated, save)
+        if save == 0 and swapped_child(self) is not None:  # PEFT LoRA in the op: z also gets scaling * t B^T
+            found, _ = self._peft_lora(torch.empty((), dtype=self.param_dtype, device="meta"))
+            if found is not None:
+                flops += sum(2 * tokens * a.shape[0] * b.shape[0]
+                             for key, (a, b, _) in found[0].items() if key != "fc2")
+        return flops
 
     def extra_repr(self) -> str:
         p = self._output_dropout()
