@@ -53,15 +53,17 @@ def swapped_child(module: nn.Module) -> Optional[str]:
     return None
 
 
-def warn_unfused(module: nn.Module, reason: str) -> None:
-    """Warn once per module that it runs its unfused path, naming it and the reason."""
+def warn_unfused(module: nn.Module, reason: str,
+                 instead: str = "running the exact unfused path on the current submodules (no fused recompute for it)",
+                 ) -> None:
+    """Warn once per module that it does not take its fused path (``instead``: what it does),
+    naming it and the reason."""
     if module.__dict__.get(_WARNED):
         return
     module.__dict__[_WARNED] = True
     name = module.__dict__.get("_fused_qualname")
     where = f"{type(module).__name__}" + (f" {name!r}" if name else "")
-    warnings.warn(f"fused_ckpt: {where}: {reason}; running the exact unfused path on the current submodules "
-                  "(no fused recompute for it)", stacklevel=3)
+    warnings.warn(f"fused_ckpt: {where}: {reason}; {instead}", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- PEFT LoRA

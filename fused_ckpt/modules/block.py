@@ -192,7 +192,7 @@ class FusedCheckpointedBlock(nn.Module):
             return False
         why = self._parts_changed()
         if why is not None:
-            warn_unfused(self, why)
+            warn_unfused(self, why, "its parts run their own forwards (no whole-layer recompute)")
             return False
         return (
             x.requires_grad or any(p is not None and p.requires_grad for p in self._params()))
