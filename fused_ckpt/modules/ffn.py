@@ -83,6 +83,11 @@ class FusedCheckpointedFFN(nn.Module):
         """The output dropout's p (applied in training mode)."""
         return self.out_dropout
 
+    @property
+    def dropout_p(self) -> float:
+        """The output dropout's p now (the name the whole-layer block reads, in training mode)."""
+        return self._output_dropout()
+
     def _peft_lora(self, x: torch.Tensor) -> tuple:
         """``((lora dict for fused_ffn, lora dropout p), None)`` when every replaced projection is
         a PEFT ``lora.Linear`` around the module this FFN was built from, computing vanilla LoRA
