@@ -7,10 +7,11 @@ For a model described by a :class:`~fused_ckpt.configs.ModelConfig` (Llama, Mist
 ``config.json``, a ``PretrainedConfig`` or a Hugging Face model; also the built-in Qwen3, Gemma2
 and GPT-NeoX sizes), the prediction is for the model as
 :func:`fused_ckpt.integrations.hf.patch_hf_model` makes it when it fuses every attention, MLP and
-norm and makes each decoder layer a whole-layer block (a sliding window longer than seq does not
-matter; where the fused kernels cannot run a part -- a head_dim other than 32/64/128/256, a
-window shorter than seq -- the plan says so in a note and its rows are what the fused part would
-keep), trained
+norm and makes each decoder layer a whole-layer block (a sliding window keeps what full attention
+keeps: the fused kernels apply it at every length; its attention FLOPs are counted as full causal,
+an over-estimate beyond the window, said in a note; where the fused kernels cannot run a part -- a
+head_dim other than 32/64/128/256 -- the plan says so in a note and its rows are what the fused part
+would keep), trained
 with ``model(input_ids, labels=labels)`` in one dtype (no autocast). "Activations" are all the
 bytes autograd keeps for backward during that forward, counted once per storage, parameters
 excluded: exactly what ``torch.autograd.graph.saved_tensors_hooks`` see, deduplicated:
@@ -206,11 +207,8 @@ def _config_layers(cfg: ModelConfig, batch: int, seq: int, e: int) -> list[Layer
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
         sites = [Site(i, f"{p}.self_attn", "attention", "attention", attn_opts), Site(i, f"{p}.mlp", "ffn", "ffn", ffn_opts)]
-        # patch_hf_model's layers are whole blocks; beyond a sliding window they run Hugging Face's code
-        if not (cfg.windowed(i) and seq > cfg.sliding_window):  # the norms count only when the site dials govern
-            layers.append(LayerSpec(i, p, sites, alternatives=full, site_bytes=norms))
-        else:
-            layers.append(LayerSpec(i, p, sites, fixed=[(f"{p} (norms)", norms)]))
+        # patch_hf_model's layers are whole blocks (sliding-window layers too: the kernels apply the window)
+        layers.append(LayerSpec(i, p, sites, alternatives=full, site_bytes=norms))
     return layers
 
 
@@ -416,9 +414,9 @@ def plan(model_or_config, batch: int, seq: int, dtype="bf16", budget: Union[int,
         if cfg.sliding_window is not None and seq > cfg.sliding_window:
             w = cfg.window_every
             which = "" if w == 1 else f" (layers 0, {w}, {2 * w}, ...)"
-            notes.append(f"sliding window {cfg.sliding_window} < seq {seq}{which}: modelled as full causal fused "
-                         "attention, but at this length a patched model runs Hugging Face's attention and layer "
-                         "code (the prediction does not hold)")
+            notes.append(f"sliding window {cfg.sliding_window} < seq {seq}{which}: the fused kernels apply the "
+                         "window (the same saved bytes as full attention); attention FLOPs are counted as full "
+                         "causal (an over-estimate for those layers)")
         if cfg.head_dim not in HEAD_DIMS:
             notes.append(f"head_dim {cfg.head_dim}: the fused attention kernels take {HEAD_DIMS}, so a patched model "
                          "leaves the attention (and the whole-layer block) to Hugging Face; the attention and block "

@@ -23,8 +23,8 @@ COMMON = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_
 
 
 def _family(name: str):
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, Gemma3ForCausalLM,
-                              Gemma3TextConfig, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config,
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, Gemma2Config,
+                              Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)
 
     fams = {
@@ -32,6 +32,11 @@ def _family(name: str):
                                                         attention_bias=True)),
         "gemma3": lambda: (Gemma3ForCausalLM, Gemma3TextConfig(
             **COMMON, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"])),
+        # logit softcap 5 (the default 50 barely bends these scores) and a window 4 shorter than the sequence
+        "gemma2": lambda: (Gemma2ForCausalLM, Gemma2Config(
+            **COMMON, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+            attn_logit_softcapping=5.0, final_logit_softcapping=None,
             layer_types=["sliding_attention", "full_attention"])),
         "olmo2": lambda: (Olmo2ForCausalLM, Olmo2Config(**COMMON, num_key_value_heads=2)),
         "phi3": lambda: (Phi3ForCausalLM, Phi3Config(**COMMON, num_key_value_heads=1, pad_token_id=0,
@@ -65,7 +70,7 @@ def _run(model, ids, mask, g):
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-FAMILIES = ["qwen3", "gemma3", "olmo2", "phi3", "gpt2", "neox"]
+FAMILIES = ["qwen3", "gemma3", "gemma2", "olmo2", "phi3", "gpt2", "neox"]
 
 
 def _compare(name, backend="aten", B=2, S=7, left_pad=0):
@@ -105,7 +110,7 @@ def test_family_attention_matches_hf_triton(name):
     _compare(name, backend="triton")
 
 
-@pytest.mark.parametrize("name", ["qwen3", "neox", "gpt2"])
+@pytest.mark.parametrize("name", ["qwen3", "neox", "gpt2", "gemma2"])
 def test_family_left_padding_eager_rows(name):
     """Left padding under eager: the query rows that see no key take Hugging Face's eager values
     (the fix-up recomputes them with the family's projections, QK-norm and partial rotary). The
@@ -126,7 +131,8 @@ def test_family_left_padding_eager_rows(name):
     for n, got, want in [("logits", y, y_ref)] + [(n, grads[n], g_ref[n]) for n in g_ref]:
         scale = want.abs().max().item()
         assert scale > 0 and (got - want).abs().max().item() <= 32 * torch.finfo(torch.float32).eps * scale, n
-    sdpa = copy.deepcopy(ref)
+    # Gemma2's softcap has no SDPA path: the patched model under "sdpa" (the fused output, no eager fix-up)
+    sdpa = copy.deepcopy(ref if name != "gemma2" else model)
     sdpa.config._attn_implementation = "sdpa"
     with torch.no_grad():
         assert not torch.allclose(sdpa(input_ids=ids, attention_mask=mask, use_cache=False).logits, y,
@@ -141,20 +147,97 @@ def test_family_features_reported():
     assert "QK-norm per head" in reasons["qwen3"] and "(1 + w)" not in reasons["qwen3"]
     assert "QK-norm per head (1 + w)" in reasons["gemma3"] and "sliding window 8" in reasons["gemma3"]
     assert "rope_theta 1000000.0" in reasons["gemma3"]  # the full layer's own rope parameters
+    assert "sliding window 4" in reasons["gemma2"] and "logit softcap 5" in reasons["gemma2"]
     assert "QK-norm over the projection" in reasons["olmo2"]
     assert "packed qkv_proj (packed)" in reasons["phi3"] and "rotary_dim 24" in reasons["phi3"]
     assert "packed c_attn (packed)" in reasons["gpt2"] and "rope_theta None" in reasons["gpt2"]
     assert "packed query_key_value (neox)" in reasons["neox"] and "rotary_dim 8" in reasons["neox"]
 
 
-def test_gpt2_dropout_is_refused():
-    """GPT-2 at its default dropout (0.1) is left alone with the reason (until dropout is fused)."""
+def test_gpt2_dropout_is_honoured():
+    """GPT-2 at its default dropouts (attn_pdrop = resid_pdrop = embd_pdrop = 0.1), only the
+    attentions patched: attn_dropout (probabilities) and resid_dropout (output) are the fused op's
+    replayed dropouts in train mode. Against unpatched Hugging Face run under fused_dropout_masks()
+    after the same seed (its dropouts draw the fused masks), logits and every gradient match by the
+    2x rule vs float64; the same seed repeats the step exactly; eval mode drops nothing."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2))
+    from fused_ckpt.ops.dropout import fused_dropout_masks
+
+    cfg = GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=2, n_inner=96)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.train()
+    ref64, pt32 = copy.deepcopy(model).double(), copy.deepcopy(model)
     rep = _patch(model)
-    why = [d for n, _, d in rep.left_alone if n.endswith(".attn")]
-    assert why and ("dropout" in why[0]), rep
+    attns = [m for m in model.modules() if isinstance(m, FusedHFAttention)]
+    assert len(attns) == 2, rep.left_alone
+    assert all(a.dropout_p == a.out_dropout_p == 0.1 for a in attns)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (2, 7), generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    g = torch.randn(2, 7, 64, generator=gen, dtype=torch.float64)
+
+    def run(m, seed=3):
+        with fused_dropout_masks():
+            torch.manual_seed(seed)
+            return _run(m, ids, mask, g)
+
+    (y64, g64), (y32, g32), (yf, gf) = run(ref64), run(pt32), run(model)
+    assert_close_by_rule(yf, y64, y32, "gpt2 dropout logits")
+    for n in g64:
+        assert_close_by_rule(gf[n], g64[n], g32[n], f"gpt2 dropout {n}")
+    again = run(model)
+    assert torch.equal(again[0], yf) and all(torch.equal(again[1][n], gf[n]) for n in gf)
+    model.eval()
+    pt32.eval()
+    assert all(a.dropout_p == a.out_dropout_p == 0 for a in attns)
+    y_eval, _ = run(model)
+    torch.testing.assert_close(y_eval, run(pt32)[0], rtol=1e-5, atol=1e-5)
+    assert (y_eval - yf).abs().max().item() > 1e-2  # train mode dropped something
+
+
+def test_gpt2_dropout_with_eager_dead_rows_runs_hf_attention():
+    """Left padding under eager in train mode with GPT-2's dropouts: the rows that see no key take
+    Hugging Face's eager values, which the fix-up cannot combine with the fused dropout masks, so
+    that call runs Hugging Face's attention (warning) and equals unpatched HF under the same masks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fused_ckpt.ops.dropout import fused_dropout_masks
+
+    cfg = GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2, n_inner=96)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(cfg).train()
+    model = copy.deepcopy(ref)
+    _patch(model)
+    assert isinstance(model.transformer.h[0].attn, FusedHFAttention)
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    outs = []
+    for m in (ref, model):
+        with fused_dropout_masks(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(4)
+            outs.append(m(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+    assert any("with active dropout" in str(w.message) for w in caught)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_attention_dropout_of_other_families_is_refused():
+    """A dropout the fused attention does not take from the module (Qwen3's attention_dropout,
+    a float read by its forward) is still refused, naming the field."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=1, head_dim=32, attention_dropout=0.1))
+    rep = _patch(model)
+    why = [d for n, _, d in rep.left_alone if n.endswith(".self_attn")]
+    assert len(why) == 2 and all("attention_dropout=0.1" in w for w in why), rep.left_alone
 
 
 def test_packed_gradients_land_on_the_hf_parameters():

@@ -8,9 +8,9 @@
   the MLP's own submodules, after checking that the activation the module computes (identified by
   evaluating it) is the one the config names (``hidden_act`` / ``hidden_activation`` /
   ``activation_function``);
-* replaces each Llama-style attention (``q_proj/k_proj/v_proj/o_proj`` + config, default full
-  rotary embedding, no soft-capping, clipping, QK-norm or dropout: see "Config fields" below)
-  by :class:`FusedHFAttention`, a
+* replaces each attention of a known projection layout (default or partial rotary embedding,
+  QK-norm, Gemma 2's logit soft-capping, sliding windows, GPT-2's attention dropouts; no
+  clipping or other dropout: see "Config fields" below) by :class:`FusedHFAttention`, a
   :class:`FusedCheckpointedAttention` that accepts the Hugging Face call and keeps Hugging Face's
   parameter names (its state dict loads into the original attention as is);
 * replaces each Llama-style RMSNorm (identified by evaluating it: ``w * x * rsqrt(mean(x^2) + eps)``;
@@ -23,11 +23,16 @@
   checkpointing keeps) and the backward recomputes inside the fused kernels (``blocks=False``
   keeps the layers, with per-module dials only);
 * leaves everything else alone and says why (GPT-2's and Phi-3's packed ``c_attn``/``qkv_proj``
-  attention, active dropout, unknown activations, ...),
+  dropouts the fused ops do not take, unknown activations, ...),
 
-Sliding windows (Mistral, Qwen2 ``use_sliding_window``): up to ``window`` tokens attention is
-exactly causal, so the fused path runs; a longer call runs Hugging Face's attention (and layer)
-code on the same weights, with a warning.
+Sliding windows (Mistral, Qwen2 ``use_sliding_window``, Gemma 2/3 sliding layers): the fused
+kernels' window mask (query i sees key j iff ``i - window < j <= i``, Hugging Face's
+``sliding_window``), at every length. Logit soft-capping (Gemma 2 ``attn_logit_softcapping``):
+the fused op's ``softcap`` (after the scaling, before the masks, as Hugging Face). GPT-2's
+``attn_dropout`` / ``resid_dropout``: the fused op's replayed ``dropout_p`` / ``out_dropout_p``,
+their ``p`` read from the modules at each call, in training mode only (``eval()``, ``train()``
+and a changed ``p`` are honoured); :func:`fused_ckpt.ops.dropout.fused_dropout_masks` makes an
+unpatched model draw the same masks for comparisons.
 
 then applies ``policy`` with :func:`fused_ckpt.apply_checkpointing`.
 
@@ -118,7 +123,7 @@ class FusedHFAttention(FusedCheckpointedAttention):
     any layout in :data:`fused_ckpt.modules.attention.HF_PROJECTIONS` (``q_proj``/``k_proj``/
     ``v_proj``/``o_proj``; Phi-3 ``qkv_proj``; GPT-2 ``c_attn``/``c_proj`` Conv1D, read
     transposed; GPT-NeoX ``query_key_value``/``dense``, interleaved per head), the QK-norms
-    ``q_norm``/``k_norm`` and the (inactive) dropouts, read where they live at each call. The
+    ``q_norm``/``k_norm`` and the dropouts, read where they live at each call. The
     rotary embedding (full or partial) is computed from ``position_ids`` in the fused op (same
     tables as Hugging Face's default rope); ``position_embeddings`` are used only on the
     Hugging Face path (a KV cache with gradients off, or a mask that is not causal + key
@@ -127,12 +132,12 @@ class FusedHFAttention(FusedCheckpointedAttention):
 
     @classmethod
     def from_hf(cls, attn: nn.Module, recompute="qkv", **kwargs) -> "FusedHFAttention":
-        # the window is handled by the caller (fused up to it, Hugging Face's attention beyond)
         new = _attention_from_hf(cls, attn, recompute, None, share_parameters=True, allow_window=True, **kwargs)
         for k, v in attn.__dict__.items():  # config, layer_idx, scaling, ... (read by Hugging Face's forward)
             if not k.startswith("_") and k != "training" and k not in new.__dict__ \
                     and not isinstance(v, (nn.Module, torch.Tensor)):
                 new.__dict__[k] = v
+        new.__dict__["_fused_window"] = _sliding_window(attn, getattr(attn, "config", None))
         new.__dict__["_hf_forward"] = type(attn).forward
         new.__dict__["_hf_cache_kw"] = _cache_kw(type(attn).forward)
         return new
@@ -151,22 +156,53 @@ class FusedHFAttention(FusedCheckpointedAttention):
         if cache is not None and not training:
             return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
         B, S = hidden_states.shape[0], hidden_states.shape[1]
-        if self.window_exceeded(S):
-            return self._hf(hidden_states, position_embeddings, attention_mask, None, position_ids, kwargs)
-        kpm = _key_padding(attention_mask, B, S)
+        kpm = _key_padding(attention_mask, B, S, self.window)
         if kpm is _UNSUPPORTED:
-            _warn("fused_ckpt: an attention mask that is not causal + key padding was passed; "
-                  "running Hugging Face's attention for it (no fused recompute)")
+            _warn("fused_ckpt: an attention mask that is not causal + key padding (+ the layer's sliding window) "
+                  "was passed; running Hugging Face's attention for it (no fused recompute)")
+            return self._hf(hidden_states, position_embeddings, attention_mask, None, position_ids, kwargs)
+        dead = self.eager_dead_rows(kpm)
+        if dead is not None and (self.dropout_p or self.out_dropout_p):
+            # the eager fix-up of rows that see no key does not draw the fused dropout masks on them
+            _warn("fused_ckpt: left-padded rows that see no key under eager attention with active dropout; "
+                  "running Hugging Face's attention for this call (no fused recompute)")
             return self._hf(hidden_states, position_embeddings, attention_mask, None, position_ids, kwargs)
         if cache is not None:
             _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
                   "(as with Hugging Face checkpointing); pass use_cache=False")
         pos = _positions(position_ids, B, S)
         y = super().forward(hidden_states, position_ids=pos, key_padding_mask=kpm)
-        dead = self.eager_dead_rows(kpm)
         if dead is not None:
             y = self._eager_fixup(y, hidden_states, dead, attention_mask, position_embeddings, pos)
         return y, None
+
+    # ------------------------------------------------------------ the attention options, read at each call
+    @property
+    def softcap(self) -> Optional[float]:
+        """The adopted module's ``attn_logit_softcapping`` (Gemma 2/3): ``cap * tanh(s / cap)``
+        after the scaling and before the masks, as Hugging Face's attention computes it."""
+        cap = self.__dict__.get("attn_logit_softcapping")
+        return float(cap) if cap else None
+
+    @property
+    def window(self) -> Optional[int]:
+        """The sliding window (query i sees key j iff ``i - window < j <= i``, Hugging Face's
+        ``sliding_window``), applied by the fused kernels at every length; None: full attention."""
+        return self.__dict__.get("_fused_window")
+
+    @property
+    def dropout_p(self) -> float:
+        """GPT-2's ``attn_dropout`` (on the probabilities): its ``p`` now, in training mode; else 0."""
+        return self._dropout_of("attn_dropout")
+
+    @property
+    def out_dropout_p(self) -> float:
+        """GPT-2's ``resid_dropout`` (on the output): its ``p`` now, in training mode; else 0."""
+        return self._dropout_of("resid_dropout")
+
+    def _dropout_of(self, name: str) -> float:
+        d = self._modules.get(name)
+        return float(d.p) if self.training and isinstance(d, nn.Dropout) else 0.0
 
     # ------------------------------------------------------------ rows that see no key
     def eager_dead_rows(self, kpm) -> Optional[list]:
@@ -220,7 +256,10 @@ class FusedHFAttention(FusedCheckpointedAttention):
                     q = _apply_rope(q, c[:n], s_[:n])
                     k = _apply_rope(k, c, s_)
                 k, v = k.repeat_interleave(H // Hkv, dim=0), v.repeat_interleave(H // Hkv, dim=0)
-                scores = torch.matmul(q, k.transpose(1, 2)) * scale + mask[b if mask.shape[0] > 1 else 0, 0, :n]
+                scores = torch.matmul(q, k.transpose(1, 2)) * scale
+                if self.softcap:  # Hugging Face's order: scale, soft-cap, mask
+                    scores = torch.tanh(scores / self.softcap) * self.softcap
+                scores = scores + mask[b if mask.shape[0] > 1 else 0, 0, :n]
                 p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
                 a = torch.matmul(p, v).transpose(0, 1).reshape(n, H * D)
                 outs.append(nn.functional.linear(a, t["wo"]))
@@ -233,17 +272,6 @@ class FusedHFAttention(FusedCheckpointedAttention):
         b_idx = torch.tensor([b for b, n in dead for _ in range(n)], device=x.device)
         i_idx = torch.tensor([i for _, n in dead for i in range(n)], device=x.device)
         return y.index_put((b_idx, i_idx), fix.to(y.dtype), accumulate=True)
-
-    def window_exceeded(self, seqlen: int) -> bool:
-        """Whether a sliding window changes attention at this length: up to ``window`` tokens
-        (no cache) it is exactly causal and the fused kernels run; beyond, Hugging Face's
-        attention runs (warning once)."""
-        window = self.__dict__.get("_fused_window")
-        if window is None or seqlen <= window:
-            return False
-        _warn(f"fused_ckpt: {seqlen} tokens exceed the sliding window ({window}); running Hugging Face's "
-              "attention for them (no fused recompute)")
-        return True
 
     def _hf(self, hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs):
         if position_embeddings is None and self.rope_theta is not None:
@@ -429,10 +457,9 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
             cache = c if c is not None else cache
         generating = cache is not None and not (self.training and torch.is_grad_enabled())
         plain = not generating and not a.get("output_attentions") and a.get("encoder_hidden_states") is None
-        if plain and self._whole_block_recompute(hidden_states) \
-                and not self.block_attention.window_exceeded(hidden_states.shape[1]):
+        if plain and self._whole_block_recompute(hidden_states):
             B, S = hidden_states.shape[0], hidden_states.shape[1]
-            kpm = _key_padding(a.get("attention_mask"), B, S)
+            kpm = _key_padding(a.get("attention_mask"), B, S, self.block_attention.window)
             # eager rows that see no key need the attention's fix-up, which the block cannot
             # apply inside itself: the layer's own forward runs on the fused parts
             if kpm is not _UNSUPPORTED and self.block_attention.eager_dead_rows(kpm) is None:
@@ -486,31 +513,35 @@ def _cache_kw(forward) -> str:
 
 
 _UNSUPPORTED = object()
-_mask_cache: list = [None, None]      # (weakref to the last mask, its key-padding mask)
+_mask_cache: list = [None, None, None]  # (weakref to the last mask, its key-padding mask, the window)
 _dead_cache: list = [None, None]      # (weakref to the last key-padding mask, its rows that see no key)
 _pos_cache: list = [None, None]
 
 
-def _key_padding(mask, B: int, S: int):
+def _key_padding(mask, B: int, S: int, window: Optional[int] = None):
     """None (causal only), a bool (B, S) key-padding mask, or _UNSUPPORTED.
 
     A 4-D Hugging Face mask (bool, True = attend; or additive float, 0 = attend) is accepted
-    when it equals causal & key_padding exactly; the result is cached for the mask object (all
-    layers receive the same one)."""
+    when it equals causal & key_padding exactly (& the sliding window ``i - window < j`` for a
+    layer with one: the kernels apply the window themselves); the result is cached for the mask
+    object and window (the layers of one kind receive the same mask)."""
     if mask is None:
         return None
     ref = _mask_cache[0]
-    if ref is not None and ref() is mask:
+    if ref is not None and ref() is mask and _mask_cache[2] == window:
         return _mask_cache[1]
     out = _UNSUPPORTED
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-2:] == (S, S) \
             and mask.shape[0] in (1, B):
         vis = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-        keys = vis[:, -1, :].expand(B, S)
+        keys = vis.diagonal(dim1=-2, dim2=-1).expand(B, S)  # key j is visible from query j unless padded
         causal = torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
+        if window is not None:
+            causal = causal.triu(1 - window)
         if torch.equal(vis.expand(B, S, S), causal[None] & keys[:, None, :]):
             out = None if bool(keys.all()) else keys.contiguous()
     _mask_cache[0], _mask_cache[1] = weakref.ref(mask) if isinstance(mask, torch.Tensor) else None, out
+    _mask_cache[2] = window
     return out
 
 
@@ -626,7 +657,7 @@ _A, _L, _C, _M = "attention", "layer", "checked", "model"
 _SHAPE = "read from the projections' weights"
 _BIAS = "each projection's bias is copied as is"
 _SCALING = "enters through the attention's `scaling`, which the fused attention uses"
-_WINDOW = "the attention's window is honoured: fused up to it, Hugging Face's attention beyond"
+_WINDOW = "the attention's sliding window is the fused kernels' window mask (at every length)"
 _NORM = "norms are replaced only when evaluating them matches (eps read from the module)"
 _ACT = "the MLP is replaced only when the activation it computes matches the config's"
 _OUTSIDE = "applied by Hugging Face's model code outside the replaced modules"
@@ -656,11 +687,14 @@ _FIELDS = {
     "max_position_embeddings": _Field(_A, "read only by rope scaling types, which are refused"),
     # --- attention: math the fused kernels do not have
     "clip_qkv": _Field(_A, "clamping of q, k and v to [-clip_qkv, clip_qkv]", (None,)),
-    "attn_logit_softcapping": _Field(_A, "tanh soft-capping of the attention logits", (None, 0, 0.0)),
+    "attn_logit_softcapping": _Field(_A, "tanh soft-capping of the attention logits: the attention's "
+                                     "attn_logit_softcapping is the fused op's softcap (after the scaling, before "
+                                     "the masks, as Hugging Face)"),
     "use_qk_norm": _Field(_A, "QK-norm", (None, False)),
     "qk_layernorm": _Field(_A, "QK-norm", (None, False)),
     "attention_dropout": _Field(_A, "dropout on the attention probabilities", _NONE_OR_ZERO),
-    "attn_pdrop": _Field(_A, "dropout on the attention probabilities", _NONE_OR_ZERO),
+    "attn_pdrop": _Field(_C, "dropout on the attention probabilities: GPT-2's attn_dropout, the fused op's "
+                         "dropout_p (its p read at each call, training mode; masks replayed)"),
     "residual_dropout": _Field(_A, "dropout on the attention output", _NONE_OR_ZERO),
     "use_bidirectional_attention": _Field(_A, "bidirectional (non-causal) attention", (None, False)),
     "_attn_implementation": _Field(_A, "this attention implementation",
@@ -673,7 +707,9 @@ _FIELDS = {
     # --- decoder layer (whole-layer blocks; the layer's own code runs otherwise)
     "residual_multiplier": _Field(_L, "scaling of the residual branches", (None, 1.0)),
     "hidden_dropout": _Field(_C, "dropout on the residual branches: the layer's Dropout modules, replayed"),
-    "resid_pdrop": _Field(_L, "dropout on the residual branches", _NONE_OR_ZERO),
+    "resid_pdrop": _Field(_C, "dropout on the residual branches: the Dropout modules where they live (GPT-2's "
+                          "attention resid_dropout and MLP dropout, Phi-3's layer dropouts), replayed; another "
+                          "Dropout child with p > 0 is refused"),
     "use_parallel_residual": _Field(_C, "the parallel attention/MLP residual (GPT-NeoX): the layer's placement "
                                     "is the one its forward agrees with on a probe"),
     "intermediate_size": _Field(_L, "read from the MLP's weights"), "n_inner": _Field(_L, "read from the MLP's weights"),
@@ -736,6 +772,10 @@ def _config_refusal(cfg, module: nn.Module, scope: str, classes: list) -> Option
     return None
 
 
+# the attention's nn.Dropout children the fused op computes (GPT-2): on the probabilities, on the output
+_FUSED_DROPOUTS = ("attn_dropout", "resid_dropout")
+
+
 def _attention_refusal(attn: nn.Module, cfg, rotaries=()) -> Optional[str]:
     row = hf_projection_layout(attn)
     if row is None:
@@ -748,7 +788,8 @@ def _attention_refusal(attn: nn.Module, cfg, rotaries=()) -> Optional[str]:
     known = set(row[0]) | {row[1], "q_norm", "k_norm", "rotary_emb"}
     for name, child in attn.named_children():
         if isinstance(child, nn.Dropout):
-            if child.p > 0:
+            # GPT-2's dropouts on the probabilities and the output are the fused op's (read at each call)
+            if child.p > 0 and not (row[0] == ("c_attn",) and name in _FUSED_DROPOUTS and type(child) is nn.Dropout):
                 return (f"{name} is a dropout with p={child.p}, which the fused attention does not compute "
                         "(set the config's dropout to 0)")
         elif name not in known:
@@ -772,7 +813,7 @@ def _probe_attention(attn: nn.Module, rotaries: list) -> Optional[str]:
     if w is None or w.is_meta:
         return None  # nothing to evaluate: the config table alone decides
     try:
-        ref = copy.deepcopy(attn).double()
+        ref = copy.deepcopy(attn).double().eval()  # the math: no dropout
         ref.config = copy.deepcopy(ref.config)
         ref.config._attn_implementation = "eager"  # the copy's own config
         new = FusedHFAttention.from_hf(ref, backend="aten")
@@ -783,7 +824,10 @@ def _probe_attention(attn: nn.Module, rotaries: list) -> Optional[str]:
         x = torch.randn(1, S, new.d_model, generator=gen, dtype=torch.float64).to(w.device)
         pos = (torch.arange(S) + 3)[None].to(w.device)
         mask = torch.full((S, S), torch.finfo(torch.float64).min, dtype=torch.float64, device=w.device)
-        mask = mask.triu(1)[None, None]
+        mask = mask.triu(1)
+        if new.window is not None:  # what Hugging Face's sliding mask hides (the fused kernels' window)
+            mask = mask + torch.full_like(mask, torch.finfo(torch.float64).min).tril(-new.window)
+        mask = mask[None, None]
         hf_forward = type(attn).forward
         kw = {_cache_kw(hf_forward): None}
         with torch.no_grad():
@@ -1079,8 +1123,7 @@ def _convert_attention(child, cfg, backend, rotaries=()):
     why = _probe_attention(child, list(rotaries))
     if why is not None:
         return None, why
-    window = _sliding_window(child, cfg)
-    new.__dict__["_fused_window"] = window
+    window = new.window
     feats = [f"heads {new.n_heads}/{new.n_kv_heads}", f"head_dim {new.head_dim}", f"rope_theta {new.rope_theta}"]
     if new.rotary_dim is not None:
         feats.append(f"rotary_dim {new.rotary_dim}")
@@ -1091,7 +1134,13 @@ def _convert_attention(child, cfg, backend, rotaries=()):
         feats.append(f"QK-norm {'per head' if per_head else 'over the projection'}"
                      + (" (1 + w)" if new.qk_norm_offset else ""))
     if window:
-        feats.append(f"sliding window {window} (fused up to {window} tokens, Hugging Face's attention beyond)")
+        feats.append(f"sliding window {window}")
+    if new.softcap:
+        feats.append(f"logit softcap {new.softcap:g}")
+    drops = [f"{n} {new._modules[n].p:g}" for n in _FUSED_DROPOUTS
+             if isinstance(new._modules.get(n), nn.Dropout) and new._modules[n].p > 0]
+    if drops:
+        feats.append(f"dropout ({', '.join(drops)}; replayed, training mode)")
     return new, ", ".join(feats)
 
 

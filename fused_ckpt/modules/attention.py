@@ -111,6 +111,14 @@ class FusedCheckpointedAttention(nn.Module):
     # submodule names of the projections (the op's inputs are read from them at each call)
     _qkv_names: tuple = ("q_proj", "k_proj", "v_proj")
     _out_name: str = "o_proj"
+    # attention options of the op, read at each call (and by the whole-layer block): logit
+    # soft-capping, sliding window, dropout on the probabilities and on the output (the dropouts
+    # in training mode only). Off here; a subclass (the Hugging Face adoption) reads them from
+    # the module it adopts.
+    softcap: Optional[float] = None
+    window: Optional[int] = None
+    dropout_p: float = 0.0
+    out_dropout_p: float = 0.0
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None, causal: bool = True,
                  bias: bool = False, rope_theta: Optional[float] = None, recompute: Union[str, bool] = "qkv",
@@ -208,8 +216,22 @@ class FusedCheckpointedAttention(nn.Module):
             x, t["wq"], t["bq"], t["wk"], t["bk"], t["wv"], t["bv"], t["wo"], t["bo"],
             self.n_heads, self.n_kv_heads, causal=self.causal, scale=self.scale, rope_theta=self.rope_theta,
             position_ids=position_ids, key_padding_mask=key_padding_mask, recompute=self.recompute,
-            backend=self.backend, q_norm=t["q_norm_w"], k_norm=t["k_norm_w"], **opts,
+            backend=self.backend, q_norm=t["q_norm_w"], k_norm=t["k_norm_w"], **opts, **self._options(),
         )
+
+    def _options(self) -> dict:
+        """The attention options for the op: softcap and window always, the dropouts in training
+        mode only; options that are off are left out (the op's schema without them)."""
+        out = {}
+        if self.softcap:
+            out["softcap"] = self.softcap
+        if self.window:
+            out["window"] = self.window
+        if self.training:
+            for k in ("dropout_p", "out_dropout_p"):
+                if getattr(self, k):
+                    out[k] = getattr(self, k)
+        return out
 
     def _unfused_forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                          key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
