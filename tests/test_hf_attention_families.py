@@ -229,6 +229,29 @@ def test_gpt2_dropout_with_eager_dead_rows_runs_hf_attention():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
 
 
+def test_from_module_copy_takes_gpt2_dropouts():
+    """A from_module copy of GPT-2's attention takes its dropouts' p (0.1): in train mode it draws
+    what the shared module draws after the same seed (equal outputs), in eval mode nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fused_ckpt import FusedCheckpointedAttention
+
+    attn = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2)).transformer.h[0].attn.train()
+    shared = FusedHFAttention.from_hf(copy.deepcopy(attn), backend="aten")
+    copied = FusedCheckpointedAttention.from_module(attn, backend="aten")
+    assert copied.dropout_p == copied.out_dropout_p == 0.1 and copied.training
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for m in (shared, copied):
+        torch.manual_seed(11)
+        outs.append(FusedCheckpointedAttention.forward(m, x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    copied.eval()
+    plain = copied(x)
+    assert (plain - outs[1]).abs().max().item() > 1e-3  # train mode dropped something
+    assert torch.equal(copied(x), plain)
+
+
 def test_attention_dropout_of_other_families_is_refused():
     """A dropout the fused attention does not take from the module (Qwen3's attention_dropout,
     a float read by its forward) is still refused, naming the field."""
@@ -253,18 +276,20 @@ def test_packed_gradients_land_on_the_hf_parameters():
         assert w.grad is not None and w.grad.shape == w.shape and w.grad.is_contiguous()
 
 
-@pytest.mark.parametrize("name", ["qwen3", "olmo2", "phi3", "gpt2", "neox"])
+@pytest.mark.parametrize("name", ["qwen3", "olmo2", "phi3", "gpt2", "neox", "gemma2"])
 def test_from_module_copy_matches_the_shared_module(name):
     """``FusedCheckpointedAttention.from_module(attn)`` (weights copied: packed layouts into one
     ``qkv_proj`` with rows [q; k; v], NeoX's interleaved rows regrouped, Conv1D transposed,
-    QK-norm weights into ``q_norm``/``k_norm``) computes what the shared-parameter module does."""
+    QK-norm weights into ``q_norm``/``k_norm``; Gemma2's softcap and sliding window as the copy's
+    ``softcap``/``window``) computes what the shared-parameter module does."""
     from fused_ckpt import FusedCheckpointedAttention
 
     model = _family(name)
     attn = next(m for n, m in model.named_modules() if n.endswith(("self_attn", ".attn", ".attention")))
     shared = FusedHFAttention.from_hf(copy.deepcopy(attn), backend="aten")
     copied = FusedCheckpointedAttention.from_module(attn, backend="aten")
-    assert copied.qkv_layout == ("separate" if name in ("qwen3", "olmo2") else "packed")
+    assert copied.qkv_layout == ("separate" if name in ("qwen3", "olmo2", "gemma2") else "packed")
+    assert (copied.softcap, copied.window) == ((5.0, 4) if name == "gemma2" else (None, None))
     assert copied.rotary_dim == shared.rotary_dim and copied.rope_theta == shared.rope_theta
     assert ("q_norm" in copied._modules) == (name in ("qwen3", "olmo2"))
     x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))

@@ -234,8 +234,9 @@ def test_twenty_step_loss_curve_equals_unpatched(family):
 
 @pytest.mark.triton
 def test_sandwich_family_on_triton():
-    """Gemma2's sandwich-norm (1 + w) layers on the Triton kernels (interpreter on CPU)."""
-    ref64, ref = _build("gemma2", torch.float64), _build("gemma2")
+    """Gemma2's sandwich-norm (1 + w) layers on the Triton kernels (interpreter on CPU), at its
+    default softcap 50 with a sliding window (3) shorter than the sequence on layer 0."""
+    ref64, ref = _build("gemma2_window", torch.float64), _build("gemma2_window")
     model = copy.deepcopy(ref)
     patch_hf_model(model, "full", backend="triton")
     assert len(_whole_layers(model)) == 2

@@ -132,7 +132,7 @@ class FusedHFAttention(FusedCheckpointedAttention):
 
     @classmethod
     def from_hf(cls, attn: nn.Module, recompute="qkv", **kwargs) -> "FusedHFAttention":
-        new = _attention_from_hf(cls, attn, recompute, None, share_parameters=True, allow_window=True, **kwargs)
+        new = _attention_from_hf(cls, attn, recompute, None, share_parameters=True, **kwargs)
         for k, v in attn.__dict__.items():  # config, layer_idx, scaling, ... (read by Hugging Face's forward)
             if not k.startswith("_") and k != "training" and k not in new.__dict__ \
                     and not isinstance(v, (nn.Module, torch.Tensor)):

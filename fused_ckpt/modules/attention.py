@@ -314,7 +314,9 @@ class FusedCheckpointedAttention(nn.Module):
             ``query_key_value``/``dense`` (the last three only with ``share_parameters=True``).
             ``q_norm``/``k_norm`` RMSNorms (per head or over the projection, ``w`` or
             ``(1 + w)``: identified by evaluating them) become the QK-norm. Causal unless
-            ``causal=False``.
+            ``causal=False``. ``attn_logit_softcapping`` becomes ``softcap``, a sliding window
+            ``window``, GPT-2's ``attn_dropout`` / ``resid_dropout`` p ``dropout_p`` /
+            ``out_dropout_p`` (applied in training mode; the p at conversion).
           * ``nn.MultiheadAttention(batch_first=True)`` with equal q/k/v widths, no
             ``add_bias_kv``/``add_zero_attn`` and no active dropout; it becomes self-attention
             (forward takes x only). Non-causal unless ``causal=True``.
@@ -455,13 +457,23 @@ def _packed_rows(w: torch.Tensor, layout: str, n_heads: int, head_dim: int) -> t
     return t.transpose(0, 1).reshape(w.shape)
 
 
-def _from_hf(cls, attn, recompute, causal, share_parameters=False, allow_window=False, **kwargs):
+def _hf_options(attn) -> dict:
+    """The attention options of a Hugging Face attention: its logit soft-capping (Gemma 2/3
+    ``attn_logit_softcapping``), sliding window (its own ``sliding_window``, None on a full layer;
+    else the config's, as Mistral reads it) and GPT-2's ``attn_dropout`` / ``resid_dropout`` p."""
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+    drops = [getattr(attn, n, None) for n in ("attn_dropout", "resid_dropout")]
+    drops = [float(d.p) if isinstance(d, nn.Dropout) else 0.0 for d in drops]
+    return dict(softcap=float(cap) if cap else None, window=int(window) if window else None,
+                dropout_p=drops[0], out_dropout_p=drops[1])
+
+
+def _from_hf(cls, attn, recompute, causal, share_parameters=False, **kwargs):
     cfg = attn.config
     qkv_names, out_name, layout, rotary = hf_projection_layout(attn)
     if getattr(attn, "is_cross_attention", False):
         raise ValueError(f"from_module: {type(attn).__name__} is a cross-attention")
-    if not allow_window and (getattr(attn, "sliding_window", None) or getattr(cfg, "use_sliding_window", False)):
-        raise ValueError("from_module: sliding-window attention is not supported")
     if getattr(cfg, "attention_dropout", 0.0):
         raise ValueError(f"from_module: attention_dropout={cfg.attention_dropout} is not supported (set it to 0)")
     n_heads, n_kv, head_dim = _hf_heads(attn, cfg)
@@ -510,6 +522,10 @@ def _from_hf(cls, attn, recompute, causal, share_parameters=False, allow_window=
               scale=None if scale is None else float(scale), qk_norm=qk_kind, qk_norm_eps=qk_eps,
               qk_norm_offset=qk_offset, rotary_dim=rotary_dim,
               qkv_layout="separate" if layout == "separate" else "packed", **kwargs)
+    if not isinstance(getattr(cls, "softcap", None), property):  # a subclass may read them at each call instead
+        for k, v in _hf_options(attn).items():  # softcap, window, the dropouts' p (as they are now)
+            if v:
+                setattr(new, k, v)
     if share_parameters:  # the source's own modules (the meta placeholders are dropped)
         for name in list(new._modules):
             del new._modules[name]
