@@ -140,6 +140,43 @@ def test_quantized_base_layer_is_refused_or_runs_unfused():
     assert (got - base.model.embed_tokens(ids)).abs().max() > 0  # not vacuous
 
 
+
+def test_same_kind_replacement_stays_fused():
+    """A plain module of the same class put in a projection's place (weights shared with another
+    model by assignment, as the bench does) is read like the old one: the fused op still runs,
+    on the new weights. A subclass in its place is a different module: the exact unfused path."""
+    from fused_ckpt import FusedCheckpointedFFN
+
+    m = FusedCheckpointedFFN(32, 64, "gelu", backend="aten")
+    other = nn.Linear(32, 64)
+    m.fc1 = other
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "running the exact unfused path" warning
+        with Count():
+            got = m(x)
+    assert any("fused_ckpt" in c and "ffn_forward" in c for c in calls), calls
+    want = m.fc2(nn.functional.gelu(other(x)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    class Sub(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    m.fc1 = Sub(32, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = m(x)
+    assert any("unfused" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, m.fc2(nn.functional.gelu(m.fc1(x))), rtol=1e-5, atol=1e-5)
+
 def _plain(kind, dtype=None):
     if kind == "block":
         return FusedCheckpointedBlock(64, 2, 96, n_kv_heads=1, activation="swiglu", backend="aten", rope_theta=10000.0,

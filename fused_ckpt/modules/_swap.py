@@ -48,8 +48,14 @@ def swapped_child(module: nn.Module) -> Optional[str]:
     mods = module._modules
     for name, child in rec.items():
         now = mods.get(name)
-        if now is not child:
-            return f"{name} is now {describe(now)}, not the {type(child).__name__} it was built from"
+        if now is child:
+            continue
+        if now is not None and type(now) is type(child) and not (now._forward_pre_hooks or now._forward_hooks):
+            # the same kind of module put in its place (e.g. weights shared with another model by
+            # assigning its Linear): the fused op reads its weight exactly as it read the old one
+            rec[name] = now
+            continue
+        return f"{name} is now {describe(now)}, not the {type(child).__name__} it was built from"
     return None
 
 
