@@ -96,24 +96,8 @@ def run(layers=8, tokens=512, d_model=256, d_ff=1024, activation="gelu", steps=6
         saved, flops = acc.total_bytes(params), counter.get_total_flops()
         opt.zero_grad(set_to_none=True)
 
-        losses, times, first_grads, peak = [], [], None, None
-        for step, (x, y) in enumerate(batches):
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                peak = max(peak or 0, torch.cuda.max_memory_allocated() - base_mem)
-            times.append(time.perf_counter() - t0)
-            if step == 0:
-                first_grads = [p.grad.detach().float().clone() for p in params]
-            losses.append(loss.item())
-            opt.step()
+        losses, times, first_grads, peak = _train_steps(
+            batches, lambda x, y: nn.functional.mse_loss(model(x), y), opt, params, device)
         if ref is None:
             ref = (losses, first_grads)
         loss_diff = max(abs(a - b) for a, b in zip(losses, ref[0]))
@@ -124,6 +108,31 @@ def run(layers=8, tokens=512, d_model=256, d_ff=1024, activation="gelu", steps=6
         _say(log, f"[{k}/{len(variants)}] {name}: done in {time.perf_counter() - t_variant:.1f} s "
                   f"(median step {rows[-1]['step_ms']:.1f} ms)")
     return device, rows
+
+
+def _train_steps(batches, loss_of, opt, params, device):
+    """One optimizer step per batch: ``loss_of(*batch).backward()`` then ``opt.step()``. Returns
+    (losses, fwd+bwd seconds per step, the first step's gradients as fp32 copies, the CUDA peak of
+    fwd+bwd above what was allocated before each step (None off CUDA))."""
+    losses, times, first_grads, peak = [], [], None, None
+    for step, batch in enumerate(batches):
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        loss = loss_of(*batch)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = max(peak or 0, torch.cuda.max_memory_allocated() - base_mem)
+        times.append(time.perf_counter() - t0)
+        if step == 0:
+            first_grads = [p.grad.detach().float().clone() for p in params]
+        losses.append(loss.item())
+        opt.step()
+    return losses, times, first_grads, peak
 
 
 def lm_config(vocab: int, d_model: int, seq: int):
@@ -183,24 +192,7 @@ def run_lm_head(vocab=32000, d_model=128, batch=2, seq=128, steps=3, device=None
         saved = acc.unique_bytes(params)   # the log-softmax is saved twice (log_softmax, nll_loss), held once
         loss.backward()
         opt.zero_grad(set_to_none=True)
-        losses, times, first_grads, peak = [], [], None, None
-        for step, (ids, labels) in enumerate(batches):
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            loss = loss_of(ids, labels)
-            loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                peak = max(peak or 0, torch.cuda.max_memory_allocated() - base_mem)
-            times.append(time.perf_counter() - t0)
-            if step == 0:
-                first_grads = [p.grad.detach().float().clone() for p in params]
-            losses.append(loss.item())
-            opt.step()
+        losses, times, first_grads, peak = _train_steps(batches, loss_of, opt, params, device)
         if ref is None:
             ref = (losses, first_grads)
         rows.append(dict(variant=name, saved_bytes=saved, peak_bytes=peak, step_ms=1e3 * statistics.median(times),

@@ -147,6 +147,22 @@ def _whole_layers(model):
     return [m for m in find_layers(model)[1] if isinstance(m, FusedHFDecoderLayer)]
 
 
+def _whole_equals_per_module(ref64, ref):
+    """Patch copies of ``ref`` with whole layers and with per-module dials only (``blocks=False``):
+    logits and loss of the whole-layer model by the 2x rule against ``ref64``, every gradient equal
+    to the per-module model's. Returns (the whole-layer model, its report)."""
+    model, modules = copy.deepcopy(ref), copy.deepcopy(ref)
+    report = patch_hf_model(model, "full", backend="aten")
+    patch_hf_model(modules, "full", backend="aten", blocks=False)
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    got, per_module, pt, r64 = _run(model, ids), _run(modules, ids), _run(ref, ids), _run(ref64, ids)
+    assert_close_by_rule(got[0], r64[0], pt[0], "logits")
+    assert_close_by_rule(got[1], r64[1], pt[1], "loss")
+    for n in pt[2]:
+        torch.testing.assert_close(got[2][n], per_module[2][n], rtol=1e-5, atol=1e-7, msg=lambda m: f"d{n}: {m}")
+    return model, report
+
+
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_family_is_patched_and_matches_unpatched(family):
     ref64 = _build(family, torch.float64)
@@ -263,17 +279,9 @@ def test_gpt_neox_sequential_residual_with_partial_rotary():
             return transformers.AutoModelForCausalLM.from_config(cfg).train().to(dtype)
 
     ref64, ref = build(torch.float64), build()
-    model, modules = copy.deepcopy(ref), copy.deepcopy(ref)
-    report = patch_hf_model(model, "full", backend="aten")
-    patch_hf_model(modules, "full", backend="aten", blocks=False)
+    model, report = _whole_equals_per_module(ref64, ref)
     rows = [r for r in report.replaced if r[2].startswith("FusedHFDecoderLayer")]
     assert len(rows) == 2 and all("; pre placement, LayerNorm)" in r[2] for r in rows), rows
-    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
-    got, per_module, pt, r64 = _run(model, ids), _run(modules, ids), _run(ref, ids), _run(ref64, ids)
-    assert_close_by_rule(got[0], r64[0], pt[0], "logits")
-    assert_close_by_rule(got[1], r64[1], pt[1], "loss")
-    for n in pt[2]:
-        torch.testing.assert_close(got[2][n], per_module[2][n], rtol=1e-5, atol=1e-7, msg=lambda m: f"d{n}: {m}")
 
 
 def test_gpt_neox_residual_dropout_is_replayed_in_the_whole_layer():
@@ -321,16 +329,8 @@ def test_default_config_layers_are_whole_and_add_nothing_to_the_ops(family):
     nothing to the ops' own rounding. (Against float64 the GeGLU FFN op's down_proj gradient is at
     2.6x PyTorch's fp32 error on this seed, with or without whole layers.)"""
     ref64, ref = _build(family, torch.float64), _build(family)
-    model, modules = copy.deepcopy(ref), copy.deepcopy(ref)
-    report = patch_hf_model(model, "full", backend="aten")
-    patch_hf_model(modules, "full", backend="aten", blocks=False)
+    model, report = _whole_equals_per_module(ref64, ref)
     assert len(_whole_layers(model)) == 2, report.left_alone
-    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
-    got, per_module, pt, r64 = _run(model, ids), _run(modules, ids), _run(ref, ids), _run(ref64, ids)
-    assert_close_by_rule(got[0], r64[0], pt[0], "logits")
-    assert_close_by_rule(got[1], r64[1], pt[1], "loss")
-    for n in pt[2]:
-        torch.testing.assert_close(got[2][n], per_module[2][n], rtol=1e-5, atol=1e-7, msg=lambda m: f"d{n}: {m}")
 
 
 def test_gpt2_default_dropouts_follow_seed_mode_and_p():
