@@ -161,6 +161,7 @@ class _AtenOps(TorchDispatchMode):
 
 
 CPU_FLASH_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+CPU_FLASH_FWD = {"_scaled_dot_product_flash_attention_for_cpu"}
 
 # (B, S_q, S_kv, H, H_kv, causal, key padding)
 FUSED_CASES = {
@@ -199,9 +200,10 @@ def _reference_lse(q, k, kpm, causal, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(FUSED_CASES))
 def test_aten_cpu_fused_path(case, dtype, monkeypatch):
-    """The aten backend runs PyTorch's fused CPU flash kernels (both directions) and matches its
-    math path by the 2x rule against float64 (o, lse, dq, dk, dv); rows without a visible key
-    are exactly 0 with lse -inf."""
+    """The aten backend's forward runs PyTorch's fused CPU flash kernel, its backward the math
+    path (never the fused CPU backward kernel: its fp32 error is up to ~3x eager's), and o, lse,
+    dq, dk, dv match the math path alone by the 2x rule against float64; rows without a visible
+    key are exactly 0 with lse -inf."""
     B, S_q, S_kv, H, H_kv, causal, padding = FUSED_CASES[case]
     q, k, v = _inputs(B, S_q, S_kv, H, H_kv, 64, dtype, device="cpu")
     kpm = None if padding is None else torch.rand(B, S_kv) > 0.3
@@ -215,7 +217,7 @@ def test_aten_cpu_fused_path(case, dtype, monkeypatch):
 
     assert attention_ops._use_cpu_flash(q, k)
     fused, ops = _aten_attention(q, k, v, kpm, causal, scale, do)
-    assert CPU_FLASH_OPS <= ops
+    assert CPU_FLASH_OPS & ops == CPU_FLASH_FWD
     monkeypatch.setattr(attention_ops, "_use_cpu_flash", lambda q, k: False)
     math_path, ops = _aten_attention(q, k, v, kpm, causal, scale, do)
     assert not CPU_FLASH_OPS & ops
