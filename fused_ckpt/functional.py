@@ -235,7 +235,7 @@ def _fused_ffn_lora(x, w1, b1, w2, b2, activation, recompute, chunk_tokens, back
             raise ValueError(f"lora[{key!r}]: scaling must be a number, got {s!r}")
         factors += [a, b]
         scaling.append(float(s))
-    resolve_backend(backend, x.device, x.dtype)  # validates the name; the LoRA op runs torch GEMMs everywhere
+    be = resolve_backend(backend, x.device, x.dtype)
     tensors = [x] + [t for t in factors if t is not None]
     grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     seed, offset = 0, 0
@@ -245,9 +245,10 @@ def _fused_ffn_lora(x, w1, b1, w2, b2, activation, recompute, chunk_tokens, back
         seed, offset = draw_dropout_seed()
     with torch.autocast(x.device.type, enabled=False):
         y = ffn_lora_forward(x, w1, b1, w2, b2, w_up, b_up, *factors, scaling, activation,
-                             save if grad_needed else 0, float(lora_dropout), seed, offset, chunk_tokens)[0]
+                             save if grad_needed else 0, float(lora_dropout), seed, offset, chunk_tokens,
+                             backend=be)[0]
     if dropout_p:
         from .ops.dropout import replayed_dropout
 
-        y = replayed_dropout(y, dropout_p, resolve_backend(backend, x.device, x.dtype))
+        y = replayed_dropout(y, dropout_p, be)
     return y

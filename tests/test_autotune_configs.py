@@ -39,13 +39,16 @@ def gpu_configs(monkeypatch):
 def _variants():
     for name, elem, prec in DTYPES:
         dots = {"DOT_F32": False, "INPUT_PRECISION": prec}
-        for gated in (False, True):
-            yield name, elem, _ffn_up_kernel, "x_ptr", _up_stage_bytes, dict(GATED=gated, STORE_Z=True, **dots)
-            for recompute in (False, True):
-                yield (name, elem, _ffn_bwd_hidden_kernel, "dy_ptr", _bwd_stage_bytes,
-                       dict(GATED=gated, RECOMPUTE=recompute, STORE_H=True, **dots))
-        for acc in (False, True):
-            yield name, elem, _gemm_kernel, "a_ptr", _gemm_stage_bytes, dict(HAS_BIAS=False, ACCUMULATE=acc, **dots)
+        for lora in (False, True):  # HAS_LORA: ops/ffn_lora.py on the triton backend
+            for gated in (False, True):
+                yield (name, elem, _ffn_up_kernel, "x_ptr", _up_stage_bytes,
+                       dict(GATED=gated, STORE_Z=True, HAS_LORA=lora, **dots))
+                for recompute in (False, True):
+                    yield (name, elem, _ffn_bwd_hidden_kernel, "dy_ptr", _bwd_stage_bytes,
+                           dict(GATED=gated, RECOMPUTE=recompute, STORE_H=True, HAS_LORA=lora, **dots))
+            for acc in (False, True):
+                yield (name, elem, _gemm_kernel, "a_ptr", _gemm_stage_bytes,
+                       dict(HAS_BIAS=False, ACCUMULATE=acc, HAS_LORA=lora, **dots))
 
 
 def test_every_selectable_config_fits_shared_memory(gpu_configs):
@@ -174,6 +177,18 @@ def test_single_surviving_config_is_launched_without_benchmarking():
         assert bool(calls) == benched, (keep, calls)
         expected = torch.ones(40)  # one launch after tuning (the benchmark runs are zeroed away)
         torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+def test_lora_gemm_counts_a_second_tile(gpu_configs):
+    """The fc2 GEMM with a LoRA term (fp32 factors over bf16: an IEEE dot whose operand tiles sit
+    in registers next to the accumulator): the sm_90 build of 128x256 on 8 warps spills 380 B
+    (triton 3.9), so the LoRA build counts two accumulator tiles and drops it; plain keeps it."""
+    kw = dict(HAS_BIAS=True, ACCUMULATE=False, DOT_F32=False, INPUT_PRECISION=None)
+    tiles = lambda lora: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in  # noqa: E731
+                          _gemm_kernel.early_config_prune(gpu_configs["gemm"], {"a_ptr": _Elem(2)}, HAS_LORA=lora, **kw)}
+    plain, lora = tiles(False), tiles(True)
+    assert (128, 256, 8) in plain and (128, 256, 8) not in lora
+    assert lora and all(bm * bn * 2 // (32 * w) <= _common.ACC_REGS_GEMM for bm, bn, w in lora)
 
 
 def test_fp32_gated_backward_without_recompute_counts_loaded_tiles(gpu_configs):

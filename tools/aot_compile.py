@@ -135,7 +135,7 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, ints: dict, arch: int,
             if name in consts:
                 sig[name] = "constexpr"
             elif name.endswith("_ptr"):
-                sig[name] = f"*{dtype}"
+                sig[name] = ints.get(name, f"*{dtype}")  # another element type where ints names one
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 v = ints[name]
@@ -177,6 +177,32 @@ _UP = dict(stride_xm=D, stride_xk=1, stride_wgn=D, stride_wgk=1, stride_wun=D, s
 _BWD = dict(stride_xm=D, stride_xk=1, stride_wgn=D, stride_wgk=1, stride_wun=D, stride_wuk=1, stride_zm=F, stride_zn=1,
             stride_dym=D, stride_dyk=1, stride_w2k=F, stride_w2n=1, stride_dzm=F, stride_dzn=1,
             stride_hm=F, stride_hn=1, M=T, N=F, K=D, M_BUCKET=T)
+# LoRA arguments (rank 16, PEFT's r=8 padded to the kernels' 16-wide r step; t [T, r] and B [out, r]
+# contiguous, A_2 [r, F] read transposed); plain launches pass them too (unread).
+R_LORA = 16
+_GEMM_LORA = dict(stride_ltm=R_LORA, stride_ltr=1, stride_lbn=R_LORA, stride_lbr=1, R=R_LORA, lora_scale=2.0)
+_UP_LORA = dict(stride_tgm=R_LORA, stride_tgr=1, stride_lgn=R_LORA, stride_lgr=1, stride_tum=R_LORA, stride_tur=1,
+                stride_lun=R_LORA, stride_lur=1, R_G=R_LORA, R_U=R_LORA, scale_g=2.0, scale_u=2.0)
+_BWD_LORA = dict(_UP_LORA, stride_g2m=R_LORA, stride_g2r=1, stride_a2n=1, stride_a2r=F, R_2=R_LORA, scale_2=2.0,
+                 seed=2**62 + 12345, rng_offset=77, threshold=214748365, drop_scale=1 / 0.9, row0=4096)
+_GEMM_FC2, _GEMM_DW = dict(_GEMM_FC2, **_GEMM_LORA), dict(_GEMM_DW, **_GEMM_LORA)
+_UP, _BWD = dict(_UP, **_UP_LORA), dict(_BWD, **_BWD_LORA)
+_NO_LORA = dict(HAS_LORA=False, LORA_F32=False, LORA_PRECISION=None)
+_LORA_PTRS = {"_gemm_kernel": ("lt_ptr", "lb_ptr"), "_ffn_up_kernel": ("tg_ptr", "lg_ptr", "tu_ptr", "lu_ptr"),
+              "_ffn_bwd_hidden_kernel": ("tg_ptr", "lg_ptr", "tu_ptr", "lu_ptr", "g2_ptr", "a2_ptr")}
+
+
+def _lora_variant(kernel, constexprs: dict, ints: dict, dtype: str, dots: dict):
+    """``kernel``'s LoRA build (HAS_LORA): factors in float32 for 16-bit inputs (PEFT's default
+    adapter dtype; fp32 dots as ``dot_flags`` gives them: IEEE unless TF32 is allowed), in the
+    input dtype for fp32; the fc2 adapter's dropout on in the backward."""
+    fdt = "fp32"
+    prec = dots["INPUT_PRECISION"] if dtype == "fp32" else "ieee"
+    c = dict(constexprs, HAS_LORA=True, LORA_F32=False, LORA_PRECISION=prec)
+    if "LORA_DROP" in constexprs:
+        c["LORA_DROP"] = True
+    ptrs = {n: f"*{fdt}" for n in _LORA_PTRS[_jit_and_configs(kernel)[0].__name__]}
+    return kernel, c, dict(ints, **ptrs)
 
 # (dtype, constexprs of dot_flags) of the launches: what dot_flags returns on CUDA for bf16 and
 # fp16, and for fp32 with TF32 off (IEEE, torch's default) and on.
@@ -197,18 +223,24 @@ def kernel_specs(quick: bool = False):
 
     specs = []
     for dtype, dots in DTYPES:
-        ffn = [(_gemm_kernel, dict(HAS_BIAS=True, ACCUMULATE=False), _GEMM_FC2),
-               (_gemm_kernel, dict(HAS_BIAS=False, ACCUMULATE=True), _GEMM_DW)]
+        ffn = [(_gemm_kernel, dict(HAS_BIAS=True, ACCUMULATE=False, **_NO_LORA), _GEMM_FC2),
+               (_gemm_kernel, dict(HAS_BIAS=False, ACCUMULATE=True, **_NO_LORA), _GEMM_DW)]
         for gated in (False, True):
             act = 3 if gated else 2  # silu (swiglu) / tanh-GELU: the costlier epilogues
-            ffn.append((_ffn_up_kernel, dict(ACT=act, GATED=gated, HAS_BIAS=True, STORE_Z=True), _UP))
+            ffn.append((_ffn_up_kernel, dict(ACT=act, GATED=gated, HAS_BIAS=True, STORE_Z=True, **_NO_LORA), _UP))
             for recompute in (True, False):
-                ffn.append((_ffn_bwd_hidden_kernel, dict(ACT=act, GATED=gated, HAS_BIAS=True,
-                                                         RECOMPUTE=recompute, STORE_H=True), _BWD))
+                ffn.append((_ffn_bwd_hidden_kernel, dict(ACT=act, GATED=gated, HAS_BIAS=True, RECOMPUTE=recompute,
+                                                         STORE_H=True, LORA_DROP=False, **_NO_LORA), _BWD))
+        # LoRA builds (ops/ffn_lora.py on the triton backend): fc2 GEMM, gated up-projection and
+        # recomputing backward (the variants that hold the most accumulators)
+        ffn += [_lora_variant(k, c, i, dtype, dots) for k, c, i in ffn
+                if c["HAS_BIAS"] and not c.get("ACCUMULATE") and (k is _gemm_kernel or c["GATED"])
+                and c.get("RECOMPUTE", True)]
         if quick:  # fp16 builds as bf16; the gated variants hold the most accumulators
             if dtype == "fp16":
                 continue
-            ffn = [s for s in ffn if s[0] is _gemm_kernel and s[1]["ACCUMULATE"] or s[1].get("GATED")]
+            ffn = [s for s in ffn if s[0] is _gemm_kernel and (s[1]["ACCUMULATE"] or s[1]["HAS_LORA"])
+                   or s[1].get("GATED")]
         specs += [(k, dtype, dict(c, **dots), ints) for k, c, ints in ffn]
     for mod in ("norm", "rope", "linear_ce", "flash_attn_fwd", "flash_attn_bwd", "dropout"):  # other kernels list their own specs
         try:

@@ -7,6 +7,14 @@ The gated form computes the gate tile and the matching up tile in one pass over 
 accumulators fed by the same x tile), so x is read once for both. The gate and up weights are
 two pointers with their own strides: separate ``gate_proj`` / ``up_proj`` weights, or two views
 of one packed ``[2f, d]`` weight (the launcher splits it), read where they live.
+
+With HAS_LORA, each accumulator starts from a LoRA adapter's low-rank term instead of zero,
+
+    G = scale_g (t_g B_g^T) + x Wg^T + bg,     U = scale_u (t_u B_u^T) + x Wu^T + bu
+
+(t ``[M, r]`` the adapter's ``drop(x) A^T``, formed outside; a loop over r in steps of 16 before
+the K loop), so the term is summed in fp32 with the base GEMM and rounded once, and no extra
+accumulator tile is live during the K loop.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from ..activations import Activation
 from ._common import (ACC_REGS_FUSED, autotune, dot_flags, fused_tile_configs, launch, resource_pruner,
                       size_bucket)
 from .activation import act_fwd
-from .matmul import grouped_tile
+from .matmul import NO_LORA_FLAGS, grouped_tile, lora_flags, low_rank_tile
 
 
 def _up_acc_tiles(kw) -> int:
@@ -29,24 +37,30 @@ def _up_stage_bytes(cfg, kw, elem) -> int:  # x tile + one (or two, gated) W1 ti
     return (cfg["BLOCK_M"] * cfg["BLOCK_K"] + _up_acc_tiles(kw) * cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elem
 
 
-@autotune(configs=fused_tile_configs(), key=["M_BUCKET", "N", "K", "GATED", "STORE_Z"],
+@autotune(configs=fused_tile_configs(), key=["M_BUCKET", "N", "K", "GATED", "STORE_Z", "HAS_LORA"],
           prune_configs_by={"early_config_prune": resource_pruner(
               _up_acc_tiles, _up_stage_bytes, "x_ptr", ACC_REGS_FUSED)})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _ffn_up_kernel(
-    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, z_ptr,
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, z_ptr, tg_ptr, lg_ptr, tu_ptr, lu_ptr,
     stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wun, stride_wuk, stride_hm, stride_hn,
-    stride_zm, stride_zn,
-    M, N, K, M_BUCKET,
+    stride_zm, stride_zn, stride_tgm, stride_tgr, stride_lgn, stride_lgr, stride_tum, stride_tur,
+    stride_lun, stride_lur,
+    M, N, K, M_BUCKET, R_G, R_U, scale_g, scale_u,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_LORA: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LORA_F32: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """x_ptr: [M, K]; wg_ptr: [N, K] (fc1, or the gate weight when GATED); wu_ptr: [N, K] (the up
     weight, read only when GATED); any strides. bg_ptr / bu_ptr: [N] contiguous (bu read only
     when GATED); h_ptr: [M, N]; z_ptr: [M, N or 2N] (gate columns, then up columns; written only
     when STORE_Z). M_BUCKET:
-    ``size_bucket(M)``, the autotune key (unused in the body)."""
+    ``size_bucket(M)``, the autotune key (unused in the body). Read only when HAS_LORA: tg_ptr
+    [M, R_G] / tu_ptr [M, R_U] the gate's / up's t, lg_ptr [N, R_G] / lu_ptr [N, R_U] their B
+    (rank 0: no adapter on that side), any strides; LORA_F32 / LORA_PRECISION: ``dot_flags`` of
+    their dtype."""
     pid = tl.program_id(0).to(tl.int64)
     tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,8 +71,17 @@ def _ffn_up_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     wg_ptrs = wg_ptr + offs_k[:, None] * stride_wgk + offs_n[None, :] * stride_wgn
     wu_ptrs = wu_ptr + offs_k[:, None] * stride_wuk + offs_n[None, :] * stride_wun
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        acc_g = low_rank_tile(tg_ptr, lg_ptr, stride_tgm, stride_tgr, stride_lgn, stride_lgr, offs_m, offs_n,
+                              mask_m, mask_n, R_G, BLOCK_M, BLOCK_N, LORA_F32, LORA_PRECISION) * scale_g
+        if GATED:
+            acc_u = low_rank_tile(tu_ptr, lu_ptr, stride_tum, stride_tur, stride_lun, stride_lur, offs_m, offs_n,
+                                  mask_m, mask_n, R_U, BLOCK_M, BLOCK_N, LORA_F32, LORA_PRECISION) * scale_u
+        else:
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -106,12 +129,49 @@ def split_fc1(w1: torch.Tensor, b1: torch.Tensor | None, w_up: torch.Tensor | No
     return w1[:f], (None if b1 is None else b1[:f]), w1[f:], (None if b1 is None else b1[f:])
 
 
+def split_fc1_lora(lora_fc1, lora_up, packed: bool, gated: bool, f: int):
+    """(gate side, up side), each (t [M, r], B [f, r], scaling) or None: the fc1 adapter's
+    ``lora_fc1`` and the separate up weight's ``lora_up`` (each (t, B, scaling) or None) as the
+    kernels read them. A packed gated fc1's adapter (B [2f, r]) serves both sides with one t
+    (B split into two row views); ungated, the fc1 adapter is the gate side."""
+    if gated and packed and lora_fc1 is not None:
+        t, b, s = lora_fc1
+        return (t, b[:f], s), (t, b[f:], s)
+    return lora_fc1, (lora_up if gated else None)
+
+
+def lora_launch_args(sides, ref: torch.Tensor):
+    """(tensors, strides, ranks, scales, constexprs) of the LoRA arguments of a fused FFN kernel
+    for ``sides`` (each (t, B, scaling) or None; rank 0 and ``ref`` as a stand-in pointer for an
+    absent one). Sides in two dtypes (float32 and x's) are both read as float32."""
+    present = [sd for sd in sides if sd is not None]
+    if not present:
+        return [ref, ref] * len(sides), [0, 0, 0, 0] * len(sides), [0] * len(sides), [0.0] * len(sides), \
+            dict(HAS_LORA=False, **NO_LORA_FLAGS)
+    dtypes = {sd[0].dtype for sd in present}
+    dt = present[0][0].dtype if len(dtypes) == 1 else torch.float32
+    tensors, strides, ranks, scales = [], [], [], []
+    for sd in sides:
+        if sd is None:
+            t = b = ref
+            ranks.append(0)
+            scales.append(0.0)
+        else:
+            t, b = sd[0].to(dt), sd[1].to(dt)
+            ranks.append(b.shape[1])
+            scales.append(float(sd[2]))
+        tensors += [t, b]
+        strides += [t.stride(0), t.stride(-1), b.stride(0), b.stride(-1)]
+    return tensors, strides, ranks, scales, dict(HAS_LORA=True, **lora_flags(dt))
+
+
 def ffn_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, act: Activation,
            store_z: bool, w_up: torch.Tensor | None = None,
-           b_up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           b_up: torch.Tensor | None = None, lora: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [M, d] (any strides); w1: [F1, d] (gated: packed [2f, d], gate rows then up rows), or,
     with ``w_up`` [f, d] given, the gate weight [f, d]; any strides. Biases contiguous. Returns
-    (h [M, f], z [M, F1] or None; gated F1 = 2f, gate columns then up columns)."""
+    (h [M, f], z [M, F1] or None; gated F1 = 2f, gate columns then up columns). ``lora``: the
+    (gate side, up side) of :func:`split_fc1_lora`, whose terms join z in the accumulators."""
     M, K = x.shape
     wg, bg, wu, bu = split_fc1(w1, b1, w_up, b_up, act.gated)
     N = wg.shape[0]
@@ -121,13 +181,14 @@ def ffn_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, act: Acti
     if M == 0 or N == 0:
         return h, z
     zz = z if z is not None else h
+    lt, lstrides, ranks, scales, lflags = lora_launch_args(lora if lora is not None else (None, None), x)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_ffn_up_kernel, grid,
-        x, wg, wu, bg if bg is not None else wg, bu if bu is not None else wu, h, zz,
+        x, wg, wu, bg if bg is not None else wg, bu if bu is not None else wu, h, zz, *lt,
         x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
-        h.stride(0), h.stride(1), zz.stride(0), zz.stride(1),
-        M, N, K, size_bucket(M),
-        ACT=act.base, GATED=act.gated, HAS_BIAS=bg is not None, STORE_Z=store_z,
+        h.stride(0), h.stride(1), zz.stride(0), zz.stride(1), *lstrides,
+        M, N, K, size_bucket(M), *ranks, *scales,
+        ACT=act.base, GATED=act.gated, HAS_BIAS=bg is not None, STORE_Z=store_z, **lflags,
         **dot_flags(x.dtype),
     )
     return h, z

@@ -56,26 +56,71 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return tile_m, tile_n
 
 
+@triton.jit
+def low_rank_tile(t_ptr, l_ptr, stride_tm, stride_tr, stride_ln, stride_lr, offs_m, offs_n, mask_m, mask_n, R,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] tile ``sum_r T[m, r] L[n, r]`` (fp32) of a rank-R product T L^T:
+    T [M, R], L [N, R], any strides (a LoRA term ``t B^T``: L = B; ``g A``: L = A^T). A loop over
+    R in steps of 16, the ``tl.dot`` minimum, with masked (zero) padding: any R >= 0 (0: zeros)."""
+    offs_r = tl.arange(0, 16)
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    l_ptrs = l_ptr + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, tl.cdiv(R, 16)):
+        r_left = R - r * 16
+        t = tl.load(t_ptrs, mask=mask_m[:, None] & (offs_r[None, :] < r_left), other=0.0)
+        l = tl.load(l_ptrs, mask=(offs_r[:, None] < r_left) & mask_n[None, :], other=0.0)
+        if DOT_F32:
+            t = t.to(tl.float32)
+            l = l.to(tl.float32)
+        acc = tl.dot(t, l, acc, input_precision=INPUT_PRECISION)
+        t_ptrs += 16 * stride_tr
+        l_ptrs += 16 * stride_lr
+    return acc
+
+
+def lora_flags(dtype: torch.dtype) -> dict:
+    """``dot_flags`` of the LoRA factors' dtype as the kernels' LORA_F32 / LORA_PRECISION."""
+    f = dot_flags(dtype)
+    return {"LORA_F32": f["DOT_F32"], "LORA_PRECISION": f["INPUT_PRECISION"]}
+
+
+NO_LORA_FLAGS = {"LORA_F32": False, "LORA_PRECISION": None}
+
+
+def _gemm_acc_tiles(kw) -> int:
+    """Accumulator tiles the register budget counts: one, two with a LoRA term (its fp32 IEEE dot
+    over 16-bit inputs keeps operand tiles in registers next to the accumulator: the sm_90 bf16
+    build of 128x256 on 8 warps spills 380 B with triton 3.9, 128x128 does not)."""
+    return 2 if kw.get("HAS_LORA") else 1
+
+
 def _gemm_stage_bytes(cfg, kw, elem) -> int:
     return (cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elem
 
 
-@autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K_BUCKET", "HAS_BIAS", "ACCUMULATE"],
+@autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K_BUCKET", "HAS_BIAS", "ACCUMULATE", "HAS_LORA"],
           restore_value=["c_ptr"],
           prune_configs_by={"early_config_prune": resource_pruner(
-              lambda kw: 1, _gemm_stage_bytes, "a_ptr", ACC_REGS_GEMM)})
+              _gemm_acc_tiles, _gemm_stage_bytes, "a_ptr", ACC_REGS_GEMM)})
 @triton.jit(do_not_specialize=["M_BUCKET", "K_BUCKET"])
 def _gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, lt_ptr, lb_ptr,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    M, N, K, M_BUCKET, K_BUCKET,
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    stride_ltm, stride_ltr, stride_lbn, stride_lbr,
+    M, N, K, M_BUCKET, K_BUCKET, R, lora_scale,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_LORA: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LORA_F32: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """a_ptr: [M, K], b_ptr: [K, N], c_ptr: [M, N], any strides; bias_ptr: [N] contiguous.
     M_BUCKET, K_BUCKET: ``size_bucket`` of M and K, the autotune key in place of the sizes that
-    carry the token count (M for Y = H W2^T and dX, K for dW1 and dW2); unused in the body."""
+    carry the token count (M for Y = H W2^T and dX, K for dW1 and dW2); unused in the body.
+    HAS_LORA: C also gets ``lora_scale * T L^T`` (a LoRA adapter's term; lt_ptr: T [M, R],
+    lb_ptr: L = the adapter's B [N, R], any strides, read only when HAS_LORA), formed in the
+    fp32 accumulator before the K loop (LORA_F32 / LORA_PRECISION: ``dot_flags`` of T's dtype)."""
     pid = tl.program_id(0).to(tl.int64)
     tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,7 +130,11 @@ def _gemm_kernel(
     mask_n = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        acc = low_rank_tile(lt_ptr, lb_ptr, stride_ltm, stride_ltr, stride_lbn, stride_lbr, offs_m, offs_n,
+                            mask_m, mask_n, R, BLOCK_M, BLOCK_N, LORA_F32, LORA_PRECISION) * lora_scale
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -107,8 +156,10 @@ def _gemm_kernel(
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
          out: torch.Tensor | None = None, accumulate: bool = False,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``out (+)= a @ b (+ bias)`` with fp32 accumulation. a: [M, K], b: [K, N]."""
+         out_dtype: torch.dtype | None = None, lora: tuple | None = None) -> torch.Tensor:
+    """``out (+)= a @ b (+ bias)`` with fp32 accumulation. a: [M, K], b: [K, N]. ``lora``:
+    (t [M, r], lb [N, r], scaling): also ``+ scaling * t lb^T`` in the same accumulator (t and lb
+    in one dtype, a's or float32), rounded once with the rest."""
     M, K = a.shape
     K2, N = b.shape
     assert K == K2 and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
@@ -118,7 +169,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
     assert out.shape == (M, N), (out.shape, M, N)
     if M == 0 or N == 0:
         return out
-    if K == 0:
+    if lora is not None:
+        assert lora[0].shape == (M, lora[1].shape[1]) and lora[1].shape[0] == N, (lora[0].shape, lora[1].shape)
+        assert lora[0].dtype == lora[1].dtype and lora[0].dtype in (a.dtype, torch.float32)
+    if K == 0 and lora is None:
         if not accumulate:
             out.zero_()
             if bias is not None:
@@ -129,10 +183,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
     if bias is not None:
         bias = bias.contiguous()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    lt, lb, scale = lora if lora is not None else (a, a, 0.0)
     launch(_gemm_kernel, grid,
-        a, b, out, bias if bias is not None else a,
+        a, b, out, bias if bias is not None else a, lt, lb,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        M, N, K, size_bucket(M), size_bucket(K),
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, **dot_flags(a.dtype),
+        lt.stride(0), lt.stride(1), lb.stride(0), lb.stride(1),
+        M, N, K, size_bucket(M), size_bucket(K), lb.shape[1] if lora is not None else 0, float(scale),
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, HAS_LORA=lora is not None, **dot_flags(a.dtype),
+        **(lora_flags(lt.dtype) if lora is not None else NO_LORA_FLAGS),
     )
     return out

@@ -27,19 +27,23 @@ class TritonFFN:
     name = "triton"
 
     @staticmethod
-    def up(x, w1, b1, wu, bu, act: Activation, store_z: bool):
+    def up(x, w1, b1, wu, bu, act: Activation, store_z: bool, lora=None):
+        """``lora``: LoRA (gate side, up side) of ``kernels.ffn_fwd.split_fc1_lora`` (Triton only)."""
         from ..kernels.ffn_fwd import ffn_up
-        return ffn_up(x, w1, _unit_stride(b1), act, store_z, wu, _unit_stride(bu))
+        return ffn_up(x, w1, _unit_stride(b1), act, store_z, wu, _unit_stride(bu), lora=lora)
 
     @staticmethod
-    def down(h, w2, b2, out):
+    def down(h, w2, b2, out, lora=None):
+        """``lora``: (t, B, scaling) of an fc2 adapter, added in the GEMM (Triton only)."""
         from ..kernels.matmul import gemm
-        gemm(h, w2.t(), b2, out=out)
+        gemm(h, w2.t(), b2, out=out, lora=lora)
 
     @staticmethod
-    def hidden_grad(x, z, dy, w1, b1, wu, bu, w2, act: Activation, store_h: bool):
+    def hidden_grad(x, z, dy, w1, b1, wu, bu, w2, act: Activation, store_h: bool, lora=None, lora_dh=None):
+        """``lora`` / ``lora_dh``: see ``kernels.ffn_bwd.ffn_bwd_hidden`` (Triton only)."""
         from ..kernels.ffn_bwd import ffn_bwd_hidden
-        return ffn_bwd_hidden(x, z, dy, w1, _unit_stride(b1), w2, act, store_h, wu, _unit_stride(bu))
+        return ffn_bwd_hidden(x, z, dy, w1, _unit_stride(b1), w2, act, store_h, wu, _unit_stride(bu),
+                              lora=lora, lora_dh=lora_dh)
 
     @staticmethod
     def mm(a, b, out, accumulate: bool):

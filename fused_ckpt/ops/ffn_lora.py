@@ -27,9 +27,22 @@ offset) drawn from torch's default generator -- the same bits as
 backward regenerates exactly those masks; no mask is kept. The masks are therefore not the
 ones ``torch.nn.Dropout`` would draw (same distribution, different bits).
 
-Backend: torch GEMMs chunked over tokens (as the aten FFN: ``chunk_tokens`` bounds the
-``[tokens, d_ff]`` temporaries) on every device; the Triton kernels have no LoRA terms yet.
-Backward per chunk::
+Backend (``backend``, resolved: "aten" or "triton"), chunked over tokens either way (as the FFN:
+``chunk_tokens`` bounds the ``[tokens, d_ff]`` temporaries):
+
+* "aten": torch GEMMs and the csrc elementwise ops.
+* "triton": the fused FFN kernels with their HAS_LORA variants. Forward: t_fc1 / t_up (torch:
+  the dropout mask and ``drop(x) A^T``), then ``_ffn_up_kernel`` forms z with each adapter's
+  ``scaling t B^T`` in its fp32 accumulators (a loop over r in steps of 16 before the K loop;
+  a packed gated fc1's adapter feeds both halves) and applies the activation; t_fc2 =
+  ``drop(h) A_2^T`` (torch); the fc2 GEMM (``_gemm_kernel``) adds ``scaling_2 t_2 B_2^T`` the
+  same way. Backward: ``dY B_2`` (torch, ``[tokens, r]``), then ``_ffn_bwd_hidden_kernel``
+  forms dH = dY W2 + drop_2'(scaling_2 (dY B_2) A_2) (the mask regenerated in the kernel from
+  the Philox seed) and, recomputing, z with the adapters' terms from the kept t, and writes dZ
+  (and h for dA_2); the dA / dB / dX terms below are torch GEMMs on dZ. Every low-rank term is
+  summed with its base GEMM in fp32 and rounded once.
+
+Backward per chunk (both backends; "triton" does the first and third lines in one kernel)::
 
     z, h recomputed; dH = dY W2 + drop_2'(scaling_2 (dY B_2) A_2)
     dB_2 += scaling_2 dY^T t_2      dA_2 += scaling_2 (dY B_2)^T drop_2(h)
@@ -50,7 +63,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..activations import get_activation
 from ._autograd import guard_double_backward
-from ._ffn_backends import _ext_takes, _torch_act_backward
+from ._ffn_backends import TritonFFN, _ext_takes, _torch_act_backward
 from .ffn import acc_dtype, default_chunk_tokens
 
 # fc1 (gate / packed / ungated), up (separate up weight), fc2: the rng offset of each projection's mask
@@ -122,6 +135,25 @@ def _add(base: Tensor, term: Tensor) -> Tensor:
     return (base.to(term.dtype) + term).to(base.dtype)
 
 
+def _check_backend(backend: str, x: Tensor) -> bool:
+    """Whether ``backend`` is "triton" (the fused kernels); anything but "aten" / "triton" raises."""
+    if backend not in ("aten", "triton"):
+        raise ValueError(f"FFN LoRA op: backend must be 'aten' or 'triton' (resolved), got {backend!r}")
+    if backend == "triton":
+        from ..backend import check_backend_dtype
+
+        check_backend_dtype("triton", x.dtype, "x")
+    return backend == "triton"
+
+
+def _kernel_sides(lora, ts, scaling, s: int, e: int, packed: bool, gated: bool, f: int):
+    """The (gate side, up side) of rows [s, e) the fused kernels read: (t, B, scaling) or None."""
+    from ..kernels.ffn_fwd import split_fc1_lora
+
+    fc1, up = [(ts[i][s:e], lora[i][1], scaling[i]) if lora[i][0] is not None else None for i in (_FC1, _UP)]
+    return split_fc1_lora(fc1, up, packed, gated, f)
+
+
 def _lora_t(inp: Tensor, a: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
     """t = drop(inp) A^T in A's dtype (x cast to it, as PEFT casts its input to the adapter's)."""
     return torch.mm(_drop(inp, keep, p).to(a.dtype), a.t())
@@ -133,11 +165,13 @@ def ffn_lora_forward_impl(
     w1_up: Optional[Tensor], b1_up: Optional[Tensor],
     a1: Optional[Tensor], l1: Optional[Tensor], au: Optional[Tensor], lu: Optional[Tensor],
     a2: Optional[Tensor], l2: Optional[Tensor], scaling: list[float], activation: str, save: int,
-    dropout_p: float, seed: int, rng_offset: int, chunk_tokens: int,
+    dropout_p: float, seed: int, rng_offset: int, chunk_tokens: int, backend: str = "aten",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, t1, tu, t2, z): y has x's shape; t_p ``[tokens, r_p]`` the rank-r intermediates
-    (empty for a projection without adapter); z ``[tokens, fc1_rows]`` when ``save >= 1``."""
+    (empty for a projection without adapter); z ``[tokens, fc1_rows]`` when ``save >= 1``.
+    ``backend``: "aten" or "triton" (see Backend in the module docstring)."""
     act = get_activation(activation)
+    triton = _check_backend(backend, x)
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     M, dev = x2.shape[0], x.device
@@ -156,14 +190,22 @@ def ffn_lora_forward_impl(
         for i in (_FC1, _UP):
             if lora[i][0] is not None:
                 ts[i][s:e] = _lora_t(xc, lora[i][0], keeps.get(i), dropout_p)
-        zc = _chunk_z(xc, w1, b1, w1_up, b1_up, lora, ts, scaling, s, e)
+        if triton:  # the low-rank terms join the fused kernel's accumulators
+            h, zc = TritonFFN.up(xc, w1, b1, w1_up, b1_up, act, z is not None,
+                                 lora=_kernel_sides(lora, ts, scaling, s, e, w1_up is None, act.gated, f))
+        else:
+            zc = _chunk_z(xc, w1, b1, w1_up, b1_up, lora, ts, scaling, s, e)
+            h = _hidden(zc, act)
         if z is not None:
             z[s:e] = zc
-        h = _hidden(zc, act)
-        y2[s:e] = torch.nn.functional.linear(h, w2, b2)
         if a2 is not None:
             k2 = _keep(seed, rng_offset + _FC2, dropout_p, s, e, f, dev) if dropout_p > 0 else None
             ts[_FC2][s:e] = _lora_t(h, a2, k2, dropout_p)
+        if triton:
+            TritonFFN.down(h, w2, b2, y2[s:e], lora=(ts[_FC2][s:e], l2, scaling[_FC2]) if a2 is not None else None)
+            continue
+        y2[s:e] = torch.nn.functional.linear(h, w2, b2)
+        if a2 is not None:
             _add_low_rank(y2[s:e], ts[_FC2][s:e], l2, scaling[_FC2])
     return y, ts[0], ts[1], ts[2], (z if z is not None else x.new_empty((0,)))
 
@@ -173,7 +215,7 @@ ffn_lora_forward = torch.library.custom_op("fused_ckpt::ffn_lora_forward", mutat
 
 @ffn_lora_forward.register_fake
 def _(x, w1, b1, w2, b2, w1_up, b1_up, a1, l1, au, lu, a2, l2, scaling, activation, save, dropout_p, seed,
-      rng_offset, chunk_tokens):
+      rng_offset, chunk_tokens, backend="aten"):
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     F1 = w1.shape[0] + (w1_up.shape[0] if w1_up is not None else 0)
     ts = [x.new_empty((tokens, a.shape[0]), dtype=a.dtype) if a is not None else x.new_empty((0,))
@@ -189,11 +231,12 @@ def ffn_lora_backward_impl(
     a1: Optional[Tensor], l1: Optional[Tensor], au: Optional[Tensor], lu: Optional[Tensor],
     a2: Optional[Tensor], l2: Optional[Tensor], t1: Optional[Tensor], tu: Optional[Tensor],
     t2: Optional[Tensor], scaling: list[float], activation: str, need_x: bool, dropout_p: float, seed: int,
-    rng_offset: int, chunk_tokens: int,
+    rng_offset: int, chunk_tokens: int, backend: str = "aten",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA1, dB1, dAu, dBu, dA2, dB2); absent adapters (and dx when not ``need_x``) come
     back as empty placeholders."""
     act = get_activation(activation)
+    triton = _check_backend(backend, x)
     d = x.shape[-1]
     x2, dy2 = x.reshape(-1, d), dy.reshape(-1, dy.shape[-1])
     M, dev = x2.shape[0], x.device
@@ -212,19 +255,28 @@ def ffn_lora_backward_impl(
     for s in range(0, M, chunk):
         e = min(s + chunk, M)
         xc, dyc = x2[s:e], dy2[s:e]
-        zc = z2[s:e] if z2 is not None else _chunk_z(xc, w1, b1, w1_up, b1_up, lora, ts, scaling, s, e)
         keeps = _x_keeps(lora, seed, rng_offset, p, s, e, d, dev)
-        dh = torch.mm(dyc, w2)
+        g2 = torch.mm(dyc.to(l2.dtype), l2) if a2 is not None else None  # [m, r2]
+        if triton:  # one fused kernel: dH with the fc2 term, z recomputed with the low-rank terms, dZ
+            zc = z2[s:e] if z2 is not None else None
+            sides = _kernel_sides(lora, ts, scaling, s, e, w1_up is None, act.gated, f) if zc is None else None
+            lora_dh = (g2, a2, scaling[_FC2], p, seed, rng_offset + _FC2, s) if a2 is not None else None
+            dz, h = TritonFFN.hidden_grad(xc, zc, dyc, w1, b1, w1_up, b1_up, w2, act, a2 is not None,
+                                          lora=sides, lora_dh=lora_dh)
+        else:
+            zc = z2[s:e] if z2 is not None else _chunk_z(xc, w1, b1, w1_up, b1_up, lora, ts, scaling, s, e)
+            dh = torch.mm(dyc, w2)
+            h = _hidden(zc, act) if a2 is not None else None
         if a2 is not None:
-            h = _hidden(zc, act)
             k2 = _keep(seed, rng_offset + _FC2, p, s, e, f, dev) if p > 0 else None
-            g2 = torch.mm(dyc.to(l2.dtype), l2)  # [m, r2]
             sc = scaling[_FC2]
             _acc(grads[_FC2][1], dyc.t().to(acc), ts[_FC2][s:e].to(acc), alpha=sc)
             _acc(grads[_FC2][0], g2.t().to(acc), _drop(h, k2, p).to(acc), alpha=sc)
-            dh = _add(dh, _drop(torch.mm(g2, a2) * sc, k2, p))
-            del h
-        dz = _act_backward(zc, dh, act)
+            if not triton:
+                dh = _add(dh, _drop(torch.mm(g2, a2) * sc, k2, p))
+        del h
+        if not triton:
+            dz = _act_backward(zc, dh, act)
         dzs = [dz] if w1_up is None else [dz[:, :f1], dz[:, f1:]]
         lora_dx = None
         for i, dzp in enumerate(dzs):
@@ -257,7 +309,7 @@ ffn_lora_backward = torch.library.custom_op("fused_ckpt::ffn_lora_backward", mut
 
 @ffn_lora_backward.register_fake
 def _(dy, x, z, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2, t1, tu, t2, scaling, activation, need_x,
-      dropout_p, seed, rng_offset, chunk_tokens):
+      dropout_p, seed, rng_offset, chunk_tokens, backend="aten"):
     outs = [x.new_empty(x.shape) if need_x else x.new_empty((0,))]
     for a, b in ((a1, l1), (au, lu), (a2, l2)):
         outs += [a.new_empty(a.shape), b.new_empty(b.shape)] if a is not None else [x.new_empty((0,))] * 2
@@ -265,34 +317,34 @@ def _(dy, x, z, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2, t1, tu, t2, sc
 
 
 # --------------------------------------------------------------------------- autograd
-_N_IN = 20  # ffn_lora_forward's inputs
+_N_IN = 21  # ffn_lora_forward's inputs
 
 
 def _setup_context(ctx, inputs, output):
     (x, w1, b1, w2, b2, w1_up, b1_up, a1, l1, au, lu, a2, l2, scaling, activation, save, dropout_p, seed,
-     rng_offset, chunk_tokens) = inputs
+     rng_offset, chunk_tokens, backend) = tuple(inputs) + ("aten",) * (_N_IN - len(inputs))
     _, t1, tu, t2, z = output
     ctx.save_for_backward(x, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2,
                           t1 if a1 is not None else None, tu if au is not None else None,
                           t2 if a2 is not None else None, z if save >= 1 else None)
-    ctx.opts = (list(scaling), activation, dropout_p, seed, rng_offset, chunk_tokens)
+    ctx.opts = (list(scaling), activation, dropout_p, seed, rng_offset, chunk_tokens, backend)
 
 
 def _backward(ctx, grad_y, *_unused):
     x, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2, t1, tu, t2, z = ctx.saved_tensors
-    scaling, activation, p, seed, off, chunk = ctx.opts
+    scaling, activation, p, seed, off, chunk, backend = ctx.opts
     need = ctx.needs_input_grad
     if any(need[i] for i in (1, 2, 3, 4, 5, 6)):
         raise RuntimeError("fused_ckpt FFN LoRA op: the base weights must be frozen (requires_grad=False), as "
                            "PEFT sets them; a trainable base runs the unfused path")
     with torch.no_grad():
         grads = ffn_lora_backward(grad_y, x, z, w1, b1, w2, w1_up, b1_up, a1, l1, au, lu, a2, l2, t1, tu, t2,
-                                  scaling, activation, bool(need[0]), p, seed, off, chunk)
+                                  scaling, activation, bool(need[0]), p, seed, off, chunk, backend)
     grads = guard_double_backward(grads, (grad_y, x, a1, l1, au, lu, a2, l2), "FFN LoRA")
     dx, da1, dl1, dau, dlu, da2, dl2 = grads
     pick = lambda g, i: g if need[i] else None  # noqa: E731
     return (pick(dx, 0), None, None, None, None, None, None, pick(da1, 7), pick(dl1, 8), pick(dau, 9),
-            pick(dlu, 10), pick(da2, 11), pick(dl2, 12)) + (None,) * (_N_IN - 13)
+            pick(dlu, 10), pick(da2, 11), pick(dl2, 12)) + (None,) * (len(need) - 13)
 
 
 ffn_lora_forward.register_autograd(_backward, setup_context=_setup_context)
