@@ -20,7 +20,7 @@ from fused_ckpt.integrations.hf import FusedHFDecoderLayer, patch_hf_model  # no
 from fused_ckpt.ops.dropout import fused_dropout_masks  # noqa: E402
 from fused_ckpt.policy import find_layers  # noqa: E402
 
-from .helpers import assert_close_by_rule  # noqa: E402
+from .helpers import assert_close_by_rule, assert_close_by_rule_over_batches  # noqa: E402
 from .test_policy import SavedByModule  # noqa: E402
 
 V, B, S = 64, 2, 8
@@ -143,6 +143,33 @@ def _run(model, ids, seed=None):
     return logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+LOSS_BATCHES = 8
+GRAD_BATCHES = 4
+
+
+def _losses(model, seed=None, batch=B):
+    """The loss of ``model`` on LOSS_BATCHES batches of ids (forward only, ``seed`` as in _run, plus
+    the batch index) as one tensor, which the 2x rule then measures. A single fp32 loss is one
+    number whose error against float64 is about one ulp either way: PyTorch's own (GPT-NeoX) was exactly 0
+    on 10 of 16 batches measured, where the fused head's error on the same hidden states was on
+    average PyTorch's (3.2e-7 vs 2.4e-7 Gemma, 3.7e-7 vs 3.5e-7 GPT-NeoX, 3.1e-7 vs 3.4e-7 Llama),
+    so the ratio of two single losses' errors is noise, not accuracy."""
+    out = []
+    for k in range(LOSS_BATCHES):
+        ids = torch.randint(0, V, (batch, S), generator=torch.Generator().manual_seed(300 + k))
+        with torch.no_grad(), warnings.catch_warnings(), \
+                (fused_dropout_masks() if seed is not None else contextlib.nullcontext()):
+            warnings.simplefilter("ignore")
+            if seed is not None:
+                torch.manual_seed(seed + k)
+            out.append(model(ids, labels=ids, use_cache=False).loss)
+    return torch.stack(out)
+
+
+def _check_losses(model, ref, ref64, name, seed=None, batch=B):
+    assert_close_by_rule(_losses(model, seed, batch), _losses(ref64, seed, batch), _losses(ref, seed, batch), name)
+
+
 def _whole_layers(model):
     return [m for m in find_layers(model)[1] if isinstance(m, FusedHFDecoderLayer)]
 
@@ -157,7 +184,7 @@ def _whole_equals_per_module(ref64, ref):
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
     got, per_module, pt, r64 = _run(model, ids), _run(modules, ids), _run(ref, ids), _run(ref64, ids)
     assert_close_by_rule(got[0], r64[0], pt[0], "logits")
-    assert_close_by_rule(got[1], r64[1], pt[1], "loss")
+    _check_losses(model, ref, ref64, "loss")
     for n in pt[2]:
         torch.testing.assert_close(got[2][n], per_module[2][n], rtol=1e-5, atol=1e-7, msg=lambda m: f"d{n}: {m}")
     return model, report
@@ -186,17 +213,18 @@ def test_family_is_patched_and_matches_unpatched(family):
     assert [p for p in model.parameters()] == [p for p in model.parameters()]
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
-    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
-    # dropout seed 7: measured over seeds 5..10, the worst gradient's error vs float64 is 1.6-1.8x
-    # PyTorch's fp32 error, except seed 5 (c_attn.weight of layer 1 at 2.27x), equally with blocks=False:
-    # the attention op's own rounding with dropout (the aten path), not the whole-layer block's
+    # logits and every gradient over GRAD_BATCHES batches, by the rule's L2 form (see
+    # assert_close_by_rule_over_batches: single-batch max errors of these tiny tensors are noise)
+    batches = [torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2 + k)) for k in range(GRAD_BATCHES)]
     seed = 7 if family in DROPOUT else None
-    got, pt, r64 = _run(model, ids, seed), _run(ref, ids, seed), _run(ref64, ids, seed)
-    assert_close_by_rule(got[0], r64[0], pt[0], f"{family} logits")
-    assert_close_by_rule(got[1], r64[1], pt[1], f"{family} loss")
-    assert set(got[2]) == set(pt[2])
-    for n in pt[2]:
-        assert_close_by_rule(got[2][n], r64[2][n], pt[2][n], f"{family} d{n}")
+    got, pt, r64 = ([_run(m, ids, None if seed is None else seed + k) for k, ids in enumerate(batches)]
+                    for m in (model, ref, ref64))
+    assert_close_by_rule_over_batches([g[0] for g in got], [r[0] for r in r64], [p[0] for p in pt], f"{family} logits")
+    _check_losses(model, ref, ref64, f"{family} loss", seed)
+    assert set(got[0][2]) == set(pt[0][2])
+    for n in pt[0][2]:
+        assert_close_by_rule_over_batches([g[2][n] for g in got], [r[2][n] for r in r64], [p[2][n] for p in pt],
+                                          f"{family} d{n}")
 
 
 @pytest.mark.parametrize("family", [f for f, w in EXPECTED.items() if isinstance(w, tuple)])
@@ -258,7 +286,7 @@ def test_sandwich_family_on_triton():
     assert len(_whole_layers(model)) == 2
     ids = torch.randint(0, V, (1, S), generator=torch.Generator().manual_seed(2))
     got, pt, r64 = _run(model, ids), _run(ref, ids), _run(ref64, ids)
-    assert_close_by_rule(got[1], r64[1], pt[1], "loss")
+    _check_losses(model, ref, ref64, "loss", batch=1)
     for n in pt[2]:
         assert_close_by_rule(got[2][n], r64[2][n], pt[2][n], f"d{n}")
 
