@@ -191,7 +191,7 @@ def fused_attention_block(
     backend: str = "auto", q_norm: Optional[Tensor] = None, k_norm: Optional[Tensor] = None,
     qk_norm_eps: float = 1e-6, qk_norm_offset: float = 0.0, rotary_dim: Optional[int] = None,
     qkv_layout: str = "separate", softcap: Optional[float] = None, window: Optional[int] = None,
-    dropout_p: float = 0.0, out_dropout_p: float = 0.0,
+    dropout_p: float = 0.0, out_dropout_p: float = 0.0, lora: Optional[dict] = None, lora_dropout: float = 0.0,
 ) -> Tensor:
     """Self-attention block ``o_proj(attention(rope(norm(q_proj x)), rope(norm(k_proj x)), v_proj x))``
     as one op whose backward recomputes what ``recompute`` says (table in
@@ -227,6 +227,19 @@ def fused_attention_block(
         out_dropout_p: dropout on the block output (GPT-2 ``resid_dropout``, GPT-NeoX
             ``post_attention_dropout``), replayed in backward (:mod:`fused_ckpt.ops.dropout`).
             Both dropouts draw one (seed, offset) from torch's default generator per call.
+        lora: LoRA adapters on frozen base weights (PEFT's vanilla LoRA), a dict with any of the
+            keys "q", "k", "v", "o" (separate layout) or "qkv" (the packed weight of a "packed" /
+            "neox" layout: ``B`` has the packed rows in the weight's row order), "o"; each
+            ``(A [r, in], B [out, r], scaling)`` in x's dtype (or float32 over a 16-bit x, PEFT's
+            default): each projection becomes ``linear(in, W, b) + scaling * linear(linear(
+            drop(in), A), B)``, ``in`` = x for q/k/v, the attention output for o. The base
+            weights, biases and QK-norm weights must not require grad (no gradient is computed
+            for them); x, A and B get gradients. Under autocast the factors are cast with the
+            rest. Kept for backward besides the mode's tensors: each adapter's ``[tokens, r]``
+            product (:mod:`fused_ckpt.ops.attn_lora`).
+        lora_dropout: dropout on each adapter's input (PEFT's ``lora_dropout`` p), applied
+            whenever > 0 (a module passes 0 in eval mode); one mask per projection from a
+            Philox seed drawn from torch's default generator, regenerated in backward.
 
     Equivalent PyTorch::
 
@@ -235,14 +248,17 @@ def fused_attention_block(
         v = F.linear(x, wv, bv).view(B, S, H_kv, D)
         y = F.linear(flash_attention(q, k, v, causal, scale, key_padding_mask).flatten(2), wo, bo)
         y = F.dropout(y, out_dropout_p)                      # with the replayed mask
+        # with lora: each F.linear(in, w, b) above gets + scaling * F.linear(F.linear(
+        #            F.dropout(in, lora_dropout), A), B)      (with the replayed masks)
     """
     from .ops.attention import attn_block_forward, draw_dropout_seed
 
     mode = recompute_mode(recompute)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    x, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm = _autocast(x, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm,
-                                                                  device_type=x.device.type)
+    lora_keys, factors = _lora_factors(lora, qkv_layout)
+    x, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm, *factors = _autocast(
+        x, wq, bq, wk, bk, wv, bv, wo, bo, q_norm, k_norm, *factors, device_type=x.device.type)
     be = resolve_backend(backend, x.device, x.dtype)
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
     _check_block(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, n_kv_heads, be, qkv_layout)
@@ -260,6 +276,24 @@ def fused_attention_block(
                                    or not rope_theta > 0):
         raise ValueError(f"rope_theta must be a positive number or None, got {rope_theta!r}")
     softcap, window, dropout_p = check_attention_options(softcap, window, dropout_p, bool(causal))
+    if lora is not None:
+        lora_args = _check_lora(lora, lora_keys, factors, lora_dropout, x, wq, wk, wv, wo,
+                                (("wq", wq), ("bq", bq), ("wk", wk), ("bk", bk), ("wv", wv), ("bv", bv),
+                                 ("wo", wo), ("bo", bo), ("q_norm", q_norm), ("k_norm", k_norm)))
+        seed, offset = draw_dropout_seed() if dropout_p > 0 else (0, 0)
+        lora_seed, lora_offset = draw_dropout_seed() if lora_dropout > 0 else (0, 0)
+        from .ops.attn_lora import attn_lora_forward
+
+        with _autocast_off(x.device.type):
+            y = attn_lora_forward(x, wq, bq, wk, bk, wv, bv, wo, bo, *lora_args, position_ids, key_padding_mask,
+                                  n_heads, n_kv_heads, bool(causal), scale,
+                                  None if rope_theta is None else float(rope_theta), mode, be,
+                                  q_norm=q_norm, k_norm=k_norm, qk_norm_eps=float(qk_norm_eps),
+                                  qk_norm_offset=float(qk_norm_offset), rotary_dim=rotary_dim, qkv_layout=qkv_layout,
+                                  softcap=softcap, window=window, dropout_p=dropout_p, seed=seed, rng_offset=offset,
+                                  lora_dropout_p=float(lora_dropout), lora_seed=lora_seed,
+                                  lora_offset=lora_offset)[0]
+        return _out_dropout(y, out_dropout_p, be)
     options = {}
     if softcap is not None or window is not None or dropout_p > 0:  # else: the schema without them
         seed, offset = draw_dropout_seed() if dropout_p > 0 else (0, 0)
@@ -271,12 +305,87 @@ def fused_attention_block(
                                q_norm=q_norm, k_norm=k_norm, qk_norm_eps=float(qk_norm_eps),
                                qk_norm_offset=float(qk_norm_offset), rotary_dim=rotary_dim,
                                qkv_layout=qkv_layout, **options)[0]
-    if out_dropout_p:
-        from .ops.dropout import replayed_dropout
+    return _out_dropout(y, out_dropout_p, be)
 
-        with _autocast_off(x.device.type):
-            y = replayed_dropout(y, out_dropout_p, be)
-    return y
+
+def _out_dropout(y: Tensor, p: float, backend: str) -> Tensor:
+    if not p:
+        return y
+    from .ops.dropout import replayed_dropout
+
+    with _autocast_off(y.device.type):
+        return replayed_dropout(y, p, backend)
+
+
+_LORA_KEYS = {"separate": ("q", "k", "v", "o"), "packed": ("qkv", "o"), "neox": ("qkv", "o")}
+
+
+def _lora_factors(lora, qkv_layout) -> tuple:
+    """(the keys in op order -- q or qkv, k, v, o -- , [A, B per key, None where absent]) of a
+    ``lora`` dict, its keys and value shapes checked (tensors themselves: :func:`_check_lora`)."""
+    if lora is None:
+        return (), []
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora must be a dict of (A, B, scaling) per projection or None, got {type(lora).__name__}")
+    allowed = _LORA_KEYS.get(qkv_layout, _LORA_KEYS["separate"])
+    bad = [k for k in lora if k not in allowed]
+    if bad:
+        hint = (" (a packed layout has one adapter on the packed weight: key 'qkv')" if qkv_layout != "separate"
+                else " (key 'qkv' is the packed weight's, for qkv_layout='packed' / 'neox')")
+        raise ValueError(f"lora has keys {bad} not among {allowed} for qkv_layout={qkv_layout!r}{hint}")
+    keys = (allowed[0], "k", "v", "o")
+    factors = []
+    for key in keys:
+        f = lora.get(key)
+        if f is None:
+            factors += [None, None]
+            continue
+        if not isinstance(f, (tuple, list)) or len(f) != 3:
+            raise ValueError(f"lora[{key!r}] must be (A, B, scaling), got {f!r:.100}")
+        if not isinstance(f[0], Tensor) or not isinstance(f[1], Tensor) or f[0].dim() != 2 or f[1].dim() != 2:
+            raise ValueError(f"lora[{key!r}]: A and B must be 2-D tensors")
+        factors += [f[0], f[1]]
+    return keys, factors
+
+
+def _check_lora(lora: dict, keys, factors: list, lora_dropout, x, wq, wk, wv, wo, base) -> tuple:
+    """The op's LoRA arguments (A_q, A_k, A_v, A_o, B_q, B_k, B_v, B_o, scalings [4]) after the
+    checks: shapes against the projections, dtypes, devices, scaling, lora_dropout, a frozen base."""
+    from .functional import lora_dtype_ok
+
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if torch.is_grad_enabled():
+        trainable = [n for n, t in base if t is not None and t.requires_grad]
+        if trainable:
+            raise ValueError(f"fused_attention_block with lora: the base weights, biases and QK-norm weights must be "
+                             f"frozen (requires_grad=False), as PEFT sets them; {', '.join(trainable)} require grad "
+                             "(no gradient is computed for them)")
+    d = x.shape[-1]
+    ws = (wq, wk, wv, wo)
+    a_s, b_s, scalings = [], [], []
+    for i, key in enumerate(keys):
+        a, b = factors[2 * i], factors[2 * i + 1]
+        scalings.append(0.0)
+        a_s.append(a)
+        b_s.append(b)
+        if a is None:
+            continue
+        s = lora[key][2]
+        n_in, n_out = (d if key != "o" else wo.shape[1]), ws[i].shape[0]
+        r = a.shape[0]
+        if r == 0 or tuple(a.shape) != (r, n_in) or tuple(b.shape) != (n_out, r):
+            raise ValueError(f"lora[{key!r}]: A {tuple(a.shape)} and B {tuple(b.shape)} must be [r, {n_in}] and "
+                             f"[{n_out}, r] with r > 0")
+        if not lora_dtype_ok(a.dtype, x.dtype) or b.dtype != a.dtype:
+            raise TypeError(f"lora[{key!r}]: A and B must share one dtype, x's ({x.dtype}) or float32 for a 16-bit "
+                            f"x; got {a.dtype} and {b.dtype}")
+        if a.device != x.device or b.device != x.device:
+            raise ValueError(f"lora[{key!r}]: A is on {a.device} and B on {b.device}, x on {x.device}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"lora[{key!r}]: scaling must be a finite number, got {s!r}")
+        scalings[-1] = float(s)
+    return (*a_s, *b_s, scalings)
 
 
 def recompute_mode(recompute: Union[str, bool]) -> str:

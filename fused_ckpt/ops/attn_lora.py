@@ -170,6 +170,15 @@ def _projections(x: Tensor, wq, bq, wk, bk, wv, bv, lora, ts, scalings, n_heads:
     return tuple(t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
+def _check_factors(lora, qkv_layout: str) -> None:
+    for i, (a, b) in enumerate(lora):
+        if (a is None) != (b is None):
+            raise ValueError(f"attn_lora_forward: the {LORA_ROLES[i]} adapter has only one of its factors A, B")
+    if qkv_layout != "separate" and (lora[_K][0] is not None or lora[_V][0] is not None):
+        raise ValueError(f"attn_lora_forward: qkv_layout={qkv_layout!r} has one adapter on the packed weight (the q "
+                         "factors); the k and v factors must be None")
+
+
 def _x_ts(x2: Tensor, lora, p: float, seed: int, offset: int) -> list:
     """The t of the q/k/v (or packed) adapters (None where there is none)."""
     return [_lora_t(x2, lora[i][0], p, seed, offset + i) if lora[i][0] is not None else None
@@ -177,8 +186,7 @@ def _x_ts(x2: Tensor, lora, p: float, seed: int, offset: int) -> list:
 
 
 # --------------------------------------------------------------------------- forward
-@torch.library.custom_op("fused_ckpt::attn_lora_forward", mutates_args=())
-def attn_lora_forward(
+def attn_lora_forward_impl(
     x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Optional[Tensor], bk: Optional[Tensor],
     wv: Optional[Tensor], bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
     a_q: Optional[Tensor], a_k: Optional[Tensor], a_v: Optional[Tensor], a_o: Optional[Tensor],
@@ -197,6 +205,7 @@ def attn_lora_forward(
     B, S, d = x.shape
     M = B * S
     lora = ((a_q, b_q), (a_k, b_k), (a_v, b_v), (a_o, b_o))
+    _check_factors(lora, qkv_layout)
     feats = _Feats(wo, n_heads, qkv_layout, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend)
     tables = _tables(x, feats.head_dim, position_ids, rope_theta, rotary_dim)
     p, ls, lo = lora_dropout_p, lora_seed, lora_offset
@@ -223,6 +232,9 @@ def attn_lora_forward(
     return (y, o, lse, q, k, v) + out_ts
 
 
+attn_lora_forward = torch.library.custom_op("fused_ckpt::attn_lora_forward", mutates_args=())(attn_lora_forward_impl)
+
+
 @attn_lora_forward.register_fake
 def _(x, wq, bq, wk, bk, wv, bv, wo, bo, a_q, a_k, a_v, a_o, b_q, b_k, b_v, b_o, scalings, position_ids,
       key_padding_mask, n_heads, n_kv_heads, causal, scale, rope_theta, mode, backend, q_norm=None, k_norm=None,
@@ -242,8 +254,7 @@ def _(x, wq, bq, wk, bk, wv, bv, wo, bo, a_q, a_k, a_v, a_o, b_q, b_k, b_v, b_o,
 
 
 # --------------------------------------------------------------------------- backward
-@torch.library.custom_op("fused_ckpt::attn_lora_backward", mutates_args=())
-def attn_lora_backward(
+def attn_lora_backward_impl(
     dy: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Optional[Tensor], bk: Optional[Tensor],
     wv: Optional[Tensor], bv: Optional[Tensor], wo: Tensor,
     q: Optional[Tensor], k: Optional[Tensor], v: Optional[Tensor], o: Optional[Tensor], lse: Tensor,
@@ -337,12 +348,19 @@ def attn_lora_backward(
                 if term is not None:
                     lora_dx = term if lora_dx is None else lora_dx.add_(term)
             if need_x:
-                dx = g2.mm(w) if dx is None else dx.addmm_(g2, w)
+                if dx is None:
+                    dx = g2.mm(w)
+                else:
+                    _acc(dx, g2, w, 1.0)
         if need_x:
             if lora_dx is not None:
                 dx = _add(dx, lora_dx)
             out[0] = dx.view(x.shape)
     return tuple(t if t is not None and n else _empty(x) for t, n in zip(out, needs))
+
+
+attn_lora_backward = torch.library.custom_op("fused_ckpt::attn_lora_backward",
+                                             mutates_args=())(attn_lora_backward_impl)
 
 
 @attn_lora_backward.register_fake
