@@ -75,14 +75,13 @@ def _config(family: str):
         return t.GPT2Config(vocab_size=V, n_positions=32, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0,
                             eos_token_id=0, initializer_range=0.2)
-    if family == "gpt_neox":
-        # rotary_pct=1.0: with NeoX's default partial rotary (0.25) the key bias's gradient is exactly
-        # zero on the unrotated dims (softmax is shift-invariant), so the max-error rule would compare
-        # rounding noise with rounding noise there; partial rotary is tested at the op level
-        # (tests/test_attention_features.py) and by the "gpt_neox_partial" layer check below
+    if family in ("gpt_neox", "gpt_neox_defaults"):
+        # "gpt_neox": rotary_pct=1.0; "gpt_neox_defaults": NeoX's default partial rotary (0.25), where the
+        # key bias's gradient is exactly zero on the unrotated dims (softmax is shift-invariant)
+        extra = dict(rotary_pct=1.0) if family == "gpt_neox" else {}
         return t.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                                num_attention_heads=2, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
-                               initializer_range=0.2, rotary_pct=1.0)
+                               initializer_range=0.2, **extra)
     raise KeyError(family)
 
 
@@ -103,6 +102,8 @@ EXPECTED = {
     "gpt2": ("pre", "LayerNorm"),
     "gpt2_dropout": ("pre", "LayerNorm"),  # dropouts 0.1 replayed in the fused ops (train mode, see _run)
     "gpt_neox": ("parallel", "LayerNorm"),
+    "gpt_neox_defaults": ("parallel", "LayerNorm"),  # partial rotary 0.25
+    "gemma3_defaults": ("sandwich", "(1 + w) RMSNorm"),
 }
 
 
@@ -354,8 +355,8 @@ def test_default_config_layers_are_whole_and_add_nothing_to_the_ops(family):
     """A family at its default config (Gemma 3: alternating sliding-window layers, per-layer-type
     rope, query_pre_attn_scalar): the layers are whole, logits and loss match float64 by the rule,
     and every gradient equals the per-module fused path's (blocks=False): the whole-layer block adds
-    nothing to the ops' own rounding. (Against float64 the GeGLU FFN op's down_proj gradient is at
-    2.6x PyTorch's fp32 error on this seed, with or without whole layers.)"""
+    nothing to the ops' own rounding. (Against float64, every gradient by the rule over batches:
+    test_family_is_patched_and_matches_unpatched[gemma3_defaults].)"""
     ref64, ref = _build(family, torch.float64), _build(family)
     model, report = _whole_equals_per_module(ref64, ref)
     assert len(_whole_layers(model)) == 2, report.left_alone
