@@ -45,7 +45,8 @@ def _variants():
                        dict(GATED=gated, STORE_Z=True, HAS_LORA=lora, **dots))
                 for recompute in (False, True):
                     yield (name, elem, _ffn_bwd_hidden_kernel, "dy_ptr", _bwd_stage_bytes,
-                           dict(GATED=gated, RECOMPUTE=recompute, STORE_H=True, HAS_LORA=lora, **dots))
+                           dict(GATED=gated, RECOMPUTE=recompute, STORE_H=True, HAS_LORA=lora, LORA_DROP=lora,
+                                **dots))
             for acc in (False, True):
                 yield (name, elem, _gemm_kernel, "a_ptr", _gemm_stage_bytes,
                        dict(HAS_BIAS=False, ACCUMULATE=acc, HAS_LORA=lora, **dots))
@@ -189,6 +190,19 @@ def test_lora_gemm_counts_a_second_tile(gpu_configs):
     plain, lora = tiles(False), tiles(True)
     assert (128, 256, 8) in plain and (128, 256, 8) not in lora
     assert lora and all(bm * bn * 2 // (32 * w) <= _common.ACC_REGS_GEMM for bm, bn, w in lora)
+
+
+def test_lora_dropout_in_the_backward_counts_a_tile(gpu_configs):
+    """The fc2 adapter's dropout mask (Philox over the dH tile, LORA_DROP): the sm_90 bf16 build of
+    the gated recomputing backward's 64x64x64 tile on 4 warps spills 72-180 B with it, none
+    without; with it only tiles within one more accumulator's budget are kept."""
+    kw = dict(GATED=True, RECOMPUTE=True, STORE_H=True, HAS_LORA=True, DOT_F32=False, INPUT_PRECISION=None)
+    tiles = lambda drop: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)  # noqa: E731
+                          for c in _ffn_bwd_hidden_kernel.early_config_prune(
+                              gpu_configs["fused"], {"dy_ptr": _Elem(2)}, LORA_DROP=drop, **kw)}
+    plain, drop = tiles(False), tiles(True)
+    assert (64, 64, 64, 4) in plain and (64, 64, 64, 4) not in drop
+    assert drop and all(4 * bm * bn // (32 * w) <= _common.ACC_REGS_FUSED for bm, bn, _, w in drop)
 
 
 def test_fp32_gated_backward_without_recompute_counts_loaded_tiles(gpu_configs):

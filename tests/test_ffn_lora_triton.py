@@ -8,6 +8,8 @@ dB by the 2x rule (tests/helpers.py), for ranks 1, 8 and 20 (one, one padded and
 steps of the kernels' r loop), gated (packed and separate up weight) and ungated, recompute and
 saved-z modes, several token chunks (the fc2 mask's row offset), non-contiguous dy.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,13 @@ def _run_triton(base, lora, x, dtype, fdtype, activation, recompute, p, chunk=CH
     return y, xs, lo
 
 
+# The interpreter's fp32 -> bf16 cast truncates instead of rounding to nearest (triton 3.6 and
+# 3.9; see tests/test_ffn.py), so a kernel's bf16 outputs (z, h, dZ) carry up to one ulp where
+# PyTorch's carry half: the 2x rule then fails by chance (seed 3 of the bf16 / fp32-factor case:
+# dA_2 at 3x PyTorch's error, all of it the truncated h). bf16 runs compiled, on a GPU.
+BF16_ON_GPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                 reason="the Triton interpreter truncates fp32 -> bf16 casts")
+
 CASES = [  # activation, layout, r, adapters, p, recompute, dtype, factor dtype, non-contiguous dy
     ("swiglu", "packed", 8, ("fc1", "fc2"), 0.25, True, torch.float32, torch.float32, True),
     ("swiglu", "separate", 20, ("fc1", "up", "fc2"), 0.25, False, torch.float32, torch.float32, False),
@@ -104,9 +113,10 @@ CASES = [  # activation, layout, r, adapters, p, recompute, dtype, factor dtype,
 ]
 
 
-@pytest.mark.parametrize("activation,layout,r,keys,p,recompute,dtype,fdtype,noncontig", CASES,
-                         ids=[f"{c[0]}-{c[1]}-r{c[2]}-{'+'.join(c[3])}-p{c[4]}-rc{c[5]}-{str(c[6])[6:]}-"
-                              f"{str(c[7])[6:]}{'-nc' if c[8] else ''}" for c in CASES])
+@pytest.mark.parametrize("activation,layout,r,keys,p,recompute,dtype,fdtype,noncontig", [
+    pytest.param(*c, marks=[BF16_ON_GPU] if c[6] == torch.bfloat16 else [],
+                 id=f"{c[0]}-{c[1]}-r{c[2]}-{'+'.join(c[3])}-p{c[4]}-rc{c[5]}-{str(c[6])[6:]}-"
+                    f"{str(c[7])[6:]}{'-nc' if c[8] else ''}") for c in CASES])
 def test_triton_lora_matches_float64(activation, layout, r, keys, p, recompute, dtype, fdtype, noncontig):
     """y, dx and every adapter's dA / dB of the Triton LoRA FFN against float64 (2x PyTorch's own
     error in the same dtypes), with the same replayed dropout masks."""

@@ -193,11 +193,11 @@ _LORA_PTRS = {"_gemm_kernel": ("lt_ptr", "lb_ptr"), "_ffn_up_kernel": ("tg_ptr",
 
 
 def _lora_variant(kernel, constexprs: dict, ints: dict, dtype: str, dots: dict):
-    """``kernel``'s LoRA build (HAS_LORA): factors in float32 for 16-bit inputs (PEFT's default
-    adapter dtype; fp32 dots as ``dot_flags`` gives them: IEEE unless TF32 is allowed), in the
-    input dtype for fp32; the fc2 adapter's dropout on in the backward."""
+    """``kernel``'s LoRA build (HAS_LORA): factors in float32 (PEFT's default adapter dtype for a
+    16-bit model; "tf32x3" dots over 16-bit inputs, ``matmul.lora_flags``, as with TF32 off);
+    the fc2 adapter's dropout on in the backward."""
     fdt = "fp32"
-    prec = dots["INPUT_PRECISION"] if dtype == "fp32" else "ieee"
+    prec = dots["INPUT_PRECISION"] if dtype == "fp32" else "tf32x3"
     c = dict(constexprs, HAS_LORA=True, LORA_F32=False, LORA_PRECISION=prec)
     if "LORA_DROP" in constexprs:
         c["LORA_DROP"] = True
@@ -231,11 +231,9 @@ def kernel_specs(quick: bool = False):
             for recompute in (True, False):
                 ffn.append((_ffn_bwd_hidden_kernel, dict(ACT=act, GATED=gated, HAS_BIAS=True, RECOMPUTE=recompute,
                                                          STORE_H=True, LORA_DROP=False, **_NO_LORA), _BWD))
-        # LoRA builds (ops/ffn_lora.py on the triton backend): fc2 GEMM, gated up-projection and
-        # recomputing backward (the variants that hold the most accumulators)
-        ffn += [_lora_variant(k, c, i, dtype, dots) for k, c, i in ffn
-                if c["HAS_BIAS"] and not c.get("ACCUMULATE") and (k is _gemm_kernel or c["GATED"])
-                and c.get("RECOMPUTE", True)]
+        # LoRA builds (ops/ffn_lora.py on the triton backend): the fc2 GEMM, the up-projection and
+        # both backward modes (--quick keeps the gated ones, which hold the most accumulators)
+        ffn += [_lora_variant(k, c, i, dtype, dots) for k, c, i in ffn if c["HAS_BIAS"] and not c.get("ACCUMULATE")]
         if quick:  # fp16 builds as bf16; the gated variants hold the most accumulators
             if dtype == "fp16":
                 continue

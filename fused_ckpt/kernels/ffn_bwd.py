@@ -54,8 +54,13 @@ def _bwd_acc_tiles(kw) -> int:
     tile (sm_90 bf16 builds of 128x64 / 64x128 on 8 warps: 244-254 registers, no spills; 128x128
     spills 1 KB with triton 3.9); ungated see ``_LOADED_Z_COUNTS``."""
     if kw.get("RECOMPUTE"):
-        return 3 if kw.get("GATED") else 2
-    return 2 if kw.get("GATED") or _LOADED_Z_COUNTS else 1
+        tiles = 3 if kw.get("GATED") else 2
+    else:
+        tiles = 2 if kw.get("GATED") or _LOADED_Z_COUNTS else 1
+    # LORA_DROP: the fc2 adapter's keep mask (Philox over the whole tile, while dH is live) counts
+    # as one more (sm_90 bf16, gated, recomputing: 64x64x64 on 4 warps spills 72-180 B with it,
+    # none without; the 64x64 8-warp tile it leaves builds clean)
+    return tiles + (1 if kw.get("LORA_DROP") else 0)
 
 
 def _bwd_stage_bytes(cfg, kw, elem) -> int:  # dY and W2 tiles, plus x and W1 tiles when recomputing
@@ -75,7 +80,8 @@ def _keep_tile(seed, rng_offset, idx, threshold):
     return (r >> 1).to(tl.int32, bitcast=True) >= threshold
 
 
-@autotune(configs=fused_tile_configs(), key=["M_BUCKET", "N", "K", "GATED", "RECOMPUTE", "STORE_H", "HAS_LORA"],
+@autotune(configs=fused_tile_configs(), key=["M_BUCKET", "N", "K", "GATED", "RECOMPUTE", "STORE_H", "HAS_LORA",
+                                               "LORA_DROP"],
           prune_configs_by={"early_config_prune": resource_pruner(
               _bwd_acc_tiles, _bwd_stage_bytes, "dy_ptr", ACC_REGS_FUSED)})
 @triton.jit(do_not_specialize=["M_BUCKET"])

@@ -162,7 +162,7 @@ def lora_launch_args(sides, ref: torch.Tensor):
             scales.append(float(sd[2]))
         tensors += [t, b]
         strides += [t.stride(0), t.stride(-1), b.stride(0), b.stride(-1)]
-    return tensors, strides, ranks, scales, dict(HAS_LORA=True, **lora_flags(dt))
+    return tensors, strides, ranks, scales, dict(HAS_LORA=True, **lora_flags(dt, ref.dtype))
 
 
 def ffn_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, act: Activation,

@@ -80,10 +80,19 @@ def low_rank_tile(t_ptr, l_ptr, stride_tm, stride_tr, stride_ln, stride_lr, offs
     return acc
 
 
-def lora_flags(dtype: torch.dtype) -> dict:
-    """``dot_flags`` of the LoRA factors' dtype as the kernels' LORA_F32 / LORA_PRECISION."""
+def lora_flags(dtype: torch.dtype, x_dtype: torch.dtype) -> dict:
+    """The kernels' LORA_F32 / LORA_PRECISION for LoRA factors of ``dtype`` in a kernel whose
+    inputs are ``x_dtype``: ``dot_flags(dtype)``, except that float32 factors over 16-bit inputs
+    (PEFT's default adapter dtype) take "tf32x3" on a GPU where ``dot_flags`` says IEEE: three
+    TF32 tensor-core products, about fp32 accuracy, for a term rounded to 16 bits with the rest;
+    the IEEE (FMA) dot keeps its operand tiles in registers next to the accumulators and spills
+    (sm_90 bf16 builds: the fc2 GEMM's 128x64 tile on 4 warps 12 B, the recomputing gated
+    backward's 64x64x64 on 4 warps 180 B; 0 and 72 B with tf32x3)."""
     f = dot_flags(dtype)
-    return {"LORA_F32": f["DOT_F32"], "LORA_PRECISION": f["INPUT_PRECISION"]}
+    prec = f["INPUT_PRECISION"]
+    if dtype == torch.float32 and x_dtype != torch.float32 and prec == "ieee" and not INTERPRET:
+        prec = "tf32x3"
+    return {"LORA_F32": f["DOT_F32"], "LORA_PRECISION": prec}
 
 
 NO_LORA_FLAGS = {"LORA_F32": False, "LORA_PRECISION": None}
@@ -190,6 +199,6 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
         lt.stride(0), lt.stride(1), lb.stride(0), lb.stride(1),
         M, N, K, size_bucket(M), size_bucket(K), lb.shape[1] if lora is not None else 0, float(scale),
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, HAS_LORA=lora is not None, **dot_flags(a.dtype),
-        **(lora_flags(lt.dtype) if lora is not None else NO_LORA_FLAGS),
+        **(lora_flags(lt.dtype, a.dtype) if lora is not None else NO_LORA_FLAGS),
     )
     return out
