@@ -149,9 +149,13 @@ class FusedHFAttention(FusedCheckpointedAttention):
             c = kwargs.pop(key, None)
             cache = c if cache is None else cache
         why = swapped_child(self)
-        if why is not None:  # a projection replaced after patching (PEFT LoRA, ...): Hugging Face's code on it
-            warn_unfused(self, why)
-            return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
+        lora = False
+        if why is not None:  # a projection replaced after patching: PEFT LoRA in the fused op, else Hugging Face's code
+            found, why_not = self._peft_lora(hidden_states)
+            if found is None:
+                warn_unfused(self, why_not or why)
+                return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
+            lora = bool(found["lora"])
         training = self.training and torch.is_grad_enabled()
         if cache is not None and not training:
             return self._hf(hidden_states, position_embeddings, attention_mask, cache, position_ids, kwargs)
@@ -162,10 +166,11 @@ class FusedHFAttention(FusedCheckpointedAttention):
                   "was passed; running Hugging Face's attention for it (no fused recompute)")
             return self._hf(hidden_states, position_embeddings, attention_mask, None, position_ids, kwargs)
         dead = self.eager_dead_rows(kpm)
-        if dead is not None and (self.dropout_p or self.out_dropout_p):
-            # the eager fix-up of rows that see no key does not draw the fused dropout masks on them
-            _warn("fused_ckpt: left-padded rows that see no key under eager attention with active dropout; "
-                  "running Hugging Face's attention for this call (no fused recompute)")
+        if dead is not None and (self.dropout_p or self.out_dropout_p or lora):
+            # the eager fix-up of rows that see no key does not draw the fused dropout masks on them, nor
+            # add the LoRA terms (it reads the base weights)
+            _warn("fused_ckpt: left-padded rows that see no key under eager attention with active dropout or PEFT "
+                  "LoRA; running Hugging Face's attention for this call (no fused recompute)")
             return self._hf(hidden_states, position_embeddings, attention_mask, None, position_ids, kwargs)
         if cache is not None:
             _warn("fused_ckpt: the fused attention does not fill the KV cache in training "
@@ -1110,10 +1115,34 @@ def _convert_mlp(child, layout, cfg_act, backend):
 
 
 def _convert_attention(child, cfg, backend, rotaries=()):
-    from .peft import projection_refusal
+    from .peft import lora_wrappers, projection_refusal
 
-    why = projection_refusal(child)  # PEFT wrappers, quantized linears: their weight is not their math
-    why = why if why is not None else _attention_refusal(child, cfg, rotaries)
+    # PEFT lora.Linear projections (vanilla LoRA on a plain base): the fused attention is built and probed on
+    # their base layers, then holds the wrappers, whose low-rank terms it computes in the op (ops/attn_lora.py)
+    wrapped, why = lora_wrappers(child)
+    # other wrappers, quantized linears: their weight is not their math
+    why = why if why is not None else projection_refusal(child, [n for n in child._modules if n not in wrapped])
+    if why is not None:
+        return None, why
+    for name, w in wrapped.items():
+        child._modules[name] = w.base_layer
+    try:
+        new, why = _build_attention(child, cfg, backend, rotaries)
+    finally:
+        for name, w in wrapped.items():
+            child._modules[name] = w
+    if new is None:
+        return None, why
+    for name, w in wrapped.items():  # same key, same place in the module order
+        new._modules[name] = w
+    if wrapped:
+        why += f", PEFT LoRA on {', '.join(wrapped)} computed in the fused op"
+    return new, why
+
+
+def _build_attention(child, cfg, backend, rotaries=()):
+    """(the fused attention of ``child``, its features for the report) or (None, the reason)."""
+    why = _attention_refusal(child, cfg, rotaries)
     if why is not None:
         return None, why
     try:

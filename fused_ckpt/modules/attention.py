@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..functional_attention import _check_head_dim, _check_rotary_dim, fused_attention_block, recompute_mode
-from ._swap import record_children, swapped_child, warn_unfused
+from ._swap import describe, lora_of, record_children, swapped_child, warn_unfused
 
 
 # Hugging Face attention projection layouts, by the submodule names that hold them:
@@ -94,6 +94,14 @@ class FusedCheckpointedAttention(nn.Module):
     joined back into one packed gradient, so it lands on the packed Parameter (one GEMM each
     for dW and dx). A Conv1D weight (GPT-2, ``[in, out]``) is passed as ``weight.t()``, a
     view: nothing is copied and the gradient comes back in the Conv1D layout.
+
+    PEFT LoRA: projections wrapped by PEFT's ``lora.Linear`` after construction
+    (``get_peft_model``) are computed in the fused op (:mod:`fused_ckpt.ops.attn_lora`: the base
+    GEMM plus ``scaling * (drop(in) A^T) B^T``, dropout masks replayed, each adapter's
+    ``[tokens, r]`` product kept besides the table's tensors) when they are vanilla LoRA on frozen
+    base weights and QK-norms with one dropout p, outside autocast; merged or disabled adapters
+    run the plain op. Anything else (DoRA, a LoRA bias, a quantized base, a trainable base, ...)
+    runs the exact unfused path, warning once with the reason.
 
     ``forward(x, position_ids=None, key_padding_mask=None)``: x ``(batch, seqlen, d_model)``;
     position_ids int ``(seqlen,)``/``(batch, seqlen)`` (default 0..seqlen-1);
@@ -185,11 +193,14 @@ class FusedCheckpointedAttention(nn.Module):
         """``(tensors, options)``: the op's tensors read where they live (keys wq, bq, wk, bk,
         wv, bv, wo, bo, q_norm_w, k_norm_w; a packed layout has its weight in wq and None in
         wk..bv; Conv1D weights as transposed views) and its feature keywords (qk_norm_eps,
-        qk_norm_offset, rotary_dim, qkv_layout). Read at each call (FSDP-safe)."""
+        qk_norm_offset, rotary_dim, qkv_layout). Read at each call (FSDP-safe), from the modules the fused op was built
+        from (a PEFT LoRA wrapper put around one since: its base layer, whose type says whether
+        the weight is a Conv1D's)."""
         m = self._modules
+        rec = self.__dict__.get("_fused_children") or {}
 
         def proj(name):
-            mod = m[name]
+            mod = rec.get(name, m[name])
             return (mod.weight.t() if _is_conv1d(mod) else mod.weight), mod.bias
 
         t = dict.fromkeys(("wq", "bq", "wk", "bk", "wv", "bv"))
@@ -207,17 +218,64 @@ class FusedCheckpointedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        lora = {}
         why = swapped_child(self)
         if why is not None:  # e.g. a PEFT LoRA wrapper around a projection: its weight alone is not the math
-            warn_unfused(self, why)
-            return self._unfused_forward(x, position_ids, key_padding_mask)
+            found, why_not = self._peft_lora(x)
+            if found is None:
+                warn_unfused(self, why_not or why)
+                return self._unfused_forward(x, position_ids, key_padding_mask)
+            if found["lora"]:  # else merged / disabled adapters: the base weights alone are the math
+                lora = found
         t, opts = self._block_inputs()
         return fused_attention_block(
             x, t["wq"], t["bq"], t["wk"], t["bk"], t["wv"], t["bv"], t["wo"], t["bo"],
             self.n_heads, self.n_kv_heads, causal=self.causal, scale=self.scale, rope_theta=self.rope_theta,
             position_ids=position_ids, key_padding_mask=key_padding_mask, recompute=self.recompute,
-            backend=self.backend, q_norm=t["q_norm_w"], k_norm=t["k_norm_w"], **opts, **self._options(),
+            backend=self.backend, q_norm=t["q_norm_w"], k_norm=t["k_norm_w"], **opts, **self._options(), **lora,
         )
+
+    def _peft_lora(self, x: torch.Tensor) -> tuple:
+        """``({"lora": {key: (A, B, scaling)}, "lora_dropout": p}, None)`` -- the keywords of
+        :func:`fused_attention_block`, keys "q", "k", "v" (or "qkv" for a packed layout) and "o" --
+        when every replaced child is a PEFT ``lora.Linear`` around the projection this module was
+        built from, computing vanilla LoRA (or its base alone: merged or disabled adapters, then
+        ``lora`` is empty) on frozen base weights and QK-norms, with one LoRA dropout p (0 in eval
+        mode: PEFT's dropout modules follow ``train()``/``eval()``), outside autocast; else
+        ``(None, reason)`` and the unfused path runs."""
+        from ..functional import lora_dtype_ok
+
+        rec, mods = self.__dict__.get("_fused_children") or {}, self._modules
+        packed = self.qkv_layout != "separate"
+        roles = dict(zip(self._qkv_names, ("qkv",) if packed else ("q", "k", "v")))
+        roles[self._out_name] = "o"
+        lora, p = {}, None
+        for name, base in rec.items():
+            now = mods.get(name)
+            if now is base:
+                continue
+            if name not in roles:
+                return None, f"{name} is now {describe(now)}, not the {type(base).__name__} it was built from"
+            factors, why = lora_of(now, base)
+            if factors is None:
+                return None, f"{name}: {why}"
+            if not factors:
+                continue
+            a, b, scaling, drop = factors
+            if p is not None and drop != p:
+                return None, f"the projections' LoRA dropout differ ({p} and {drop})"
+            p = drop
+            if not lora_dtype_ok(a.dtype, x.dtype) or b.dtype != a.dtype:
+                return None, f"{name}: LoRA weights in {a.dtype} / {b.dtype}, input in {x.dtype}"
+            lora[roles[name]] = (a, b, scaling)
+        if lora:
+            frozen = [getattr(m, n, None) for m in rec.values() for n in ("weight", "bias")]
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in frozen):
+                return None, ("LoRA on trainable base weights (the fused LoRA path keeps the projections and "
+                              "QK-norms frozen)")
+            if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+                return None, "LoRA under autocast"
+        return {"lora": lora, "lora_dropout": p or 0.0}, None
 
     def _options(self) -> dict:
         """The attention options for the op: softcap and window always, the dropouts in training
