@@ -38,7 +38,8 @@ def _rot_half(t):
 
 
 # name: H, Hkv, layout, bias, qk-norm rows (q, k) or None, norm offset, rotary_dim (0: no rotary), conv1d,
-#       adapters ("q" = the packed weight's in a packed layout), lora dropout p, attention options (softcap, window, attention dropout p), key padding
+#       adapters ("q" = the packed weight's in a packed layout), lora dropout p, attention options (softcap,
+#       window, attention dropout p), key padding
 CASES = {
     "gqa_all_adapters_dropout": (4, 2, "separate", True, None, 0.0, None, False, "qkvo", 0.25, (None, None, 0.0),
                                  True),

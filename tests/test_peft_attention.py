@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import assert_close_by_rule
+from tests.helpers import assert_close_by_rule, assert_close_by_rule_over_batches
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -99,19 +99,38 @@ def _run(model, ids, g):
     return out, grads, seen, [str(w.message) for w in caught]
 
 
-def _check_against_peft(m, ref, ref64, ids, g):
-    got, got_g, seen, messages = _run(m, ids, g)
-    want, want_g, _, _ = _run(ref64, ids, g)
-    pt, pt_g, _, _ = _run(ref, ids, g)
-    assert_close_by_rule(got, want, pt, "logits")
-    assert set(got_g) == set(want_g) and got_g
-    for name in want_g:
-        assert got_g[name] is not None, name
-        assert_close_by_rule(got_g[name], want_g[name], pt_g[name], name)
+def _batches(n=4, B=2, S=7):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 64, (B, S), generator=gen), torch.randn(B, S, 64, generator=gen, dtype=torch.float64))
+            for _ in range(n)]
+
+
+def _check_against_peft(m, ref, ref64, batches, before=None):
+    """Logits and every adapter gradient of ``m`` against unpatched PEFT (``ref64`` float64,
+    ``ref`` fp32) by the 2x rule in its L2 form over the batches (tests/helpers.py: single-batch
+    max errors of these small gradients are noisy); ``before(k)`` runs before each model's batch
+    k. Returns (the ops ``m`` dispatched, its warnings, its gradients of the last batch)."""
+    runs = {}
+    for key, model in (("got", m), ("want", ref64), ("pt", ref)):
+        runs[key] = []
+        for k, (ids, g) in enumerate(batches):
+            for p in model.parameters():
+                p.grad = None
+            if before is not None:
+                before(k)
+            runs[key].append(_run(model, ids, g))
+    seen = [s for r in runs["got"] for s in r[2]]
+    messages = [s for r in runs["got"] for s in r[3]]
+    assert_close_by_rule_over_batches(*([r[0] for r in runs[k]] for k in ("got", "want", "pt")), "logits")
+    names = set(runs["want"][0][1])
+    assert set(runs["got"][0][1]) == names and names
+    for name in sorted(names):
+        assert all(r[1][name] is not None for r in runs["got"]), name
+        assert_close_by_rule_over_batches(*([r[1][name] for r in runs[k]] for k in ("got", "want", "pt")), name)
     for name, p in m.named_parameters():  # the frozen base gets no gradient
         if "lora_" not in name:
             assert not p.requires_grad and p.grad is None, name
-    return seen, messages, got_g
+    return seen, messages, runs["got"][-1][1]
 
 
 def _references(base, cfg):
@@ -137,11 +156,10 @@ def test_attention_lora_in_the_fused_op_equals_peft(family, order):
     ref, ref64 = _references(base, cfg)
     m, report, patch_messages = _wrap_and_patch(base, cfg, order)
     m.load_state_dict(ref.state_dict())
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    g = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    seen, messages, got_g = _check_against_peft(m, ref, ref64, ids, g)
+    batches = _batches()
+    seen, messages, got_g = _check_against_peft(m, ref, ref64, batches)
     assert sum("lora_A" in n for n in got_g) == n_adapted  # every adapted module got its gradients
-    assert seen.count(LORA_OP) == 1 and BLOCK_OP not in seen, [s for s in seen if "fused_ckpt" in s]
+    assert seen.count(LORA_OP) == len(batches) and BLOCK_OP not in seen, [s for s in seen if "fused_ckpt" in s]
     assert not any("unfused" in s for s in patch_messages + messages), patch_messages + messages
     if order == "peft_then_patch":
         detail = {q: why for q, _, why in report.replaced}
@@ -175,23 +193,28 @@ def test_lora_dropout_equals_peft_with_the_op_masks():
     for model in (m, ref, ref64):
         model.train()
     B, S = 2, 7
-    ids = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(1))
-    g = torch.randn(B, S, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    torch.manual_seed(7)
-    seed, offset = draw_dropout_seed()  # what the fused attention draws first in its forward
-    for model in (ref, ref64):
-        attn = model.base_model.model.model.layers[0].self_attn
-        for i, name in enumerate(ATTN):
-            lin = getattr(attn, name)
-            n = lin.in_features
-            lin.lora_dropout["default"] = _FixedMaskDropout(_keep(seed, offset + i, 0.25, 0, B * S, n, "cpu"), 0.25)
-    torch.manual_seed(7)
-    seen, _, got_g = _check_against_peft(m, ref, ref64, ids, g)
-    assert seen.count(LORA_OP) == 1
+    batches = _batches(B=B, S=S)
+    seeds = []
+    for k in range(len(batches)):
+        torch.manual_seed(7 + k)
+        seeds.append(draw_dropout_seed())  # what the fused attention draws first in its forward
+
+    def before(k):  # the op's masks of batch k in the references' dropout modules; the seed for m
+        seed, offset = seeds[k]
+        for model in (ref, ref64):
+            attn = model.base_model.model.model.layers[0].self_attn
+            for i, name in enumerate(ATTN):
+                lin = getattr(attn, name)
+                keep = _keep(seed, offset + i, 0.25, 0, B * S, lin.in_features, "cpu")
+                lin.lora_dropout["default"] = _FixedMaskDropout(keep, 0.25)
+        torch.manual_seed(7 + k)
+
+    seen, _, got_g = _check_against_peft(m, ref, ref64, batches, before)
+    assert seen.count(LORA_OP) == len(batches)
     for p in m.parameters():
         p.grad = None
-    torch.manual_seed(7)
-    _, again, _, _ = _run(m, ids, g)
+    before(len(batches) - 1)
+    _, again, _, _ = _run(m, *batches[-1])
     for name in got_g:
         assert torch.equal(again[name], got_g[name]), name
 

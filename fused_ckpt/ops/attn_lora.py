@@ -470,7 +470,7 @@ def _lora_backward_flops(dy_shape, x_shape, wq_shape, bq_shape, wk_shape, bk_sha
     for i in range(4):
         if i not in present:
             needs[1 + 2 * i] = needs[2 + 2 * i] = False
-    need_x, need_ao, need_bo = needs[0], needs[7], needs[8]
+    need_x, need_ao = needs[0], needs[7]
     need_attn = need_x or any(needs[1:7])
     qs, ks = _block_qk_shapes(x_shape, wo_shape, n_heads, n_kv_heads)
     T = math.prod(x_shape[:-1])
