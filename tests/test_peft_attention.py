@@ -147,11 +147,13 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_attention_lora_in_the_fused_op_equals_peft(family, order):
+@pytest.mark.parametrize("family,order,dtype", [(f, o, torch.float32) for f in FAMILIES
+                                                 for o in ("patch_then_peft", "peft_then_patch")]
+                         + [("llama", "peft_then_patch", torch.bfloat16)])
+def test_attention_lora_in_the_fused_op_equals_peft(family, order, dtype):
+    """bf16: PEFT keeps the adapters in fp32 over the bf16 base (autocast_adapter_dtype)."""
     make, targets, n_adapted, attn_name, adapted = FAMILIES[family]
-    base = make()
+    base = make().to(dtype)
     cfg = lambda: _lora(targets)  # noqa: E731
     ref, ref64 = _references(base, cfg)
     m, report, patch_messages = _wrap_and_patch(base, cfg, order)
@@ -159,6 +161,7 @@ def test_attention_lora_in_the_fused_op_equals_peft(family, order):
     batches = _batches()
     seen, messages, got_g = _check_against_peft(m, ref, ref64, batches)
     assert sum("lora_A" in n for n in got_g) == n_adapted  # every adapted module got its gradients
+    assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if "lora_" in n)
     assert seen.count(LORA_OP) == len(batches) and BLOCK_OP not in seen, [s for s in seen if "fused_ckpt" in s]
     assert not any("unfused" in s for s in patch_messages + messages), patch_messages + messages
     if order == "peft_then_patch":
