@@ -217,3 +217,32 @@ def test_lora_op_refuses_an_unknown_backend():
         ffn_lora_forward_impl(x.float(), base["w1"].float(), None, base["w2"].float(), None, None, None,
                               a.float(), bb.float(), None, None, None, None, [s, 0.0, 0.0], "gelu", 0, 0.0, 0, 0, 0,
                               backend="auto")
+
+
+@pytest.mark.parametrize("factor,x_dtype,tf32,want", [
+    (torch.float32, torch.bfloat16, False, "tf32x3"), (torch.float32, torch.float16, False, "tf32x3"),
+    (torch.float32, torch.bfloat16, True, "tf32"), (torch.float32, torch.float32, False, "ieee"),
+    (torch.float32, torch.float32, True, "tf32"), (torch.bfloat16, torch.bfloat16, False, None)])
+def test_lora_dot_precision_on_a_gpu(monkeypatch, factor, x_dtype, tf32, want):
+    """The LoRA dots' precision as a GPU launch picks it: float32 factors over 16-bit inputs take
+    tf32x3 (about fp32 accuracy on tensor cores; the IEEE FMA dot spills, tools/aot_compile.py)
+    unless torch allows TF32; over fp32 inputs they follow the base GEMM (``dot_flags``)."""
+    from fused_ckpt.kernels import _common, matmul
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(matmul, "INTERPRET", False)
+    monkeypatch.setattr(_common, "tf32_matmul_allowed", lambda: tf32)
+    assert matmul.lora_flags(factor, x_dtype) == {"LORA_F32": False, "LORA_PRECISION": want}
+
+
+def test_triton_lora_opcheck():
+    """opcheck of the op with backend="triton" (schema, fake implementation, autograd registration)."""
+    from fused_ckpt.ops.ffn_lora import ffn_lora_forward
+
+    base, lora, x, _ = _case("swiglu", "separate", 8, ("up", "fc2"), torch.float32, torch.float32)
+    b, lo, xs = _leaves(base, lora, x, torch.float32, torch.float32)
+    factors = [t for key in ("fc1", "up", "fc2") for t in (lo[key][:2] if key in lo else (None, None))]
+    scaling = [lo[k][2] if k in lo else 0.0 for k in ("fc1", "up", "fc2")]
+    torch.library.opcheck(ffn_lora_forward, (xs, b["w1"], b["b1"], b["w2"], b["b2"], b["w_up"], b["b_up"], *factors,
+                                             scaling, "swiglu", 0, 0.2, 123, 4, CHUNK), {"backend": "triton"},
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
