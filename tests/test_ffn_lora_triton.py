@@ -246,3 +246,25 @@ def test_triton_lora_opcheck():
     torch.library.opcheck(ffn_lora_forward, (xs, b["w1"], b["b1"], b["w2"], b["b2"], b["w_up"], b["b_up"], *factors,
                                              scaling, "swiglu", 0, 0.2, 123, 4, CHUNK), {"backend": "triton"},
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_bf16_factor_dots_are_exact_products():
+    """bf16 LoRA factors in the kernels' r loop (LORA_F32 under the interpreter, whose bf16
+    ``tl.dot`` is wrong): z of the up-projection kernel and the fc2 GEMM's output in fp32, with
+    ``scaling * t B^T`` from bf16 t and B (the kernel launchers take any factor dtype; the op
+    pairs bf16 factors with bf16 inputs, whose stores the interpreter truncates), against
+    float64 by the 2x rule."""
+    from fused_ckpt.activations import get_activation
+    from fused_ckpt.kernels.ffn_fwd import ffn_up
+    from fused_ckpt.kernels.matmul import gemm
+
+    gen = torch.Generator().manual_seed(3)
+    x, w1, w2 = (torch.randn(*s, generator=gen) for s in ((M_TOKENS, D), (FF, D), (D, FF)))
+    t, b1, b2 = (torch.randn(*s, generator=gen).bfloat16() for s in ((M_TOKENS, 20), (FF, 20), (D, 20)))
+    h = torch.randn(M_TOKENS, FF, generator=gen)
+    _, z = ffn_up(x, w1, None, get_activation("gelu"), True, lora=((t, b1, 0.5), None))
+    y = gemm(h, w2.t(), lora=(t, b2, 1.5))
+    for got, a, w, lb, s, name in ((z, x, w1, b1, 0.5, "z"), (y, h, w2, b2, 1.5, "y")):
+        want = a.double() @ w.double().t() + s * (t.double() @ lb.double().t())
+        pt = a @ w.t() + s * (t.float() @ lb.float().t())
+        assert_close_by_rule(got, want, pt, name)

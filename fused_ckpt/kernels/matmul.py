@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACC_REGS_GEMM, INTERPRET, autotune, dot_flags, launch, resource_pruner, size_bucket
+from ._common import (ACC_REGS_GEMM, INTERPRET, autotune, dot_flags, launch, resource_pruner, size_bucket,
+                      tl_dtype_ok)
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -168,7 +169,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
          out_dtype: torch.dtype | None = None, lora: tuple | None = None) -> torch.Tensor:
     """``out (+)= a @ b (+ bias)`` with fp32 accumulation. a: [M, K], b: [K, N]. ``lora``:
     (t [M, r], lb [N, r], scaling): also ``+ scaling * t lb^T`` in the same accumulator (t and lb
-    in one dtype, a's or float32), rounded once with the rest."""
+    in one dtype: fp32, fp16 or bf16), rounded once with the rest."""
     M, K = a.shape
     K2, N = b.shape
     assert K == K2 and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
@@ -180,7 +181,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
         return out
     if lora is not None:
         assert lora[0].shape == (M, lora[1].shape[1]) and lora[1].shape[0] == N, (lora[0].shape, lora[1].shape)
-        assert lora[0].dtype == lora[1].dtype and lora[0].dtype in (a.dtype, torch.float32)
+        assert lora[0].dtype == lora[1].dtype and tl_dtype_ok(lora[0]), (lora[0].dtype, lora[1].dtype)
     if K == 0 and lora is None:
         if not accumulate:
             out.zero_()
