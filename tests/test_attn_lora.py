@@ -235,6 +235,13 @@ def test_attn_lora_every_recompute_mode(case, mode):
     check_case(case, "aten", mode)
 
 
+def test_attn_lora_dropout_over_row_chunks(monkeypatch):
+    """With LoRA dropout the rank-r products run over row chunks (bounded Philox temporaries):
+    chunks of 5 rows (x) and 2 rows (o) here, the masks still the reference's."""
+    monkeypatch.setattr(ops, "ATEN_CHUNK", 5 * d)
+    check_case("gqa_all_adapters_dropout", "aten", "all")
+
+
 @pytest.mark.triton
 def test_attn_lora_triton_recompute_all():
     check_case("neox_partial", "triton", "all", B=1, S=5, dtype=torch.float16)

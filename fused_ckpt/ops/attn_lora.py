@@ -70,8 +70,8 @@ or "triton"); the projections and the rank-r GEMMs are torch GEMMs on every devi
     dB_p = scaling_p dZ_p^T t_p    g_p = dZ_p B_p    dA_p = scaling_p g_p^T drop_p(x)
     dX   = sum_p dZ_p W_p + sum_p drop_p'(scaling_p g_p A_p)
 
-The rank-r products run over row chunks of at most ``ATEN_CHUNK`` elements (the masks' Philox
-temporaries stay bounded); LoRA gradients are accumulated in fp32 (fp64 for fp64) and rounded once.
+With LoRA dropout the rank-r products run over row chunks of at most ``ATEN_CHUNK`` elements (the
+masks' Philox temporaries stay bounded; without dropout, one pass); LoRA gradients are accumulated in fp32 (fp64 for fp64) and rounded once.
 Neither op supports double backward.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _lora_grads(dz: Tensor, inp: Optional[Tensor], t: Tensor, a: Tensor, b: Tens
     dB = torch.zeros(b.shape, device=dz.device, dtype=acc) if need_b else None
     term = dz.new_empty((M, a.shape[1]), dtype=a.dtype) if need_in else None
     n = a.shape[1]
-    step = _rows(max(n, b.shape[0]))
+    step = _rows(max(n, b.shape[0])) if p > 0 else max(M, 1)  # without dropout: one pass, no mask temporaries
     for s in range(0, M, step):
         e = min(s + step, M)
         dzc = dz[s:e]
