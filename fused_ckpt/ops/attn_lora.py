@@ -71,7 +71,8 @@ or "triton"); the projections and the rank-r GEMMs are torch GEMMs on every devi
     dX   = sum_p dZ_p W_p + sum_p drop_p'(scaling_p g_p A_p)
 
 With LoRA dropout the rank-r products run over row chunks of at most ``ATEN_CHUNK`` elements (the
-masks' Philox temporaries stay bounded; without dropout, one pass); LoRA gradients are accumulated in fp32 (fp64 for fp64) and rounded once.
+masks' Philox temporaries stay bounded; without dropout, one pass); LoRA gradients are accumulated
+in fp32 (fp64 for fp64) and rounded once.
 Neither op supports double backward.
 """
 from __future__ import annotations
