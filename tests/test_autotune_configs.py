@@ -186,7 +186,8 @@ def test_lora_gemm_counts_a_second_tile(gpu_configs):
     (triton 3.9), so the LoRA build counts two accumulator tiles and drops it; plain keeps it."""
     kw = dict(HAS_BIAS=True, ACCUMULATE=False, DOT_F32=False, INPUT_PRECISION=None)
     tiles = lambda lora: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in  # noqa: E731
-                          _gemm_kernel.early_config_prune(gpu_configs["gemm"], {"a_ptr": _Elem(2)}, HAS_LORA=lora, **kw)}
+                          _gemm_kernel.early_config_prune(gpu_configs["gemm"], {"a_ptr": _Elem(2)},
+                                                          HAS_LORA=lora, **kw)}
     plain, lora = tiles(False), tiles(True)
     assert (128, 256, 8) in plain and (128, 256, 8) not in lora
     assert lora and all(bm * bn * 2 // (32 * w) <= _common.ACC_REGS_GEMM for bm, bn, w in lora)

@@ -42,7 +42,8 @@ def _case(activation, layout, r, keys, dtype, fdtype, seed=0):
 def _leaves(base, lora, x, dtype, fdtype):
     b = {k: (v.to(dtype) if v is not None else None) for k, v in base.items()}
     leaf = lambda t, dt: t.detach().to(dt).requires_grad_()  # noqa: E731  (a new leaf, also in float64)
-    lo = {k: (leaf(a, fdtype), leaf(bb, fdtype), s) for k, (a, bb, s) in lora.items()}
+    fdt = fdtype if isinstance(fdtype, dict) else dict.fromkeys(lora, fdtype)  # per adapter, or one for all
+    lo = {k: (leaf(a, fdt[k]), leaf(bb, fdt[k]), s) for k, (a, bb, s) in lora.items()}
     return b, lo, leaf(x, dtype)
 
 
@@ -73,8 +74,8 @@ def _reference(base, lora, x, g, dtype, fdtype, activation, p, seed, offset):
             return out
         a, bb, s = lo[key]
         dropped = inp if not p else inp * _keep(seed, offset + i, p, 0, M_TOKENS, inp.shape[1], inp.device) / (1 - p)
-        term = s * (dropped.to(fdtype) @ a.t()) @ bb.t()
-        return (out.to(fdtype) + term).to(dtype)
+        term = s * (dropped.to(a.dtype) @ a.t()) @ bb.t()
+        return (out.to(a.dtype) + term).to(dtype)
 
     z = proj(x2, b["w1"], b["b1"], "fc1", 0)
     if b["w_up"] is not None:
@@ -110,13 +111,17 @@ CASES = [  # activation, layout, r, adapters, p, recompute, dtype, factor dtype,
     ("gelu", None, 20, ("fc1", "fc2"), 0.0, True, torch.float16, torch.float16, True),
     ("gelu", None, 8, ("fc2",), 0.25, False, torch.bfloat16, torch.float32, True),
     ("swiglu", "packed", 8, ("fc1", "fc2"), 0.25, True, torch.bfloat16, torch.bfloat16, False),
+    # adapters in two dtypes (both allowed over fp16): the kernels read both sides as fp32
+    ("swiglu", "separate", 8, ("fc1", "up"), 0.0, True, torch.float16,
+     {"fc1": torch.float32, "up": torch.float16}, False),
 ]
 
 
 @pytest.mark.parametrize("activation,layout,r,keys,p,recompute,dtype,fdtype,noncontig", [
     pytest.param(*c, marks=[BF16_ON_GPU] if c[6] == torch.bfloat16 else [],
                  id=f"{c[0]}-{c[1]}-r{c[2]}-{'+'.join(c[3])}-p{c[4]}-rc{c[5]}-{str(c[6])[6:]}-"
-                    f"{str(c[7])[6:]}{'-nc' if c[8] else ''}") for c in CASES])
+                    f"{str(c[7])[6:] if not isinstance(c[7], dict) else 'mixed'}{'-nc' if c[8] else ''}")
+    for c in CASES])
 def test_triton_lora_matches_float64(activation, layout, r, keys, p, recompute, dtype, fdtype, noncontig):
     """y, dx and every adapter's dA / dB of the Triton LoRA FFN against float64 (2x PyTorch's own
     error in the same dtypes), with the same replayed dropout masks."""
@@ -135,7 +140,7 @@ def test_triton_lora_matches_float64(activation, layout, r, keys, p, recompute, 
     assert_close_by_rule(y, ref["want"][0], ref["pt"][0], "y")
     assert set(got) == {"x"} | {f"{k}.{m}" for k in keys for m in "AB"}
     for k in got:
-        assert got[k].dtype == (dtype if k == "x" else fdtype)
+        assert got[k].dtype == (dtype if k == "x" else fdtype[k[:-2]] if isinstance(fdtype, dict) else fdtype)
         assert_close_by_rule(got[k], ref["want"][1][k], ref["pt"][1][k], k)
     if p:  # the masks matter: the same FFN without dropout differs
         y0, _, _ = _reference(base, lora, x, g, torch.float64, torch.float64, activation, 0.0, 0, 0)
