@@ -40,7 +40,9 @@ Backend (``backend``, resolved: "aten" or "triton"), chunked over tokens either 
   forms dH = dY W2 + drop_2'(scaling_2 (dY B_2) A_2) (the mask regenerated in the kernel from
   the Philox seed) and, recomputing, z with the adapters' terms from the kept t, and writes dZ
   (and h for dA_2); the dA / dB / dX terms below are torch GEMMs on dZ. Every low-rank term is
-  summed with its base GEMM in fp32 and rounded once.
+  summed with its base GEMM in fp32 and rounded once; its dot runs in the factors' dtype, fp32
+  factors over a 16-bit model as "tf32x3" on a GPU (about fp32 accuracy on tensor cores; see
+  ``kernels.matmul.lora_flags``).
 
 Backward per chunk (both backends; "triton" does the first and third lines in one kernel)::
 
