@@ -4,9 +4,11 @@ A projection the fused ops read by weight must compute exactly ``F.linear(x, wei
 (or a Conv1D's transposed form). PEFT's ``lora.Linear`` forwards ``.weight`` to its base layer
 but adds ``scaling * B(A(dropout(x)))`` in its forward; a quantized linear (bitsandbytes'
 ``Linear4bit``, a GPTQ/AWQ layer) computes with weights that are not the ``weight`` tensor.
-Reading their weight would drop or approximate that math, so such parts are left alone, with
-the reason given here, and a fused module whose children are replaced after patching runs its
-exact unfused path (:mod:`fused_ckpt.modules._swap`).
+Reading their weight alone would drop or approximate that math. Vanilla LoRA on a plain base
+(:func:`lora_wrappers`) is computed inside the fused FFN and attention ops; other wrapped or
+non-plain projections are left alone, with the reason given here, and a fused module whose
+children are replaced after patching by anything else runs its exact unfused path
+(:mod:`fused_ckpt.modules._swap`).
 
 Nothing here imports ``peft``: wrappers are recognised by their module and attributes.
 """
@@ -52,7 +54,8 @@ def projection_refusal(module: nn.Module, names: Optional[Iterable[str]] = None)
 
 def lora_wrappers(module: nn.Module) -> tuple:
     """``({name: wrapper}, None)``: the children of ``module`` that are PEFT ``lora.Linear``
-    wrappers the fused FFN computes exactly (vanilla LoRA, or merged / disabled adapters, around
+    wrappers the fused FFN and attention compute exactly in their ops (``ops/ffn_lora.py``,
+    ``ops/attn_lora.py``; vanilla LoRA, or merged / disabled adapters, around
     a plain ``nn.Linear`` / Conv1D base); ``(None, reason)`` when some child is a wrapper or
     projection it cannot take (another PEFT method, DoRA or another variant, a LoRA bias, a
     quantized base layer, ...)."""
