@@ -440,12 +440,16 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
             new.placement = placement
             new.__dict__["_fused_roles"] = {"attn": row.attn, "mlp": row.mlp, **norms, **{
                 role: name for role, name in zip(("attn_dropout", "ffn_dropout"), row.dropouts) if name in parts}}
+            lora, why = _layer_lora(new, row)
+            if lora is None:  # PEFT wrappers the whole-layer op cannot compute exactly
+                return None, why
             why = _same_as_hf(new, layer)
             if why is None:
                 kind = {"FusedRMSNorm": "RMSNorm", "FusedLayerNorm": "LayerNorm"}[type(first).__name__]
                 kind = "(1 + w) RMSNorm" if new.norm_offset else kind
+                lora = f", with PEFT LoRA on {', '.join(lora)} in the whole-layer op" if lora else ""
                 return new, f"FusedHFDecoderLayer: whole-layer recompute ({row.families.split(' (')[0]} " \
-                            f"row; {placement} placement, {kind})"
+                            f"row; {placement} placement, {kind}){lora}"
             tried.append(_LAYOUT_MATH[placement])
         return None, f"its forward is not {' nor '.join(tried)} ({why})"
 
@@ -475,6 +479,22 @@ class FusedHFDecoderLayer(FusedCheckpointedBlock):
                 y = self._full_recompute(hidden_states, pos, kpm)
                 return (y,) if self._hf_tuple else y
         return self._hf_forward(self, *args, **kwargs)
+
+
+def _layer_lora(block: FusedHFDecoderLayer, row: _LayerRow) -> tuple:
+    """``([qualified child names], None)``: the PEFT LoRA wrappers inside the layer's attention and
+    MLP (``self_attn.q_proj``, ...; empty when there are none), all of which the whole-layer op
+    computes exactly (:meth:`FusedCheckpointedBlock._lora_spec`); ``(None, reason)`` otherwise."""
+    w = block.block_ffn._ffn_tensors()[2]
+    got, why = block._lora_spec(torch.empty((), dtype=w.dtype, device="meta"))
+    if got is None:
+        return None, f"{why} (the fused parts run on their own)"
+    names = []
+    for part_name in (row.attn, row.mlp):
+        part = block._modules[part_name]
+        rec = part.__dict__.get("_fused_children") or {}
+        names += [f"{part_name}.{n}" for n, base in rec.items() if part._modules.get(n) is not base]
+    return names, None
 
 
 def _same_as_hf(block: FusedHFDecoderLayer, layer: nn.Module) -> Optional[str]:
@@ -1049,12 +1069,7 @@ def _convert_layer(model: nn.Module, layer: nn.Module, qname: str, backend: str,
     """Replace ``layer`` by a :class:`FusedHFDecoderLayer` when it converts; returns the layer in place."""
     if isinstance(layer, FusedCheckpointedBlock):
         return layer
-    for cname, child in layer.named_children():  # e.g. a fused MLP holding PEFT LoRA wrappers
-        why = swapped_child(child)
-        if why is not None:
-            report.left_alone.append((qname, type(layer).__name__, f"not a whole fused block: {cname}'s {why} "
-                                      "(the whole-layer op has no LoRA terms; the fused parts run on their own)"))
-            return layer
+    # fused parts holding PEFT LoRA wrappers: whole when the block op computes them (FusedHFDecoderLayer.from_hf)
     new, why = FusedHFDecoderLayer.from_hf(layer, backend)
     if new is None:
         report.left_alone.append((qname, type(layer).__name__, f"not a whole fused block: {why}"))

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..accounting import attention_saved_bytes
-from ..ops.block import (PARAM_NAMES, PLACEMENT_NORMS, PLACEMENTS, BlockFullRecompute, BlockSpec,
-                         full_saved_bytes)
+from ..ops.block import (LORA_FFN_ROLES, LORA_ROLES, PARAM_NAMES, PLACEMENT_NORMS, PLACEMENTS, BlockFullRecompute,
+                         BlockSpec, full_saved_bytes)
 from ..ops.norm import norm_saved_bytes
 from ._swap import swapped_child, warn_unfused
 from .attention import FusedCheckpointedAttention
@@ -151,6 +151,57 @@ class FusedCheckpointedBlock(nn.Module):
                          a.rope_theta, m.activation, m.chunk_tokens, self.backend, placement=self.placement,
                          norm_offset=self.norm_offset, **opts)
 
+    def _lora_spec(self, x: torch.Tensor) -> tuple:
+        """``((spec, LoRA tensors), None)``: the block op's spec and its LoRA inputs (LORA_NAMES
+        order; empty without adapters) when the whole-layer op computes this layer exactly, with
+        the PEFT LoRA wrappers that replaced projections of its attention / MLP after they were
+        built (:func:`fused_ckpt.modules._swap.lora_of`: vanilla LoRA, several active adapters
+        joined along r, merged or disabled adapters); ``(None, reason)`` otherwise."""
+        a, m = self.block_attention, self.block_ffn
+        found = {}
+        p = None
+        for role, part in (("attention", a), ("MLP", m)):
+            if swapped_child(part) is None:
+                continue
+            got, why = part._peft_lora(x)  # the part's own reading of its wrappers (and its refusals)
+            if got is None:
+                return None, f"its {role}'s {why}"
+            if isinstance(got, dict):  # the attention's: fused_attention_block's keywords, "qkv" = packed q
+                lora, drop = {("q" if k == "qkv" else k): v for k, v in got["lora"].items()}, got["lora_dropout"]
+            else:
+                lora, drop = got
+            if not lora:
+                continue
+            if p is not None and drop != p:
+                return None, f"LoRA dropout {p} on the attention and {drop} on the MLP (the whole-layer op takes one)"
+            p = drop
+            found.update(lora)
+        spec = self._spec()
+        if not found:
+            return (spec, ()), None
+        trainable = [n for n, t in zip(PARAM_NAMES, self._params()) if t is not None and t.requires_grad]
+        if trainable:
+            return None, (f"PEFT LoRA with trainable base parameters ({', '.join(trainable)}): the whole-layer LoRA "
+                          "path computes no base gradient (PEFT freezes every base parameter, norms included)")
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            return None, "PEFT LoRA under autocast"
+        import dataclasses
+
+        spec = dataclasses.replace(spec, lora=tuple((r, float(found[r][2])) for r in LORA_ROLES if r in found),
+                                   lora_dropout_p=float(p or 0.0))
+        tensors = [found[r][i] if r in found else None for r in LORA_ROLES for i in (0, 1)]
+        return (spec, tensors), None
+
+    def lora_roles(self) -> dict:
+        """``{role: rank}`` of the PEFT LoRA adapters the whole-layer op computes (roles of
+        :data:`fused_ckpt.ops.block.LORA_ROLES`), empty when there are none or it cannot take them."""
+        w = self.block_ffn._ffn_tensors()[2]
+        got, _ = self._lora_spec(torch.empty((), dtype=w.dtype, device="meta"))
+        if got is None:
+            return {}
+        spec, tensors = got
+        return {r: tensors[2 * LORA_ROLES.index(r)].shape[0] for r, _ in spec.lora}
+
     def _branch_dropout(self, role: str) -> float:
         """p of the ``nn.Dropout`` submodule in ``role`` ("attn_dropout": on the attention branch's
         output, "ffn_dropout": on the FFN branch's; Hugging Face GPT-NeoX / Phi-3 layers), or 0."""
@@ -191,22 +242,22 @@ class FusedCheckpointedBlock(nn.Module):
         if self.recompute != "full" or not torch.is_grad_enabled():
             return False
         why = self._parts_changed()
+        got = None
+        if why is None:
+            got, why = self._lora_spec(x)
         if why is not None:
             warn_unfused(self, why, "its parts run their own forwards (no whole-layer recompute)")
             return False
-        return (
-            x.requires_grad or any(p is not None and p.requires_grad for p in self._params()))
+        return (x.requires_grad or any(p is not None and p.requires_grad for p in self._params())
+                or any(t is not None and t.requires_grad for t in got[1]))
 
     def _parts_changed(self):
         """None when the whole-block op can read every weight it needs from the parts, else why not
-        (a part that is no longer a fused module, or a fused part whose children were replaced)."""
+        (a part that is no longer a fused module, or a norm that is no longer a fused norm);
+        replaced projections inside the parts are judged by :meth:`_lora_spec`."""
         a, m = self.block_attention, self.block_ffn
         if not isinstance(a, FusedCheckpointedAttention) or not isinstance(m, FusedCheckpointedFFN):
             return f"its attention / MLP are now {type(a).__name__} / {type(m).__name__}, not fused modules"
-        for role, part in (("attention", a), ("MLP", m)):
-            why = swapped_child(part)
-            if why is not None:
-                return f"its {role}'s {why}"
         for i in (1, 2, 3, 4):
             n = self.norm_module(i)
             if n is not None and not isinstance(n, (FusedRMSNorm, FusedLayerNorm)):
@@ -217,16 +268,44 @@ class FusedCheckpointedBlock(nn.Module):
                         key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"x must be (batch, seqlen, d_model), got shape {tuple(x.shape)}")
-        return BlockFullRecompute.apply(self._spec(), x, position_ids, key_padding_mask, *self._params())
+        got, why = self._lora_spec(x)
+        if got is None:
+            raise ValueError(f"fused_ckpt: {type(self).__name__}: the whole-layer op cannot run this layer: {why}")
+        spec, lora = got
+        return BlockFullRecompute.apply(spec, x, position_ids, key_padding_mask, *self._params(), *lora)
 
     def norm_count(self) -> int:
         return len(PLACEMENT_NORMS[self.placement])
 
     def full_saved_bytes(self, tokens: int, dtype: Optional[torch.dtype] = None) -> int:
-        """Bytes the whole-block "full" path keeps for ``tokens`` tokens (x and the norms'
-        per-row statistics, :func:`fused_ckpt.ops.block.full_saved_bytes`)."""
-        elem = torch.empty((), dtype=dtype or self.block_ffn.param_dtype).element_size()
-        return full_saved_bytes(tokens, self.block_ffn.d_model, elem, self.norm == "layernorm", self.placement)
+        """Bytes the whole-block "full" path keeps for ``tokens`` tokens (x, the norms' per-row
+        statistics and, with PEFT LoRA on the MLP, its adapters' ``[tokens, r]`` products:
+        :func:`fused_ckpt.ops.block.full_saved_bytes`)."""
+        dtype = dtype or self.block_ffn.param_dtype
+        elem = torch.empty((), dtype=dtype).element_size()
+        ranks, lora_elem, _ = self.lora_costs(tokens, dtype)
+        return full_saved_bytes(tokens, self.block_ffn.d_model, elem, self.norm == "layernorm", self.placement,
+                                ranks, lora_elem)
+
+    def lora_costs(self, tokens: int, dtype: Optional[torch.dtype] = None) -> tuple:
+        """``(FFN adapter ranks, the factors' element size, recompute FLOPs)`` of the PEFT LoRA
+        adapters the whole-layer op computes (``((), 0, 0)`` without any): the FFN adapters'
+        ``[tokens, r]`` products are what the "full" path keeps for them (without a norm after the
+        FFN); the FLOPs are the rank-r GEMMs the backward re-runs beyond the FFN's own recompute
+        (:meth:`FusedCheckpointedFFN.recompute_flops`): 2 T r (in + out) per attention adapter
+        (the attention half is re-run), and per FFN adapter too when a norm after the FFN makes
+        the backward re-run the FFN forward."""
+        dtype = dtype or self.block_ffn.param_dtype
+        got, _ = self._lora_spec(torch.empty((), dtype=dtype, device="meta"))
+        if got is None or not got[0].lora:
+            return (), 0, 0
+        spec, tensors = got
+        factors = {r: (tensors[2 * LORA_ROLES.index(r)], tensors[2 * LORA_ROLES.index(r) + 1]) for r, _ in spec.lora}
+        ffn = [a for r, (a, _) in factors.items() if r in LORA_FFN_ROLES]
+        rerun = [r for r in factors if r not in LORA_FFN_ROLES or spec.has(4)]
+        flops = sum(2 * tokens * factors[r][0].shape[0] * (factors[r][0].shape[1] + factors[r][1].shape[0])
+                    for r in rerun)
+        return tuple(a.shape[0] for a in ffn), (ffn[0].element_size() if ffn else 0), flops
 
     def norms_saved_bytes(self, tokens: int, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes the block's norms keep under the per-module dials (each its input and

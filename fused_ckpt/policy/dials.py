@@ -46,17 +46,21 @@ class Option:
 
 def block_full_option(batch: int, seq: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
                       causal: bool, ffn_recompute_flops: int, fc1_rows: int, elem: int,
-                      layer_norm: bool = False, placement: str = "pre", ffn_forward_flops: int = 0) -> Option:
+                      layer_norm: bool = False, placement: str = "pre", ffn_forward_flops: int = 0,
+                      lora: tuple = ((), 0, 0)) -> Option:
     """A block's whole-layer "full" recompute (:mod:`fused_ckpt.ops.block`) as an Option:
     saves x (e T d) and the norms' fp32 per-row statistics (which ones depend on the norm
     ``placement``); recomputes the q/k/v projections, the attention forward, o_proj and (inside
     the FFN backward, ``ffn_recompute_flops``) the up-projection; with a norm after the FFN
-    ("sandwich", "post") also the FFN's forward (``ffn_forward_flops``)."""
+    ("sandwich", "post") also the FFN's forward (``ffn_forward_flops``). ``lora``: PEFT LoRA
+    adapters in the block op, :meth:`FusedCheckpointedBlock.lora_costs` (the FFN adapters' ranks
+    and factor size: their ``[tokens, r]`` products are kept; the rank-r GEMMs re-run)."""
     T = batch * seq
-    saved = full_saved_bytes(T, d_model, elem, layer_norm, placement)
+    ranks, lora_elem, lora_flops = lora
+    saved = full_saved_bytes(T, d_model, elem, layer_norm, placement, ranks, lora_elem)
     flops = (attention_recompute_flops(batch, seq, d_model, n_heads, n_kv_heads, head_dim, causal, "all")
              + 2 * T * n_heads * head_dim * d_model + ffn_recompute_flops
-             + (ffn_forward_flops if placement in ("sandwich", "post") else 0))
+             + (ffn_forward_flops if placement in ("sandwich", "post") else 0) + lora_flops)
     return Option("full", saved, flops, T * fc1_rows)
 
 

@@ -199,7 +199,8 @@ def _block_alternatives(layer: nn.Module, ctx: "_Context") -> list:
     return [block_full_option(ctx.batch, ctx.seq, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.causal,
                               m.recompute_flops(ctx.tokens, recompute=True), m.fc1_rows,
                               torch.empty((), dtype=dtype).element_size(), layer.norm == "layernorm",
-                              layer.placement, 2 * ctx.tokens * m.d_model * (m.fc1_rows + m.d_ff))]
+                              layer.placement, 2 * ctx.tokens * m.d_model * (m.fc1_rows + m.d_ff),
+                              layer.lora_costs(ctx.tokens, dtype))]
 
 
 def _block_norm_bytes(layer: nn.Module, ctx: "_Context") -> int:
