@@ -294,15 +294,24 @@ def test_attn_lora_zero_tokens():
             assert torch.equal(g[f"A_{key}"], torch.zeros_like(a)), key
 
 
-def test_attn_lora_non_contiguous_upstream_gradient():
+def test_attn_lora_non_contiguous_x_and_upstream_gradient():
+    """x and dy with batch-minor strides give the contiguous results exactly, in every mode."""
     base, a_s, b_s, scalings, x, dy, ex = make_case("gqa_all_adapters_dropout", 2, 6)
-    dy_t = dy.transpose(0, 1).contiguous().transpose(0, 1)  # same values, batch-minor strides
-    assert not dy_t.is_contiguous()
-    fn = lambda *a: fused(*a, "all", "aten")  # noqa: E731
-    _, want = run(fn, x, base, a_s, b_s, scalings, ex, dy)
-    _, got = run(fn, x, base, a_s, b_s, scalings, ex, dy_t)
-    for n in want:
-        assert torch.equal(got[n], want[n]), n
+    strided = lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)  # noqa: E731  same values
+    assert not strided(dy).is_contiguous()
+    for mode in ("all", "qkv", "none"):
+        fn = lambda *a: fused(*a, mode, "aten")  # noqa: E731
+        y, want = run(fn, x, base, a_s, b_s, scalings, ex, dy)
+        xs = strided(x).requires_grad_()
+        aa = [a.clone().requires_grad_() if a is not None else None for a in a_s]
+        bb = [b.clone().requires_grad_() if b is not None else None for b in b_s]
+        got_y = fn(xs, base, aa, bb, scalings, ex)
+        got_y.backward(strided(dy))
+        got = {"dx": xs.grad, **{f"{k}_{r}": t.grad for ts, k in ((aa, "A"), (bb, "B"))
+                                 for r, t in zip("qkvo", ts) if t is not None}}
+        assert torch.equal(got_y.detach(), y) and set(got) == set(want)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (mode, n)
 
 
 def test_attn_lora_only_needed_gradients():
