@@ -303,3 +303,21 @@ def test_unsupported_lora_runs_the_exact_unfused_path_with_the_reason(case):
     assert any(want_reason in str(w.message) and "unfused" in str(w.message) for w in caught), \
         [str(w.message) for w in caught]
     assert LORA_OP not in seen and BLOCK_OP not in seen
+
+
+def test_two_active_adapters_on_the_attention_are_joined_in_the_op():
+    """Two active adapters (no dropout) on q/k/v/o: their factors are joined along r (B scaled per
+    adapter) in one attention LoRA op; logits and all eight adapters' gradients equal PEFT's."""
+    base = _llama()
+    models = []
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        mm = peft.get_peft_model(copy.deepcopy(base).to(dtype), _lora(ATTN))
+        mm.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=ATTN, init_lora_weights=False))
+        mm.base_model.set_adapter(["default", "other"])
+        models.append(mm)
+    ref, ref64, m = models
+    ref64.load_state_dict(ref.state_dict())
+    m.load_state_dict(ref.state_dict())
+    _patch(m)
+    seen, _, got_g = _check_against_peft(m, ref, ref64, _batches())
+    assert seen.count(LORA_OP) == 4 and len(got_g) == 16
