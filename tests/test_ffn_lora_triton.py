@@ -165,21 +165,23 @@ def _record_launches(monkeypatch):
 @pytest.mark.parametrize("recompute", [True, False])
 def test_triton_lora_runs_the_fused_kernels(monkeypatch, recompute):
     """The Triton LoRA FFN launches the fused kernels with HAS_LORA (fc1 / up in the up-projection
-    kernel, fc2 in the fc2 GEMM, and the backward's hidden kernel), and never the torch path that
-    forms z with torch GEMMs."""
+    kernel, fc2 in the fc2 GEMM, and the backward's hidden kernel) and the LoRA dropout kernel,
+    and never the torch path that forms z with torch GEMMs nor torch's Philox masks."""
     from fused_ckpt.ops import ffn_lora
 
-    def torch_z(*a, **k):
+    def torch_path(*a, **k):
         raise AssertionError("the torch LoRA path ran on the triton backend")
 
-    monkeypatch.setattr(ffn_lora, "_chunk_z", torch_z)
+    monkeypatch.setattr(ffn_lora, "_chunk_z", torch_path)
+    monkeypatch.setattr(ffn_lora, "_keep", torch_path)
     seen = _record_launches(monkeypatch)
     base, lora, x, g = _case("swiglu", "separate", 8, ("fc1", "up", "fc2"), torch.float32, torch.float32)
     y, xs, lo = _run_triton(base, lora, x, torch.float32, torch.float32, "swiglu", recompute, 0.25, chunk=0)
-    assert set(seen) == {("_ffn_up_kernel", True), ("_gemm_kernel", True)}
+    assert set(seen) == {("_ffn_up_kernel", True), ("_gemm_kernel", True), ("_lora_dropout_kernel", None)}
     seen.clear()
     _grads(y, g, False, xs, lo)
-    assert seen == [("_ffn_bwd_hidden_kernel", True)]
+    assert set(seen) == {("_ffn_bwd_hidden_kernel", True), ("_lora_dropout_kernel", None)}
+    assert seen.count(("_ffn_bwd_hidden_kernel", True)) == 1
 
 
 def test_triton_lora_keeps_saved_tensors_unchanged():
@@ -273,3 +275,20 @@ def test_bf16_factor_dots_are_exact_products():
         want = a.double() @ w.double().t() + s * (t.double() @ lb.double().t())
         pt = a @ w.t() + s * (t.float() @ lb.float().t())
         assert_close_by_rule(got, want, pt, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_dropout_kernel_draws_the_torch_bits(dtype):
+    """The triton backend's LoRA dropout (rows row0.. of a [tokens, n] input, any strides) equals
+    the aten backend's ``_drop(t, _keep(...))`` exactly: the same keep bits and the same scaling."""
+    from fused_ckpt.kernels.ffn_fwd import lora_dropout
+    from fused_ckpt.ops.ffn_lora import _drop, _keep
+
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randn(45, 19, generator=gen).to(dtype).t()  # [19, 45], non-contiguous
+    seed, offset, p, row0 = 2**40 + 17, 5, 0.3, 1000
+    got = lora_dropout(t, p, seed, offset, row0)
+    want = _drop(t, _keep(seed, offset, p, row0, row0 + 19, 45, t.device), p)
+    assert torch.equal(got, want)
+    dropped = (want == 0) & (t != 0)
+    assert 0.15 < dropped.float().mean().item() < 0.45  # about p of them dropped

@@ -240,6 +240,12 @@ def kernel_specs(quick: bool = False):
             ffn = [s for s in ffn if s[0] is _gemm_kernel and (s[1]["ACCUMULATE"] or s[1]["HAS_LORA"])
                    or s[1].get("GATED")]
         specs += [(k, dtype, dict(c, **dots), ints) for k, c, ints in ffn]
+    from fused_ckpt.kernels.ffn_fwd import LORA_DROP_BLOCK_M, LORA_DROP_BLOCK_N, _lora_dropout_kernel
+
+    drop_ints = dict(stride_xm=D, stride_xn=1, stride_ym=D, stride_yn=1, M=T, N=D, row0=4096, seed=2**62 + 12345,
+                     rng_offset=77, threshold=214748365, scale=1 / 0.9)  # LoRA input dropout (no autotuning)
+    specs += [(_lora_dropout_kernel, dt, dict(BLOCK_M=LORA_DROP_BLOCK_M, BLOCK_N=LORA_DROP_BLOCK_N), drop_ints)
+              for dt in ("bf16", "fp32")]
     for mod in ("norm", "rope", "linear_ce", "flash_attn_fwd", "flash_attn_bwd", "dropout"):  # other kernels list their own specs
         try:
             m = __import__(f"fused_ckpt.kernels.{mod}", fromlist=["x"])

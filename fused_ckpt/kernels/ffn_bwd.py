@@ -37,7 +37,7 @@ from ._common import (ACC_REGS_FUSED, TRITON_VERSION, autotune, dot_flags, fused
                       resource_pruner, size_bucket)
 from .activation import act_fwd_and_grad
 from .ffn_fwd import split_fc1
-from .ffn_fwd import lora_launch_args
+from .ffn_fwd import keep_tile, lora_launch_args
 from .matmul import grouped_tile, low_rank_tile
 
 
@@ -69,15 +69,6 @@ def _bwd_stage_bytes(cfg, kw, elem) -> int:  # dY and W2 tiles, plus x and W1 ti
     if kw.get("RECOMPUTE"):
         tiles += bm * bk + (2 if kw.get("GATED") else 1) * bk * bn
     return tiles * elem
-
-
-@triton.jit
-def _keep_tile(seed, rng_offset, idx, threshold):
-    """Keep mask of the flat elements ``idx`` (int64 tile): the bits of ``.dropout``'s kernel."""
-    lo = idx.to(tl.int32)  # truncation: the low word
-    hi = (idx >> 32).to(tl.int32)
-    r, _, _, _ = tl.philox(seed, lo, hi, lo * 0 - 1, lo * 0 + rng_offset)
-    return (r >> 1).to(tl.int32, bitcast=True) >= threshold
 
 
 @autotune(configs=fused_tile_configs(), key=["M_BUCKET", "N", "K", "GATED", "RECOMPUTE", "STORE_H", "HAS_LORA",
@@ -128,7 +119,7 @@ def _ffn_bwd_hidden_kernel(
                                mask_m, mask_n, R_2, BLOCK_M, BLOCK_N, LORA_F32, LORA_PRECISION) * scale_2
         if LORA_DROP:
             idx = (row0 + offs_m)[:, None] * N + offs_n[None, :]
-            acc_dh = tl.where(_keep_tile(seed, rng_offset, idx, threshold), acc_dh * drop_scale, 0.0)
+            acc_dh = tl.where(keep_tile(seed, rng_offset, idx, threshold), acc_dh * drop_scale, 0.0)
     else:
         acc_dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA and RECOMPUTE:

@@ -116,6 +116,53 @@ def _ffn_up_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def keep_tile(seed, rng_offset, idx, threshold):
+    """Keep mask of the flat elements ``idx`` (int64 tile): the bits of ``.dropout``'s kernel
+    (and of ``ops.dropout.dropout_keep``)."""
+    lo = idx.to(tl.int32)  # truncation: the low word
+    hi = (idx >> 32).to(tl.int32)
+    r, _, _, _ = tl.philox(seed, lo, hi, lo * 0 - 1, lo * 0 + rng_offset)
+    return (r >> 1).to(tl.int32, bitcast=True) >= threshold
+
+
+# LoRA input dropout: 8 x 128 elements per program (1024, as the dropout kernel: Philox is ~40
+# integer ops per element, compute-bound at any larger size)
+LORA_DROP_BLOCK_M, LORA_DROP_BLOCK_N = 8, 128
+
+
+@triton.jit
+def _lora_dropout_kernel(x_ptr, y_ptr, stride_xm, stride_xn, stride_ym, stride_yn, M, N, row0, seed, rng_offset,
+                         threshold, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x_ptr, y_ptr: [M, N], any strides: rows row0 .. row0 + M - 1 of a LoRA adapter's
+    [tokens, N] input. y = x * scale where the flat element (row0 + m) * N + n is kept, else 0.
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+    keep = keep_tile(seed, rng_offset, (row0 + offs_m)[:, None] * N + offs_n[None, :], threshold)
+    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int, rng_offset: int, row0: int) -> torch.Tensor:
+    """``drop(x)`` for x [m, n] (any strides), rows row0 .. row0 + m - 1 of a [tokens, n] input:
+    a new contiguous tensor, ``x * keep / (1 - p)`` with the keep mask of
+    ``ops.dropout.dropout_keep(seed, rng_offset, p, row0 * n, (row0 + m) * n)`` (the same bits)."""
+    from .flash_attn_fwd import dropout_threshold
+
+    M, N = x.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M and N:
+        grid = (triton.cdiv(M, LORA_DROP_BLOCK_M), triton.cdiv(N, LORA_DROP_BLOCK_N))
+        launch(_lora_dropout_kernel, grid, x, y, x.stride(0), x.stride(1), y.stride(0), y.stride(1), M, N, row0,
+               seed, rng_offset, dropout_threshold(p), 1.0 / (1.0 - p),
+               BLOCK_M=LORA_DROP_BLOCK_M, BLOCK_N=LORA_DROP_BLOCK_N)
+    return y
+
+
 def split_fc1(w1: torch.Tensor, b1: torch.Tensor | None, w_up: torch.Tensor | None,
               b_up: torch.Tensor | None, gated: bool):
     """(wg, bg, wu, bu): the gate and up weights (and biases) as the kernels read them. With

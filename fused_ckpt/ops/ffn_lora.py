@@ -31,11 +31,12 @@ Backend (``backend``, resolved: "aten" or "triton"), chunked over tokens either 
 ``chunk_tokens`` bounds the ``[tokens, d_ff]`` temporaries):
 
 * "aten": torch GEMMs and the csrc elementwise ops.
-* "triton": the fused FFN kernels with their HAS_LORA variants. Forward: t_fc1 / t_up (torch:
-  the dropout mask and ``drop(x) A^T``), then ``_ffn_up_kernel`` forms z with each adapter's
+* "triton": the fused FFN kernels with their HAS_LORA variants; the LoRA dropout of an input
+  chunk is the ``lora_dropout`` kernel (the same Philox bits, no mask tensor). Forward: t_fc1 /
+  t_up = ``drop(x) A^T`` (a torch GEMM), then ``_ffn_up_kernel`` forms z with each adapter's
   ``scaling t B^T`` in its fp32 accumulators (a loop over r in steps of 16 before the K loop;
   a packed gated fc1's adapter feeds both halves) and applies the activation; t_fc2 =
-  ``drop(h) A_2^T`` (torch); the fc2 GEMM (``_gemm_kernel``) adds ``scaling_2 t_2 B_2^T`` the
+  ``drop(h) A_2^T`` (a torch GEMM); the fc2 GEMM (``_gemm_kernel``) adds ``scaling_2 t_2 B_2^T`` the
   same way. Backward: ``dY B_2`` (torch, ``[tokens, r]``), then ``_ffn_bwd_hidden_kernel``
   forms dH = dY W2 + drop_2'(scaling_2 (dY B_2) A_2) (the mask regenerated in the kernel from
   the Philox seed) and, recomputing, z with the adapters' terms from the kept t, and writes dZ
@@ -97,10 +98,25 @@ def _act_backward(z: Tensor, dh: Tensor, act) -> Tensor:
     return _torch_act_backward(z, dh, act, False)[0]
 
 
-def _x_keeps(lora, seed: int, offset: int, p: float, s: int, e: int, d: int, device) -> dict:
-    """Keep masks of the fc1 / up adapters' input x for rows [s, e) (none when p == 0)."""
-    return {i: _keep(seed, offset + i, p, s, e, d, device)
-            for i in (_FC1, _UP) if lora[i][0] is not None and p > 0}
+class _ChunkDrop:
+    """``drop(t, i)``: projection i's LoRA dropout of rows [s, e) of its input (t [e - s, n]),
+    the bits of :func:`_keep` at offset ``rng_offset + i``. aten: torch's Philox (each mask made
+    once per chunk and reused); triton: the ``lora_dropout`` kernel (mask in registers)."""
+
+    def __init__(self, triton: bool, seed: int, rng_offset: int, p: float, s: int, e: int):
+        self.triton, self.seed, self.rng_offset, self.p, self.s, self.e = triton, seed, rng_offset, p, s, e
+        self.keeps = {}
+
+    def __call__(self, t: Tensor, i: int) -> Tensor:
+        if self.p == 0:
+            return t
+        if self.triton:
+            from ..kernels.ffn_fwd import lora_dropout
+
+            return lora_dropout(t, self.p, self.seed, self.rng_offset + i, self.s)
+        if i not in self.keeps:
+            self.keeps[i] = _keep(self.seed, self.rng_offset + i, self.p, self.s, self.e, t.shape[1], t.device)
+        return _drop(t, self.keeps[i], self.p)
 
 
 def _chunk_z(xc, w1, b1, wu, bu, lora, ts, scaling, s: int, e: int) -> Tensor:
@@ -156,11 +172,6 @@ def _kernel_sides(lora, ts, scaling, s: int, e: int, packed: bool, gated: bool, 
     return split_fc1_lora(fc1, up, packed, gated, f)
 
 
-def _lora_t(inp: Tensor, a: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
-    """t = drop(inp) A^T in A's dtype (x cast to it, as PEFT casts its input to the adapter's)."""
-    return torch.mm(_drop(inp, keep, p).to(a.dtype), a.t())
-
-
 # --------------------------------------------------------------------------- forward
 def ffn_lora_forward_impl(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
@@ -188,10 +199,10 @@ def ffn_lora_forward_impl(
     for s in range(0, M, chunk):
         e = min(s + chunk, M)
         xc = x2[s:e]
-        keeps = _x_keeps(lora, seed, rng_offset, dropout_p, s, e, d, dev)
+        drop = _ChunkDrop(triton, seed, rng_offset, dropout_p, s, e)
         for i in (_FC1, _UP):
             if lora[i][0] is not None:
-                ts[i][s:e] = _lora_t(xc, lora[i][0], keeps.get(i), dropout_p)
+                ts[i][s:e] = torch.mm(drop(xc, i).to(lora[i][0].dtype), lora[i][0].t())
         if triton:  # the low-rank terms join the fused kernel's accumulators
             h, zc = TritonFFN.up(xc, w1, b1, w1_up, b1_up, act, z is not None,
                                  lora=_kernel_sides(lora, ts, scaling, s, e, w1_up is None, act.gated, f))
@@ -201,8 +212,7 @@ def ffn_lora_forward_impl(
         if z is not None:
             z[s:e] = zc
         if a2 is not None:
-            k2 = _keep(seed, rng_offset + _FC2, dropout_p, s, e, f, dev) if dropout_p > 0 else None
-            ts[_FC2][s:e] = _lora_t(h, a2, k2, dropout_p)
+            ts[_FC2][s:e] = torch.mm(drop(h, _FC2).to(a2.dtype), a2.t())
         if triton:
             TritonFFN.down(h, w2, b2, y2[s:e], lora=(ts[_FC2][s:e], l2, scaling[_FC2]) if a2 is not None else None)
             continue
@@ -257,7 +267,7 @@ def ffn_lora_backward_impl(
     for s in range(0, M, chunk):
         e = min(s + chunk, M)
         xc, dyc = x2[s:e], dy2[s:e]
-        keeps = _x_keeps(lora, seed, rng_offset, p, s, e, d, dev)
+        drop = _ChunkDrop(triton, seed, rng_offset, p, s, e)
         g2 = torch.mm(dyc.to(l2.dtype), l2) if a2 is not None else None  # [m, r2]
         if triton:  # one fused kernel: dH with the fc2 term, z recomputed with the low-rank terms, dZ
             zc = z2[s:e] if z2 is not None else None
@@ -270,12 +280,11 @@ def ffn_lora_backward_impl(
             dh = torch.mm(dyc, w2)
             h = _hidden(zc, act) if a2 is not None else None
         if a2 is not None:
-            k2 = _keep(seed, rng_offset + _FC2, p, s, e, f, dev) if p > 0 else None
             sc = scaling[_FC2]
             _acc(grads[_FC2][1], dyc.t().to(acc), ts[_FC2][s:e].to(acc), alpha=sc)
-            _acc(grads[_FC2][0], g2.t().to(acc), _drop(h, k2, p).to(acc), alpha=sc)
+            _acc(grads[_FC2][0], g2.t().to(acc), drop(h, _FC2).to(acc), alpha=sc)
             if not triton:
-                dh = _add(dh, _drop(torch.mm(g2, a2) * sc, k2, p))
+                dh = _add(dh, drop(torch.mm(g2, a2) * sc, _FC2))
         del h
         if not triton:
             dz = _act_backward(zc, dh, act)
@@ -286,12 +295,11 @@ def ffn_lora_backward_impl(
             if a is None:
                 continue
             sc = scaling[i]
-            keep = keeps.get(i)
             g = torch.mm(dzp.to(b.dtype), b)  # [m, r]
             _acc(grads[i][1], dzp.t().to(acc), ts[i][s:e].to(acc), alpha=sc)
-            _acc(grads[i][0], g.t().to(acc), _drop(xc, keep, p).to(acc), alpha=sc)
+            _acc(grads[i][0], g.t().to(acc), drop(xc, i).to(acc), alpha=sc)
             if need_x:
-                term = _drop(torch.mm(g, a) * sc, keep, p)  # in the factors' dtype
+                term = drop(torch.mm(g, a) * sc, i)  # in the factors' dtype
                 lora_dx = term if lora_dx is None else lora_dx + term
         if need_x:
             out = torch.mm(dzs[0], w1)
