@@ -362,3 +362,52 @@ def test_layers_the_block_cannot_compute_keep_todays_behaviour():
     assert any("trainable base parameters (norm1_w)" in str(w.message) for w in caught), \
         [str(w.message) for w in caught]
     assert layer.input_layernorm.weight.grad is not None and layer.input_layernorm.weight.grad.abs().max() > 0
+    # one LoRA dropout p per layer (train mode: attention 0.1, MLP 0.2) and a LoRA bias: refused, with the reason
+    meta = torch.empty((), device="meta")
+    m, _ = _peft(base, _lora("llama", 0.1), "patch_then_peft")
+    m.train()
+    layer = _whole(m)[0]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(layer.mlp, name).lora_dropout["default"].p = 0.2
+    got, why = layer._lora_spec(meta)
+    assert got is None and "LoRA dropout 0.1 on the attention and 0.2 on the MLP" in why, why
+    m, _ = _peft(base, _lora("llama", lora_bias=True), "patch_then_peft")
+    got, why = _whole(m)[0]._lora_spec(meta)
+    assert got is None and "q_proj" in why and "LoRA bias" in why, why
+
+
+@pytest.mark.parametrize("placement", ["pre", "sandwich"])
+def test_planner_row_of_a_lora_block_is_what_it_saves_and_recomputes(placement):
+    """A FusedCheckpointedBlock wrapped by PEFT (q/k/v/o, fc1, fc2): the planner's whole-layer row
+    predicts the bytes kept (saved_tensors_hooks) and the FLOPs the backward spends recomputing
+    (FlopCounterMode, with the ops' registered formulas): the whole block minus the same block
+    under per-module dials that recompute nothing (attention False, FFN "none")."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fused_ckpt.accounting import SavedTensors
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(0)
+    blk = FusedCheckpointedBlock(D, 2, 48, n_kv_heads=1, backend="aten", placement=placement)
+    eager = copy.deepcopy(blk)
+    eager.recompute, eager.self_attn.recompute, eager.mlp.recompute = None, False, "none"
+    full, eager = peft.get_peft_model(nn.Sequential(blk), cfg), peft.get_peft_model(nn.Sequential(eager), cfg)
+    eager.load_state_dict(full.state_dict())
+    plan = apply_checkpointing(full, "full", batch=B, seq=S, layers=[blk])
+    (row,) = [r for r in plan.rows if r.kind == "block"]
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(1))
+
+    def flops(model):
+        c = FlopCounterMode(display=False)
+        with c:
+            model(x).sum().backward()
+        return c.get_total_flops()
+
+    with SavedTensors() as s:
+        full(x)
+    ranks = 2 if placement == "pre" else 0  # fc1, fc2 products (sandwich: N4 re-runs the FFN forward)
+    assert s.total_bytes(full.parameters()) == row.saved_bytes == blk.saved_bytes(B, S) == \
+        B * S * (D * 4 + 4 * (2 if placement == "pre" else 4) + ranks * RANK * 4)
+    flops(full), flops(eager)  # warm-up (first custom-op calls under the mode)
+    assert flops(full) - flops(eager) == row.recompute_flops > 0

@@ -21,7 +21,9 @@
   :class:`FusedCheckpointedBlock` with the Hugging Face layer call: policies can recompute the
   whole layer from its input (x and two per-row rstd kept, less than Hugging Face's own
   checkpointing keeps) and the backward recomputes inside the fused kernels (``blocks=False``
-  keeps the layers, with per-module dials only);
+  keeps the layers, with per-module dials only); parts holding PEFT LoRA wrappers (vanilla LoRA,
+  frozen base) stay whole, the adapters computed in the block op (the report says "with PEFT
+  LoRA on ..."; :class:`FusedCheckpointedBlock` for what is refused);
 * leaves everything else alone and says why (GPT-2's and Phi-3's packed ``c_attn``/``qkv_proj``
   dropouts the fused ops do not take, unknown activations, ...),
 

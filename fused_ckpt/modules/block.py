@@ -69,6 +69,13 @@ class FusedCheckpointedBlock(nn.Module):
     (:class:`FusedCheckpointedAttention`, parameter names of Hugging Face ``LlamaAttention``),
     ``mlp`` (:class:`FusedCheckpointedFFN`). Subclasses built around other modules (Hugging Face
     layers: GPT-2's ``ln_1``/``attn``, ...) set ``_roles`` (role -> submodule name).
+
+    PEFT LoRA: projections of the attention / MLP wrapped by PEFT's ``lora.Linear`` after the block
+    was built (``get_peft_model`` before or after patching) stay in the whole-layer op when every
+    wrapper is vanilla LoRA on a frozen base with one LoRA dropout p (:meth:`_lora_spec`; the
+    factors go into :mod:`fused_ckpt.ops.block`, which then also keeps the FFN adapters'
+    ``[tokens, r]`` products); anything else (DoRA, a LoRA bias, a quantized or trainable base,
+    two dropout p, autocast) makes the parts run their own forwards, with a warning naming why.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, n_kv_heads: Optional[int] = None,

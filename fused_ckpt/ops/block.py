@@ -22,6 +22,19 @@ recompute   saved for backward (besides parameters)    recomputed in backward
             position ids / key-padding mask when given recomputed inside the fused kernel)
 ==========  =========================================  =====================================
 
+PEFT LoRA (vanilla LoRA on a frozen base, ``BlockSpec.lora``): the factors A [r, in], B [out, r] of
+the projections that have an adapter (q -- the packed qkv weight for a packed layout --, k, v, o;
+fc1 -- gate, or the packed / ungated fc1 --, up, fc2) are the Function's inputs after the
+parameters (:data:`LORA_NAMES`); the attention half runs :mod:`fused_ckpt.ops.attn_lora`, the FFN
+:mod:`fused_ckpt.ops.ffn_lora`; every base parameter (norms included) must be frozen, as PEFT
+sets them (no base gradient is computed), and autocast is refused. Besides the above, "full"
+then keeps the FFN adapters' ``[tokens, r]`` products t = drop(input) A^T (in the factors' dtype)
+when there is no N4 (with N4 the FFN forward is re-run in backward and gives them again); the
+attention adapters' products are recomputed with the attention half (its forward is re-run in
+backward anyway: 2 T r (in + out) FLOPs per adapter). LoRA dropout (one p for the layer) is
+replayed from a (seed, offset) per half drawn in the forward (:func:`draw_seeds`), the masks
+those of the two ops at offsets +0.. per projection.
+
 (:func:`full_saved_bytes` counts these bytes.) Without N4 the backward stops early: the FFN's
 forward is not re-run (its backward op recomputes Z = N2(h) W1^T in registers), so the block
 costs one forward of the attention half plus the FFN's up-projection GEMM on top of eager --
@@ -363,7 +376,7 @@ class BlockFullRecompute(torch.autograd.Function):
         needs = dict(zip(PARAM_NAMES, ctx.needs_input_grad[4:4 + n_p]))
         lora_needs = dict(zip(LORA_NAMES, ctx.needs_input_grad[4 + n_p:]))
         need_x = ctx.needs_input_grad[1]
-        lora_attn, lora_ffn = spec.lora_on(LORA_ATTN_ROLES), spec.lora_on(LORA_FFN_ROLES)
+        lora_ffn = spec.lora_on(LORA_FFN_ROLES)
         dev, ac_on, ac_dtype = ctx.autocast
         autocast = lambda: torch.autocast(dev, dtype=ac_dtype, enabled=ac_on)  # noqa: E731
         grads = {}
