@@ -411,3 +411,54 @@ def test_planner_row_of_a_lora_block_is_what_it_saves_and_recomputes(placement):
         B * S * (D * 4 + 4 * (2 if placement == "pre" else 4) + ranks * RANK * 4)
     flops(full), flops(eager)  # warm-up (first custom-op calls under the mode)
     assert flops(full) - flops(eager) == row.recompute_flops > 0
+
+
+@pytest.mark.parametrize("backend", ["aten", "triton"])
+def test_plain_block_wrapped_by_peft_is_whole_and_matches_float64(backend):
+    """A FusedCheckpointedBlock built directly and wrapped by PEFT (q/k/v/o, fc1, fc2) keeps only what
+    the whole-layer op keeps with LoRA, and its output, dx and adapter gradients equal the plain
+    PyTorch block with the merged weights W + scaling B A (float64 and fp32, 2x rule), on each
+    backend (triton: the attention core and norms in the Triton kernels)."""
+    from fused_ckpt.accounting import SavedTensors
+
+    from .test_block import B as TB, D_MODEL, S as TS, _make, reference_block
+
+    blk = _make(backend=backend)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    m = peft.get_peft_model(nn.Sequential(blk), peft.LoraConfig(r=RANK, lora_alpha=8, target_modules=targets,
+                                                                init_lora_weights=False))
+    x = torch.randn(TB, TS, D_MODEL, generator=torch.Generator().manual_seed(1)).to(torch.get_default_device())
+    x.requires_grad_()
+    with SavedTensors() as s, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the whole layer runs
+        y = m(x)
+    assert s.total_bytes(m.parameters()) == blk.saved_bytes(TB, TS) == TB * TS * (D_MODEL + 2 + 2 * RANK) * 4
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device)
+    y.backward(g)
+
+    def reference(dtype):
+        leaves, p = {}, {}
+        for name, sub in blk.named_modules():
+            if hasattr(sub, "lora_A"):
+                a = sub.lora_A["default"].weight.detach().to(dtype).requires_grad_()
+                b = sub.lora_B["default"].weight.detach().to(dtype).requires_grad_()
+                leaves[name] = (a, b)
+                p[f"{name}.weight"] = sub.base_layer.weight.detach().to(dtype) + sub.scaling["default"] * b @ a
+        for name, t in blk.named_parameters():
+            if "lora_" not in name:
+                p.setdefault(name.replace(".base_layer", ""), t.detach().to(dtype))
+        xr = x.detach().to(dtype).requires_grad_()
+        yr = reference_block(blk, p, xr)
+        yr.backward(g.to(dtype))
+        return yr.detach(), xr.grad, leaves
+
+    y64, dx64, l64 = reference(torch.float64)
+    ypt, dxpt, lpt = reference(torch.float32)
+    assert_close_by_rule(y, y64, ypt, "y")
+    assert_close_by_rule(x.grad, dx64, dxpt, "dx")
+    assert len(l64) == len(targets)
+    for name, sub in blk.named_modules():
+        if name in l64:
+            for i, f in enumerate(("lora_A", "lora_B")):
+                got = getattr(sub, f)["default"].weight.grad
+                assert_close_by_rule(got, l64[name][i].grad, lpt[name][i].grad, f"{name}.{f}")
