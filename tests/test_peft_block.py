@@ -59,7 +59,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _build(family: str) -> nn.Module:
+def _build(family: str, dtype=torch.float32) -> nn.Module:
+    """A 2-layer model of ``family`` in ``dtype``; the rotary frequencies stay fp32, as Hugging Face
+    loads them (``model.to(bf16)`` would round them, and the fused attention, which computes the
+    tables from rope_theta, would rightly be refused by patch_hf_model's probe)."""
     t = transformers
     if family == "llama":
         cfg = t.LlamaConfig(**LLAMA)
@@ -79,6 +82,10 @@ def _build(family: str) -> nn.Module:
         for _, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    freqs = [(m, m.inv_freq) for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    model = model.to(dtype)
+    for m, f in freqs:
+        m.inv_freq = f
     return model.eval()
 
 
@@ -147,10 +154,13 @@ def _grads(model) -> dict:
     return {n: torch.stack(ts) for n, ts in out.items()}
 
 
-@pytest.mark.parametrize("family,order", [("llama", "patch_then_peft"), ("llama", "peft_then_patch"),
-                                          ("gemma2", "peft_then_patch"), ("gpt_neox", "patch_then_peft")])
-def test_lora_layers_are_whole_and_match_unpatched_peft(family, order):
-    base = _build(family)
+@pytest.mark.parametrize("family,order,dtype", [
+    ("llama", "patch_then_peft", torch.float32), ("llama", "peft_then_patch", torch.float32),
+    ("llama", "peft_then_patch", torch.bfloat16), ("gemma2", "peft_then_patch", torch.float32),
+    ("gpt_neox", "patch_then_peft", torch.float32)], ids=str)
+def test_lora_layers_are_whole_and_match_unpatched_peft(family, order, dtype):
+    """(bf16: PEFT keeps the adapters in fp32, so the kept [tokens, r] products are fp32.)"""
+    base = _build(family, dtype)
     ref = peft.get_peft_model(copy.deepcopy(base), _lora(family))
     ref64 = peft.get_peft_model(copy.deepcopy(base).double(), _lora(family))
     ref64.load_state_dict(ref.state_dict())
@@ -175,7 +185,7 @@ def test_lora_layers_are_whole_and_match_unpatched_peft(family, order):
     norm_elems = 2 if family == "gpt_neox" else 1  # LayerNorm: mean and rstd
     ffn_adapters = 0 if family == "gemma2" else len([t for t in TARGETS[family] if t in (
         "gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h")])  # Gemma2: re-run (N4)
-    want_bytes = B * S * (D * 4 + n_stats * norm_elems * 4 + ffn_adapters * RANK * 4)
+    want_bytes = B * S * (D * base.dtype.itemsize + n_stats * norm_elems * 4 + ffn_adapters * RANK * 4)
     plan = apply_checkpointing(m, "full", batch=B, seq=S)
     rows = {r.module: r.saved_bytes for r in plan.rows}
     names = {id(mod): n for n, mod in m.named_modules()}
