@@ -472,3 +472,24 @@ def test_plain_block_wrapped_by_peft_is_whole_and_matches_float64(backend):
             for i, f in enumerate(("lora_A", "lora_B")):
                 got = getattr(sub, f)["default"].weight.grad
                 assert_close_by_rule(got, l64[name][i].grad, lpt[name][i].grad, f"{name}.{f}")
+
+
+def test_planner_rows_of_lora_layers_under_per_module_dials():
+    """Under per-module dials (policy "none": attention False, FFN "none") a LoRA layer's parts keep
+    their own ops' sets, each adapter's [tokens, r] product included: measured == the block's
+    saved_bytes == the sum of the layer's plan rows == the formula. (The first layer's input needs
+    no gradient under PEFT -- frozen embeddings -- so its first norm keeps nothing there.)"""
+    m, _ = _peft(_build("llama"), _lora("llama"), "patch_then_peft")
+    plan = apply_checkpointing(m, "none", batch=B, seq=S)
+    layers = _whole(m)
+    assert all(layer.recompute is None for layer in layers)
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    g = torch.randn(B, S, V, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with SavedByModule(layers, m.parameters()) as saved:
+        _step(m, ids, g)
+    # per token, fp32: two norms (x, rstd), attention False (x, q, k, v, o, lse of 2 heads), FFN "none"
+    # with LoRA (x, z = [gate | up] 2 x 48), and the 7 adapters' [tokens, r]
+    want = B * S * 4 * (2 * (D + 1) + (D + D + 32 + 32 + D + 2) + (D + 96) + 7 * RANK)
+    for i, layer in enumerate(layers):
+        first_norm = B * S * 4 * (D + 1) if i == 0 else 0
+        assert saved.bytes(layer) + first_norm == layer.saved_bytes(B, S) == plan.layer_saved_bytes(i) == want

@@ -44,6 +44,20 @@ def attention_block_inputs(a: nn.Module) -> tuple:
     return tensors, {}
 
 
+def attention_lora_bytes(a: nn.Module, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes a fused attention's own op keeps for PEFT LoRA adapters beyond the plain op (one
+    ``[tokens, r]`` product per adapter in the factors' dtype, :func:`fused_ckpt.ops.attn_lora.
+    attn_lora_saved_bytes`), 0 when it has none it computes in the op."""
+    look = getattr(a, "_peft_lora", None)
+    if look is None or swapped_child(a) is None:
+        return 0
+    got, _ = look(torch.empty((), dtype=dtype, device="meta"))
+    if not got or not got["lora"]:
+        return 0
+    factors = [f[0] for f in got["lora"].values()]
+    return tokens * sum(f.shape[0] for f in factors) * factors[0].element_size()
+
+
 class FusedCheckpointedBlock(nn.Module):
     """Transformer block from the fused modules, with the norm placement ``placement``::
 
@@ -332,6 +346,7 @@ class FusedCheckpointedBlock(nn.Module):
             return self.full_saved_bytes(tokens, dtype)
         a = self.block_attention
         attn = attention_saved_bytes(tokens, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.recompute, elem)
+        attn += attention_lora_bytes(a, tokens, dtype)  # PEFT LoRA in the attention op: its [tokens, r]
         return self.norms_saved_bytes(tokens, dtype) + attn + self.block_ffn.saved_bytes(tokens, dtype=dtype)
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..modules.attention import FusedCheckpointedAttention
-from ..modules.block import FusedCheckpointedBlock
+from ..modules.block import FusedCheckpointedBlock, attention_lora_bytes
 from ..modules.ffn import FusedCheckpointedFFN
 from .dials import (ATTENTION_DIALS, FFN_DIALS, Option, _norm_dial, attention_recompute_flops, attention_saved_bytes,
                     block_full_option)
@@ -136,7 +136,8 @@ def _attention_site(layer: int, name: str, m: nn.Module, ctx: _Context) -> Site:
         rope = ctx.tokens * (m.n_heads + m.n_kv_heads) * m.head_dim if m.rope_theta is not None else 0
         opts[d] = Option(
             d,
-            attention_saved_bytes(ctx.tokens, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, d, e, lse),
+            attention_saved_bytes(ctx.tokens, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, d, e, lse)
+            + attention_lora_bytes(m, ctx.tokens, dtype),  # PEFT LoRA in the op: one [tokens, r] per adapter
             attention_recompute_flops(ctx.batch, ctx.seq, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim,
                                       m.causal, d),
             0 if d is False else rope,
