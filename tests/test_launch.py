@@ -85,6 +85,7 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     w1, w2 = torch.randn(2 * f, d, device=dev, dtype=dt), torch.randn(d, f, device=dev, dtype=dt)
     act = get_activation("swiglu")
     h, z = ffn_fwd.ffn_up(x, w1, None, act, store_z=True)
+    ffn_fwd.lora_dropout(x, 0.25, 1, 0, 0)  # LoRA dropout's mask kernel
     ffn_bwd.ffn_bwd_hidden(x, None, dy, w1, None, w2, act, store_h=True)
     matmul.gemm(h, w2.t())
     B, S, H, D = 1, 16, 2, 32
