@@ -123,3 +123,44 @@ def lora_of(child, base) -> tuple:
     if any(ps):
         return None, f"adapters {names} with LoRA dropout (one mask per adapter is not in the fused op)"
     return (torch.cat(As, 0), torch.cat([b * s for b, s in Bs], 1), 1.0, 0.0), None
+
+
+def swapped_lora(module: nn.Module, roles: dict, x, frozen_what: str) -> tuple:
+    """``((adapters, p), None)`` for a fused module whose replaced children (since
+    :func:`record_children`) are all PEFT ``lora.Linear`` wrappers around the modules it was built
+    from (:func:`lora_of`): ``adapters`` = ``{role: (A, B, scaling)}`` by ``roles`` (child name ->
+    the op's role; merged or disabled adapters add nothing), ``p`` their one LoRA dropout (None
+    without adapters). ``(None, reason)`` when a child is something else, the adapters' dropouts
+    differ, their factors' dtype does not suit x's, a recorded child has a trainable weight / bias
+    (``frozen_what``: what the fused LoRA path keeps frozen, for the reason), or autocast is on."""
+    import torch
+
+    from ..functional import lora_dtype_ok
+
+    rec, mods = module.__dict__.get(_RECORD) or {}, module._modules
+    lora, p = {}, None
+    for name, base in rec.items():
+        now = mods.get(name)
+        if now is base:
+            continue
+        if name not in roles:
+            return None, f"{name} is now {describe(now)}, not the {type(base).__name__} it was built from"
+        factors, why = lora_of(now, base)
+        if factors is None:
+            return None, f"{name}: {why}"
+        if not factors:
+            continue
+        a, b, scaling, drop = factors
+        if p is not None and drop != p:
+            return None, f"the projections' LoRA dropout differ ({p} and {drop})"
+        p = drop
+        if not lora_dtype_ok(a.dtype, x.dtype) or b.dtype != a.dtype:
+            return None, f"{name}: LoRA weights in {a.dtype} / {b.dtype}, input in {x.dtype}"
+        lora[roles[name]] = (a, b, scaling)
+    if lora:
+        params = [getattr(m, n, None) for m in rec.values() for n in ("weight", "bias")]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in params):
+            return None, f"LoRA on trainable base weights (the fused LoRA path keeps {frozen_what} frozen)"
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):  # (not meta)
+            return None, "LoRA under autocast"
+    return (lora, p), None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..functional_attention import _check_head_dim, _check_rotary_dim, fused_attention_block, recompute_mode
-from ._swap import describe, lora_of, record_children, swapped_child, warn_unfused
+from ._swap import record_children, swapped_child, swapped_lora, warn_unfused
 
 
 # Hugging Face attention projection layouts, by the submodule names that hold them:
@@ -243,38 +243,13 @@ class FusedCheckpointedAttention(nn.Module):
         ``lora`` is empty) on frozen base weights and QK-norms, with one LoRA dropout p (0 in eval
         mode: PEFT's dropout modules follow ``train()``/``eval()``), outside autocast; else
         ``(None, reason)`` and the unfused path runs."""
-        from ..functional import lora_dtype_ok
-
-        rec, mods = self.__dict__.get("_fused_children") or {}, self._modules
         packed = self.qkv_layout != "separate"
         roles = dict(zip(self._qkv_names, ("qkv",) if packed else ("q", "k", "v")))
         roles[self._out_name] = "o"
-        lora, p = {}, None
-        for name, base in rec.items():
-            now = mods.get(name)
-            if now is base:
-                continue
-            if name not in roles:
-                return None, f"{name} is now {describe(now)}, not the {type(base).__name__} it was built from"
-            factors, why = lora_of(now, base)
-            if factors is None:
-                return None, f"{name}: {why}"
-            if not factors:
-                continue
-            a, b, scaling, drop = factors
-            if p is not None and drop != p:
-                return None, f"the projections' LoRA dropout differ ({p} and {drop})"
-            p = drop
-            if not lora_dtype_ok(a.dtype, x.dtype) or b.dtype != a.dtype:
-                return None, f"{name}: LoRA weights in {a.dtype} / {b.dtype}, input in {x.dtype}"
-            lora[roles[name]] = (a, b, scaling)
-        if lora:
-            frozen = [getattr(m, n, None) for m in rec.values() for n in ("weight", "bias")]
-            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in frozen):
-                return None, ("LoRA on trainable base weights (the fused LoRA path keeps the projections and "
-                              "QK-norms frozen)")
-            if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-                return None, "LoRA under autocast"
+        got, why = swapped_lora(self, roles, x, "the projections and QK-norms")
+        if got is None:
+            return None, why
+        lora, p = got
         return {"lora": lora, "lora_dropout": p or 0.0}, None
 
     def _options(self) -> dict:

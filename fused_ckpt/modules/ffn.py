@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..activations import ACTIVATIONS, GELU, Activation, GELU_TANH, RELU, SILU, get_activation
-from ..functional import ffn_save_count, fused_ffn, lora_dtype_ok
-from ._swap import lora_of, record_children, swapped_child, warn_unfused
+from ..functional import ffn_save_count, fused_ffn
+from ._swap import record_children, swapped_child, swapped_lora, warn_unfused
 
 _BASE_NAMES = {RELU: "relu", GELU: "gelu", GELU_TANH: "gelu_tanh", SILU: "silu"}
 _GATED_NAMES = {SILU: "swiglu", GELU: "geglu", GELU_TANH: "geglu_tanh"}
@@ -93,33 +93,9 @@ class FusedCheckpointedFFN(nn.Module):
         a PEFT ``lora.Linear`` around the module this FFN was built from, computing vanilla LoRA
         (or its base alone: merged or disabled adapters) on frozen base weights in x's dtype;
         else ``(None, reason)`` and the unfused path runs."""
-        rec, mods = self.__dict__["_fused_children"], self._modules
         roles = {getattr(self, "_fc1_name", "fc1"): "fc1", getattr(self, "_up_name", None): "up",
                  getattr(self, "_fc2_name", "fc2"): "fc2"}
-        lora, p = {}, None
-        for name, base in rec.items():
-            now = mods.get(name)
-            if now is base:
-                continue
-            factors, why = lora_of(now, base)
-            if factors is None:
-                return None, f"{name}: {why}"
-            if not factors:
-                continue
-            a, b, scaling, drop = factors
-            if p is not None and drop != p:
-                return None, f"the projections' LoRA dropout differ ({p} and {drop})"
-            p = drop
-            if not lora_dtype_ok(a.dtype, x.dtype) or b.dtype != a.dtype:
-                return None, f"{name}: LoRA weights in {a.dtype} / {b.dtype}, input in {x.dtype}"
-            lora[roles[name]] = (a, b, scaling)
-        if lora:
-            if any(m.weight.requires_grad or getattr(m, "bias", None) is not None and m.bias.requires_grad
-                   for m in rec.values()):
-                return None, "LoRA on trainable base weights (the fused LoRA path keeps the base frozen)"
-            if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):  # (not meta)
-                return None, "LoRA under autocast"
-        return (lora, p), None
+        return swapped_lora(self, roles, x, "the base")
 
     def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The exact unfused path, calling the current submodules (a PEFT LoRA wrapper adds its

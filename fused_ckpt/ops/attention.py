@@ -534,6 +534,56 @@ def _rotate(be, t: Tensor, tables, inverse: bool = False) -> Tensor:
     return t if tables is None else be.rope(t, *tables, inverse=inverse)
 
 
+def _qk_ready(be, q: Tensor, k: Tensor, raw: bool, q_norm, k_norm, eps: float, offset: float, backend: str,
+              tables) -> tuple:
+    """From projections q, k to the attention's inputs: QK-norm, then rotary. ``raw``: fresh
+    projections (rotated always; in place on the projection itself without a norm); else the q, k
+    the forward's "none" mode kept (already rotated, unless a norm follows: then they are its
+    input). Returns (q, k, q0, k0, rq, rk): q0 / k0 the norms' inputs (None without a norm), rq /
+    rk their statistics."""
+    out = []
+    for t, w in ((q, q_norm), (k, k_norm)):
+        t0, r = (t if w is not None else None), None
+        if raw or w is not None:
+            tn, r = _qk_norm(t, w, eps, offset, backend)
+            t = _rotate(be, tn, tables)  # in place on a fresh tensor (the projection itself only without a norm)
+        out.append((t, t0, r))
+    (q, q0, rq), (k, k0, rk) = out
+    return q, k, q0, k0, rq, rk
+
+
+def _mode_outputs(mode: str, x: Tensor, y: Tensor, o: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                  q0: Optional[Tensor], k0: Optional[Tensor]) -> tuple:
+    """The forward ops' (y, o, lse, q, k, v) for ``mode``: o only unless "all", q/k/v only for
+    "none" (with a QK-norm, its input q0 / k0), empty placeholders otherwise."""
+    if mode != "none":
+        return y, (o if mode != "all" else _empty(x)), lse, _empty(x), _empty(x), _empty(x)
+    return y, o, lse, (q0 if q0 is not None else q), (k0 if k0 is not None else k), v
+
+
+def _core_backward(be, do: Tensor, q, k, v, o, lse, key_padding_mask, causal: bool, scale: float, opts,
+                   tables, q0, k0, rq, rk, q_norm, k_norm, offset: float, need_qn: bool, need_kn: bool,
+                   backend: str, qkv_layout: str) -> tuple:
+    """The attention core's backward from dO [B, S, H, D] down to the projections' outputs: the
+    kernels' dQ/dK/dV, inverse rotary, the QK-norms' backward. Returns (grads, dq_norm, dk_norm):
+    grads [dq, dk, dv], or for a packed layout [the packed gradient in the packed weight's row
+    order] (one GEMM per product then)."""
+    dq, dk, dv = be.backward(do, q, k, v, o.view(do.shape), lse, key_padding_mask, causal, scale, True, True, opts)
+    del do
+    dq = _rotate(be, dq, tables, inverse=True)
+    dk = _rotate(be, dk, tables, inverse=True)
+    dqn = dkn = None
+    if q_norm is not None:
+        dq, dqn = _qk_norm_backward(dq, q0, q_norm, rq, offset, need_qn, backend)
+    if k_norm is not None:
+        dk, dkn = _qk_norm_backward(dk, k0, k_norm, rk, offset, need_kn, backend)
+    if qkv_layout == "separate":
+        return [dq, dk, dv], dqn, dkn
+    g = (torch.stack((dq, dk, dv), 3) if qkv_layout == "neox"
+         else torch.cat((dq.flatten(2), dk.flatten(2), dv.flatten(2)), -1))
+    return [g], dqn, dkn
+
+
 class _Feats:
     """The per-call features of the block op besides the projections: head_dim, packing,
     QK-norm (weights, eps, offset) and the backend name the norms run on."""
@@ -572,21 +622,12 @@ def attn_block_forward(
     B, S, _ = x.shape
     feats = _Feats(wo, n_heads, qkv_layout, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend)
     tables = _tables(x, feats.head_dim, position_ids, rope_theta, rotary_dim)
-    q0, k0, v = _raw_qkv(x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, feats.head_dim, qkv_layout)
-    keep_qkv = mode == "none"
-    q = _rotate(be, _qk_norm(q0, q_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
-    k = _rotate(be, _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
+    q, k, v = _raw_qkv(x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, feats.head_dim, qkv_layout)
+    q, k, q0, k0, _, _ = _qk_ready(be, q, k, True, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend, tables)
     o, lse = be.forward(q, k, v, key_padding_mask, causal, scale,
                         AttnOptions(softcap, window, dropout_p, seed, rng_offset))
     o = o.view(B, S, n_heads * feats.head_dim)
-    y = F.linear(o, wo, bo)
-    if not keep_qkv:
-        return y, (o if mode != "all" else _empty(x)), lse, _empty(x), _empty(x), _empty(x)
-    if q_norm is not None:
-        q = q0
-    if k_norm is not None:
-        k = k0
-    return y, o, lse, q, k, v
+    return _mode_outputs(mode, x, F.linear(o, wo, bo), o, lse, q, k, v, q0, k0)
 
 
 @attn_block_forward.register_fake
@@ -656,18 +697,11 @@ def attn_block_backward(
     need_attn = need_x or need_wq or need_bq or need_wk or need_bk or need_wv or need_bv or need_qn or need_kn
     q0 = k0 = rq = rk = None
     if need_attn or (o is None and need_wo):
-        if q is None:  # recompute: projections, QK-norm, rotary
-            q0, k0, v = _raw_qkv(x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, feats.head_dim, qkv_layout)
-            q, k = q0, k0
-        else:  # kept by "none": with QK-norm, before the norm
-            q0 = q if q_norm is not None else None
-            k0 = k if k_norm is not None else None
-        if q0 is not None:
-            qn, rq = _qk_norm(q0, q_norm, qk_norm_eps, qk_norm_offset, backend)
-            q = _rotate(be, qn, tables)  # in place on a fresh tensor (q0 itself only without a norm)
-        if k0 is not None:
-            kn, rk = _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)
-            k = _rotate(be, kn, tables)
+        raw = q is None
+        if raw:  # recompute: projections, then QK-norm and rotary
+            q, k, v = _raw_qkv(x, wq, bq, wk, bk, wv, bv, n_heads, n_kv_heads, feats.head_dim, qkv_layout)
+        q, k, q0, k0, rq, rk = _qk_ready(be, q, k, raw, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend,
+                                         tables)
     if o is None and (need_attn or need_wo):
         o = be.forward(q, k, v, key_padding_mask, causal, scale, opts)[0]  # same seed: same dropout mask
     out: list[Optional[Tensor]] = [None] * _BLOCK_GRADS
@@ -676,23 +710,11 @@ def attn_block_backward(
     if need_bo:
         out[8] = dy2.sum(0, dtype=acc).to(dy.dtype)
     if need_attn:
-        do = _heads(dy2.mm(wo).view(B, S, wo.shape[1]), n_heads)
-        dq, dk, dv = be.backward(do, q, k, v, o.view(do.shape), lse, key_padding_mask, causal, scale,
-                                 True, True, opts)
-        del do
-        dq = _rotate(be, dq, tables, inverse=True)
-        dk = _rotate(be, dk, tables, inverse=True)
-        if q_norm is not None:
-            dq, out[9] = _qk_norm_backward(dq, q0, q_norm, rq, qk_norm_offset, need_qn, backend)
-        if k_norm is not None:
-            dk, out[10] = _qk_norm_backward(dk, k0, k_norm, rk, qk_norm_offset, need_kn, backend)
-        if qkv_layout == "separate":
-            parts = ((1, dq, wq), (3, dk, wk), (5, dv, wv))
-        else:
-            # the packed gradient in the packed weight's row order: one GEMM per product
-            g = (torch.stack((dq, dk, dv), 3) if qkv_layout == "neox"
-                 else torch.cat((dq.flatten(2), dk.flatten(2), dv.flatten(2)), -1))
-            parts = ((1, g, wq),)
+        grads, out[9], out[10] = _core_backward(
+            be, _heads(dy2.mm(wo).view(B, S, wo.shape[1]), n_heads), q, k, v, o, lse, key_padding_mask, causal,
+            scale, opts, tables, q0, k0, rq, rk, q_norm, k_norm, qk_norm_offset, need_qn, need_kn, backend,
+            qkv_layout)
+        parts = zip((1, 3, 5), grads, (wq, wk, wv))
         dx = None
         for i, g, w in parts:
             g2 = g.reshape(B * S, w.shape[0])

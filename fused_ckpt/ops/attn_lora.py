@@ -85,9 +85,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .attention import (ATTN_BACKENDS, AttnOptions, _attn_bwd_flops, _attn_fwd_flops, _block_qk_shapes, _empty,
-                        _Feats, _heads, _no_double_backward, _proj_flops, _qk_norm, _qk_norm_backward, _rotate,
-                        _tables, _two_kernel_backward, lse_dtype)
+from .attention import (ATTN_BACKENDS, AttnOptions, _attn_bwd_flops, _attn_fwd_flops, _block_qk_shapes,
+                        _core_backward, _empty, _Feats, _heads, _mode_outputs, _no_double_backward, _proj_flops,
+                        _qk_ready, _tables, _two_kernel_backward, lse_dtype)
 from .dropout import ATEN_CHUNK
 from .ffn_lora import _acc, _add, _add_low_rank, _drop, _keep
 
@@ -211,10 +211,9 @@ def attn_lora_forward_impl(
     tables = _tables(x, feats.head_dim, position_ids, rope_theta, rotary_dim)
     p, ls, lo = lora_dropout_p, lora_seed, lora_offset
     ts = _x_ts(x.reshape(M, d), lora, p, ls, lo)
-    q0, k0, v = _projections(x, wq, bq, wk, bk, wv, bv, lora, ts, scalings, n_heads, n_kv_heads,
-                             feats.head_dim, qkv_layout)
-    q = _rotate(be, _qk_norm(q0, q_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
-    k = _rotate(be, _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)[0], tables)
+    q, k, v = _projections(x, wq, bq, wk, bk, wv, bv, lora, ts, scalings, n_heads, n_kv_heads,
+                           feats.head_dim, qkv_layout)
+    q, k, q0, k0, _, _ = _qk_ready(be, q, k, True, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend, tables)
     o, lse = be.forward(q, k, v, key_padding_mask, causal, scale,
                         AttnOptions(softcap, window, dropout_p, seed, rng_offset))
     o = o.view(B, S, n_heads * feats.head_dim)
@@ -224,13 +223,7 @@ def attn_lora_forward_impl(
         t_o = _lora_t(o.view(M, o.shape[-1]), a_o, p, ls, lo + _O)
         _add_low_rank(y.view(M, wo.shape[0]), t_o, b_o, scalings[_O])
     out_ts = tuple(t if t is not None else _empty(x) for t in ts + [t_o])
-    if mode != "none":
-        return (y, (o if mode != "all" else _empty(x)), lse, _empty(x), _empty(x), _empty(x)) + out_ts
-    if q_norm is not None:
-        q = q0
-    if k_norm is not None:
-        k = k0
-    return (y, o, lse, q, k, v) + out_ts
+    return _mode_outputs(mode, x, y, o, lse, q, k, v, q0, k0) + out_ts
 
 
 attn_lora_forward = torch.library.custom_op("fused_ckpt::attn_lora_forward", mutates_args=())(attn_lora_forward_impl)
@@ -297,19 +290,12 @@ def attn_lora_backward_impl(
     p, ls, lo = lora_dropout_p, lora_seed, lora_offset
     q0 = k0 = rq = rk = None
     if need_attn or (o is None and need_ao):
-        if q is None:  # recompute: projections with the LoRA terms from the kept t, QK-norm, rotary
-            q0, k0, v = _projections(x, wq, bq, wk, bk, wv, bv, lora, ts, scalings, n_heads, n_kv_heads,
-                                     feats.head_dim, qkv_layout)
-            q, k = q0, k0
-        else:  # kept by "none": with QK-norm, before the norm
-            q0 = q if q_norm is not None else None
-            k0 = k if k_norm is not None else None
-        if q0 is not None:
-            qn, rq = _qk_norm(q0, q_norm, qk_norm_eps, qk_norm_offset, backend)
-            q = _rotate(be, qn, tables)
-        if k0 is not None:
-            kn, rk = _qk_norm(k0, k_norm, qk_norm_eps, qk_norm_offset, backend)
-            k = _rotate(be, kn, tables)
+        raw = q is None
+        if raw:  # recompute: projections with the LoRA terms from the kept t, then QK-norm and rotary
+            q, k, v = _projections(x, wq, bq, wk, bk, wv, bv, lora, ts, scalings, n_heads, n_kv_heads,
+                                   feats.head_dim, qkv_layout)
+        q, k, q0, k0, rq, rk = _qk_ready(be, q, k, raw, q_norm, k_norm, qk_norm_eps, qk_norm_offset, backend,
+                                         tables)
     if o is None and (need_attn or need_ao):
         o = be.forward(q, k, v, key_padding_mask, causal, scale, opts)[0]  # same seed: same dropout mask
     out: list[Optional[Tensor]] = [None] * N_GRADS
@@ -323,22 +309,11 @@ def attn_lora_backward_impl(
         if do_term is not None:
             do2 = _add(do2, do_term)
         del do_term
-        do = _heads(do2.view(B, S, hd), n_heads)
-        dq, dk, dv = be.backward(do, q, k, v, o.view(do.shape), lse, key_padding_mask, causal, scale,
-                                 True, True, opts)
-        del do, do2
-        dq = _rotate(be, dq, tables, inverse=True)
-        dk = _rotate(be, dk, tables, inverse=True)
-        if q_norm is not None:
-            dq = _qk_norm_backward(dq, q0, q_norm, rq, qk_norm_offset, False, backend)[0]
-        if k_norm is not None:
-            dk = _qk_norm_backward(dk, k0, k_norm, rk, qk_norm_offset, False, backend)[0]
-        if qkv_layout == "separate":
-            parts = ((_Q, dq, wq), (_K, dk, wk), (_V, dv, wv))
-        else:  # the packed gradient in the packed weight's row order
-            g = (torch.stack((dq, dk, dv), 3) if qkv_layout == "neox"
-                 else torch.cat((dq.flatten(2), dk.flatten(2), dv.flatten(2)), -1))
-            parts = ((_Q, g, wq),)
+        grads = _core_backward(be, _heads(do2.view(B, S, hd), n_heads), q, k, v, o, lse, key_padding_mask, causal,
+                               scale, opts, tables, q0, k0, rq, rk, q_norm, k_norm, qk_norm_offset, False, False,
+                               backend, qkv_layout)[0]
+        del do2
+        parts = zip((_Q, _K, _V), grads, (wq, wk, wv))
         dx = lora_dx = None
         for i, g, w in parts:
             g2 = g.reshape(M, w.shape[0])
