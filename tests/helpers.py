@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_ckpt.accounting import SavedTensors, unique_saved_bytes  # noqa: F401
 
@@ -75,3 +76,29 @@ def deterministic():
         yield
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
+class OpLog(TorchDispatchMode):
+    """Names of the ops dispatched inside (custom ops included): ``with OpLog() as names``."""
+
+    def __enter__(self):
+        self.names = []
+        super().__enter__()
+        return self.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class SeeThrough(TorchDispatchMode):
+    """Runs custom ops' Python implementations (``impls``: op overload -> function) under the
+    outer modes, so a FlopCounterMode (or a recorder) entered before this one sees the aten ops
+    they really run."""
+
+    def __init__(self, impls: dict):
+        super().__init__()
+        self.impls = impls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.impls.get(func, func)(*args, **(kwargs or {}))

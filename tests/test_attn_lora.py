@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fused_ckpt import fused_attention_block
@@ -24,7 +23,7 @@ from fused_ckpt.ops.attn_lora import attn_lora_backward, attn_lora_forward, attn
 from fused_ckpt.ops.ffn_lora import _keep
 
 from .conftest import DEVICE
-from .helpers import SavedTensors, assert_close_by_rule
+from .helpers import SavedTensors, SeeThrough, assert_close_by_rule
 
 DEV = DEVICE
 D, d, R = 32, 64, 4
@@ -327,18 +326,11 @@ def test_attn_lora_only_needed_gradients():
         assert torch.equal(a_s[i].grad, want[f"A_{key}"]) and torch.equal(b_s[i].grad, want[f"B_{key}"]), key
 
 
-class _SeeThrough(TorchDispatchMode):
-    """Runs the LoRA ops' Python implementations under the outer modes, so an outer
+def _see_through():
+    """The LoRA ops' Python implementations run under the outer modes, so an outer
     FlopCounterMode counts the GEMMs they really do."""
-
-    IMPLS = {torch.ops.fused_ckpt.attn_lora_forward.default: ops.attn_lora_forward_impl,
-             torch.ops.fused_ckpt.attn_lora_backward.default: ops.attn_lora_backward_impl}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        impl = self.IMPLS.get(func)
-        if impl is not None:
-            return impl(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+    return SeeThrough({torch.ops.fused_ckpt.attn_lora_forward.default: ops.attn_lora_forward_impl,
+                       torch.ops.fused_ckpt.attn_lora_backward.default: ops.attn_lora_backward_impl})
 
 
 @pytest.mark.parametrize("case,mode", [("gqa_all_adapters_dropout", "all"), ("neox_partial", "qkv"),
@@ -359,7 +351,7 @@ def test_attn_lora_flop_formulas_count_the_gemms(case, mode):
             aa = [a.clone().requires_grad_() if a is not None else None for a in a_s]
             bb = [b.clone().requires_grad_(needs_x) if b is not None else None for b in b_s]  # dB: some runs
             with FlopCounterMode(display=False) as fc:
-                with _SeeThrough() if see else contextlib.nullcontext():
+                with _see_through() if see else contextlib.nullcontext():
                     y = attn_lora_forward(xs, wq, base["bq"], base["wk"], base["bk"], base["wv"], base["bv"],
                                           base["wo"], base["bo"], *aa, *bb, scalings, ex["pos"], None, ex["H"],
                                           ex["Hkv"], False, D ** -0.5, ex["theta"], mode, "aten", **kw)[0]

@@ -31,14 +31,7 @@ GEMMA2 = dict(LLAMA_LIKE, attn_logit_softcapping=None, final_logit_softcapping=N
               layer_types=["full_attention"] * 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is much faster than several, which on a busy
-    small machine oversubscribe the cores (measured 25x on 2 loaded cores); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(family: str):

@@ -15,26 +15,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import assert_close_by_rule, assert_close_by_rule_over_batches
+from tests.helpers import OpLog, SeeThrough, assert_close_by_rule, assert_close_by_rule_over_batches
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from fused_ckpt import FusedCheckpointedAttention, FusedCheckpointedBlock  # noqa: E402
 from fused_ckpt.integrations.hf import patch_hf_model  # noqa: E402
-
-class _OpLog(TorchDispatchMode):
-    """Names of the ops dispatched inside (custom ops included)."""
-
-    def __enter__(self):
-        self.names = []
-        super().__enter__()
-        return self.names
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,7 +77,7 @@ def _patched_vs_unpatched(base, make_cfg, order, ids, g):
             m = peft.get_peft_model(m, make_cfg())
             report = patch_hf_model(m, backend="aten")
         m.load_state_dict(ref.state_dict())
-        with _OpLog() as seen:
+        with OpLog() as seen:
             first = _run(m, *batches[0])
         got = [first] + _runs(m, batches[1:])
     want, pt = _runs(ref64, batches), _runs(ref, batches)
@@ -228,7 +215,7 @@ def test_plain_fused_modules_wrapped_by_peft_run_exactly(kind):
     kpm = None if kind == "block" else torch.tensor([[True] * 8, [False] * 2 + [True] * 6])
     args = (None, kpm)
 
-    with warnings.catch_warnings(record=True) as caught, _OpLog() as seen:
+    with warnings.catch_warnings(record=True) as caught, OpLog() as seen:
         warnings.simplefilter("always")
         y = m(x, *args)
         (y.double() * g).sum().backward()
@@ -414,7 +401,7 @@ def _one_layer_llama():
 
 
 def _logits(model, ids):
-    with torch.no_grad(), _OpLog() as seen:
+    with torch.no_grad(), OpLog() as seen:
         out = model(input_ids=ids, use_cache=False).logits
     return out, seen
 
@@ -539,15 +526,13 @@ def test_mlp_only_adapters_keep_the_layer_whole(order, dtype):
         assert "with PEFT LoRA on mlp.gate_proj, mlp.up_proj, mlp.down_proj in the whole-layer op" in why, report
 
 
-class _SeeThroughLoRA(TorchDispatchMode):
-    """Runs the LoRA FFN ops' Python implementations, so FlopCounterMode counts their GEMMs."""
+def _see_through_lora():
+    """The LoRA FFN ops' Python implementations run, so FlopCounterMode counts their GEMMs."""
+    from fused_ckpt.ops import ffn_lora
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from fused_ckpt.ops import ffn_lora
-
-        impl = {torch.ops.fused_ckpt.ffn_lora_forward.default: ffn_lora.ffn_lora_forward_impl,
-                torch.ops.fused_ckpt.ffn_lora_backward.default: ffn_lora.ffn_lora_backward_impl}.get(func, func)
-        return impl(*args, **(kwargs or {}))
+    ops = torch.ops.fused_ckpt
+    return SeeThrough({ops.ffn_lora_forward.default: ffn_lora.ffn_lora_forward_impl,
+                       ops.ffn_lora_backward.default: ffn_lora.ffn_lora_backward_impl})
 
 
 @pytest.mark.parametrize("gated,recompute", [(True, True), (False, False)])
@@ -566,7 +551,7 @@ def test_ffn_lora_flop_formulas_and_opcheck(gated, recompute):
         counter = FlopCounterMode(display=False)
         with counter:
             if see_through:
-                with _SeeThroughLoRA():
+                with _see_through_lora():
                     y = fused_ffn(xs, b["w1"], b["b1"], b["w2"], b["b2"], "swiglu" if gated else "gelu", recompute,
                                   backend="aten", w_up=b["w_up"], b_up=b["b_up"], lora=lo)
                     (y * g.float()).sum().backward()
@@ -605,7 +590,7 @@ def test_fused_lora_mlp_saved_bytes_match_its_prediction(dtype, recompute):
         return t
 
     x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _OpLog() as seen:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), OpLog() as seen:
         mlp(x)
     assert "fused_ckpt.ffn_lora_forward.default" in seen
     r_elem = 4  # PEFT keeps the adapters in fp32 (autocast_adapter_dtype)
@@ -663,7 +648,7 @@ def test_mixed_batch_adapter_names_run_peft_forward():
     assert any("forward hooks" in str(w.message) for w in caught)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (want[1] - one[1]).abs().max() > 1e-3  # the second sample used the other adapter
-    with _OpLog() as seen, torch.no_grad():
+    with OpLog() as seen, torch.no_grad():
         again = m(input_ids=ids).logits
     assert "fused_ckpt.ffn_lora_forward.default" in seen
     torch.testing.assert_close(again, one, rtol=1e-5, atol=1e-5)
@@ -686,7 +671,7 @@ def test_two_active_adapters_are_joined_in_the_op():
     patch_hf_model(m, backend="aten")
     ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(6))
     g = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    with _OpLog() as seen:
+    with OpLog() as seen:
         got, got_g = _run(m, ids, g)
     want, want_g = _run(ref64, ids, g)
     pt, pt_g = _run(ref, ids, g)
@@ -734,7 +719,7 @@ def test_fused_lora_mlp_recompute_flops_match_the_counted_gemms():
         mlp.recompute = recompute
         y = mlp(x.clone().requires_grad_())
         counter = FlopCounterMode(display=False)
-        with counter, _SeeThroughLoRA():
+        with counter, _see_through_lora():
             y.sum().backward()
         backward[recompute] = counter.get_total_flops()
     mlp.recompute = True

@@ -13,9 +13,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import assert_close_by_rule, assert_close_by_rule_over_batches
+from tests.helpers import OpLog, assert_close_by_rule, assert_close_by_rule_over_batches
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -28,26 +27,7 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster on a busy small machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class _OpLog(TorchDispatchMode):
-    """Names of the ops dispatched inside (custom ops included)."""
-
-    def __enter__(self):
-        self.names = []
-        super().__enter__()
-        return self.names
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama():
@@ -91,7 +71,7 @@ def _wrap_and_patch(base, cfg, order):
 def _run(model, ids, g):
     """logits with upstream gradient ``g``, then {name: grad} of every trainable parameter, the
     ops dispatched and the warnings."""
-    with warnings.catch_warnings(record=True) as caught, _OpLog() as seen:
+    with warnings.catch_warnings(record=True) as caught, OpLog() as seen:
         warnings.simplefilter("always")
         out = model(input_ids=ids, use_cache=False).logits
         (out.double() * g).sum().backward()
@@ -236,7 +216,7 @@ def test_disabled_and_merged_adapters_take_the_block_op():
     def check(state, op):
         outs = []
         for model in (m, ref64, ref):
-            with torch.no_grad(), _OpLog() as seen:
+            with torch.no_grad(), OpLog() as seen:
                 outs.append(model(input_ids=ids, use_cache=False).logits)
             if model is m:
                 assert seen.count(op) == 1, (state, [s for s in seen if "fused_ckpt" in s])
@@ -268,7 +248,7 @@ def test_dora_on_the_attention_is_refused_with_its_reason():
     assert "DoRA" in left["base_model.model.model.layers.0.self_attn"], report
     m, _, _ = _wrap_and_patch(base, cfg, "patch_then_peft")
     m.load_state_dict(ref.state_dict())
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), _OpLog() as seen:
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), OpLog() as seen:
         warnings.simplefilter("always")
         got = m(input_ids=ids, use_cache=False).logits
     assert any("'model.layers.0.self_attn'" in str(w.message) and "DoRA" in str(w.message) for w in caught)
@@ -297,7 +277,7 @@ def test_unsupported_lora_runs_the_exact_unfused_path_with_the_reason(case):
         attn.k_proj.lora_dropout["default"].p = 0.2  # (training mode: the p's count)
     x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else torch.enable_grad()
-    with warnings.catch_warnings(record=True) as caught, _OpLog() as seen, ctx:
+    with warnings.catch_warnings(record=True) as caught, OpLog() as seen, ctx:
         warnings.simplefilter("always")
         m(x)
     assert any(want_reason in str(w.message) and "unfused" in str(w.message) for w in caught), \

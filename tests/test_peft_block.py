@@ -50,13 +50,7 @@ PLACEMENT = {"llama": "pre", "gemma2": "sandwich", "gpt_neox": "parallel"}
 RANK = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (restored afterwards), as tests/test_hf_families.py."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(family: str, dtype=torch.float32) -> nn.Module:
